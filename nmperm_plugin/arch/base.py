@@ -1,0 +1,59 @@
+"""Permutation sites and the adapter interface that maps a model family onto them (SPEC 3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+FOLD_MODES = ("exact", "gather")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A set of linear layers that read the same input tensor and so share one input permutation.
+
+    ``tied_heads`` (exact ``attn_out`` only): the input is ``len(tied_heads)`` heads of equal size,
+    permuted within each head, and head ``h`` uses the permutation of head group ``tied_heads[h]``
+    (grouped-query attention: the query heads that share a value head share its permutation).
+    """
+
+    name: str
+    kind: str  # hidden | attn_in | attn_out | mlp_in | mlp_out
+    linears: tuple[str, ...]
+    channels: int
+    layer: int | None
+    tied_heads: tuple[int, ...] | None = None
+
+    @property
+    def head_size(self) -> int | None:
+        return None if self.tied_heads is None else self.channels // len(self.tied_heads)
+
+
+class Adapter:
+    """How one model family exposes permutation sites and folds permutations into its weights.
+
+    Subclasses implement :meth:`matches`, :meth:`decoder_layers`, :meth:`sites`, :meth:`fold_exact`
+    and :meth:`apply_gather`; register them through the ``nmperm_architectures`` hook.
+    """
+
+    name: str = "base"
+
+    def matches(self, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def sites(self, model: nn.Module, fold: str) -> list[Site]:
+        """The permutation sites of ``model`` for fold mode ``exact`` or ``gather``."""
+        raise NotImplementedError
+
+    def fold_exact(self, model: nn.Module, site: Site, perm: torch.Tensor) -> None:
+        """Reorder the weights so the model computes the same function with ``site``'s input permuted."""
+        raise NotImplementedError
+
+    def apply_gather(self, model: nn.Module, site: Site, perm: torch.Tensor) -> None:
+        """Realise ``perm`` with a gather at run time (``fold: gather`` sites) or fold it exactly."""
+        raise NotImplementedError

@@ -1,0 +1,146 @@
+"""One learner for every objective: Adam on the cost matrices, annealed temperature, and selection
+of the best hard permutation seen (the heuristic start included), judged by the objective itself.
+
+An objective provides ``loss(weights)`` (differentiable) and ``select(weights)`` (a float, lower is
+better) over a dict of effective weights; :class:`EffectiveWeights` turns permuters into them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from loguru import logger
+from torch import nn
+from tqdm.auto import tqdm
+
+from .nm import NMPattern, nm_mask, retained_score, unstructured_bound
+from .sinkhorn import anneal, invert
+
+
+@dataclass
+class LearnConfig:
+    """Hyper-parameters of the learner (SPEC 2; defaults measured in docs/benchmarks.md)."""
+
+    steps: int = 30
+    lr: float = 0.05
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    mask_tau: float = 0.5
+    sinkhorn_iters: int = 5
+    select_every: int = 3
+
+
+def hard_mask(scores: torch.Tensor, perm: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+    """N:M mask of ``scores`` computed in the permuted order, returned in the original order."""
+    return nm_mask(scores[:, perm], pattern)[:, invert(perm)]
+
+
+def module_key(site: str) -> str:
+    """A site name as a ``ModuleDict`` key (no dots allowed there)."""
+    return site.replace(".", "/")
+
+
+def site_name(key: str) -> str:
+    return key.replace("/", ".")
+
+
+@dataclass
+class Member:
+    """One linear weight inside an objective: its parameter name, weight, normalised scores and site."""
+
+    param: str
+    weight: torch.Tensor  # [out, in], frozen
+    scores: torch.Tensor  # [out, in]
+    site: str
+
+
+@dataclass
+class EffectiveWeights:
+    """Builds ``{param: W_eff}`` from the permuters (soft-backward) or from fixed permutations."""
+
+    members: list[Member]
+    permuters: nn.ModuleDict
+    fixed: dict[str, torch.Tensor] = field(default_factory=dict)  # site -> perm, not learned
+    pattern: NMPattern = NMPattern(2, 4)
+    mask_tau: float = 0.5
+    sinkhorn_iters: int = 5
+
+    def soft(self, tau: float) -> dict[str, torch.Tensor]:
+        sampled = {site_name(key): p.sample(tau, self.sinkhorn_iters)[0] for key, p in self.permuters.items()}
+        return {m.param: self._weight(m, sampled) for m in self.members}
+
+    def _weight(self, member: Member, sampled: dict[str, torch.Tensor]) -> torch.Tensor:
+        if member.site in sampled:
+            permuter = self.permuters[module_key(member.site)]
+            return permuter.effective_weight(
+                member.weight, member.scores, sampled[member.site], self.pattern, self.mask_tau
+            )
+        return member.weight * hard_mask(member.scores, self.fixed[member.site], self.pattern)
+
+    def hard_perms(self) -> dict[str, torch.Tensor]:
+        return self.fixed | {site_name(key): p.hard()[1] for key, p in self.permuters.items()}
+
+    def hard(self, perms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        perms = self.hard_perms() if perms is None else perms
+        return {m.param: m.weight * hard_mask(m.scores, perms[m.site], self.pattern) for m in self.members}
+
+
+class Objective:
+    """``loss`` drives the gradient; ``select`` ranks hard permutations (lower is better)."""
+
+    def loss(self, weights: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def select(self, weights: dict[str, torch.Tensor]) -> float:
+        return float(self.loss(weights, -1))
+
+
+class RetainedObjective(Objective):
+    """Maximise the retained score (no data beyond the scores).
+
+    Its members carry the scores as their weight, so an effective weight is the kept scores.
+    """
+
+    def __init__(self, members: list[Member], pattern: NMPattern) -> None:
+        self.bound = sum(float(unstructured_bound(m.scores, pattern)) for m in members)
+
+    def loss(self, weights: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        return -sum(w.sum() for w in weights.values()) / self.bound
+
+
+def learn(
+    effective: EffectiveWeights,
+    objective: Objective,
+    config: LearnConfig,
+    description: str = "learn",
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Train the permuters of ``effective`` on ``objective``; return the best hard permutations and
+    the learning curve (``step``, ``tau``, ``loss``, ``select``)."""
+    best_perms = effective.hard_perms()
+    best = objective.select(effective.hard(best_perms))
+    history = [{"step": 0, "tau": config.tau_start, "loss": None, "select": best}]
+    optimizer = torch.optim.Adam(effective.permuters.parameters(), lr=config.lr)
+    for step in tqdm(range(config.steps), desc=description, leave=False, disable=config.steps == 0):
+        tau = anneal(step, config.steps, config.tau_start, config.tau_end)
+        loss = objective.loss(effective.soft(tau), step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        record = {"step": step + 1, "tau": tau, "loss": float(loss), "select": None}
+        if (step + 1) % config.select_every == 0 or step + 1 == config.steps:
+            perms = effective.hard_perms()
+            record["select"] = objective.select(effective.hard(perms))
+            if record["select"] < best:
+                best, best_perms = record["select"], perms
+        history.append(record)
+    start = history[0]["select"]
+    logger.debug(f"{description}: select {start:.5g} -> {best:.5g}")
+    return best_perms, history
+
+
+def retained_ratio(members: list[Member], perms: dict[str, torch.Tensor], pattern: NMPattern) -> float:
+    """Retained score over the unstructured bound, summed over members."""
+    kept = sum(float(retained_score(m.scores[:, perms[m.site]], pattern)) for m in members)
+    return kept / sum(float(unstructured_bound(m.scores, pattern)) for m in members)

@@ -1,0 +1,94 @@
+"""Data-driven objectives (SPEC 2): sequential layer-wise reconstruction and the paper's end-to-end loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .learn import Objective
+
+
+def first(output):
+    """A decoder layer's hidden states, whether it returns a tensor or a tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+class LayerwiseObjective(Objective):
+    """Match one decoder layer's output to the dense model's output at that layer.
+
+    ``inputs`` come from the already pruned (and permuted) earlier layers, ``targets`` from the dense
+    model, so the loss sees how errors compound. A random subset of ``per_step`` sequences drives
+    each step; a fixed subset of ``select_count`` sequences ranks the hard permutations.
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        layer_kwargs: dict,
+        inputs: torch.Tensor,  # [N, T, D]
+        targets: torch.Tensor,  # [N, T, D]
+        per_step: int,
+        select_count: int,
+        generator: torch.Generator,
+    ) -> None:
+        self.layer, self.kwargs = layer, layer_kwargs
+        self.inputs, self.targets = inputs, targets
+        self.per_step, self.generator = min(per_step, len(inputs)), generator
+        self.select_index = torch.arange(min(select_count, len(inputs)))
+        self.scale = targets.square().mean()
+
+    def _error(self, weights: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        output = first(functional_call(self.layer, weights, (self.inputs[index],), self.kwargs))
+        return (output - self.targets[index]).square().mean() / self.scale
+
+    def loss(self, weights: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        index = torch.randperm(len(self.inputs), generator=self.generator)[: self.per_step]
+        return self._error(weights, index)
+
+    @torch.no_grad()
+    def select(self, weights: dict[str, torch.Tensor]) -> float:
+        chunks = self.select_index.split(max(self.per_step, 1))
+        return sum(float(self._error(weights, c)) * len(c) for c in chunks) / len(self.select_index)
+
+
+class EndToEndObjective(Objective):
+    """The paper's loss: cross-entropy of the pruned model plus ``alpha`` times the smooth-L1
+    distance of every layer's hidden states to the dense model's (``dense_hidden[l]``: ``[N, T, D]``)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,  # [N, T]
+        dense_hidden: list[torch.Tensor],
+        alpha: float,
+        per_step: int,
+        select_count: int,
+        generator: torch.Generator,
+    ) -> None:
+        self.model, self.input_ids, self.dense_hidden, self.alpha = model, input_ids, dense_hidden, alpha
+        self.per_step, self.generator = min(per_step, len(input_ids)), generator
+        self.select_index = torch.arange(min(select_count, len(input_ids)))
+
+    def _forward(self, weights: dict[str, torch.Tensor], index: torch.Tensor, hidden: bool):
+        ids = self.input_ids[index]
+        kwargs = {"labels": ids, "output_hidden_states": hidden, "use_cache": False}
+        return functional_call(self.model, weights, (ids,), kwargs)
+
+    def loss(self, weights: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        index = torch.randperm(len(self.input_ids), generator=self.generator)[: self.per_step]
+        out = self._forward(weights, index, hidden=self.alpha > 0)
+        if self.alpha == 0:
+            return out.loss
+        distill = sum(
+            F.smooth_l1_loss(h, dense[index]) for h, dense in zip(out.hidden_states[1:], self.dense_hidden[1:])
+        )
+        return out.loss + self.alpha * distill
+
+    @torch.no_grad()
+    def select(self, weights: dict[str, torch.Tensor]) -> float:
+        chunks = self.select_index.split(max(self.per_step, 1))
+        return sum(float(self._forward(weights, c, hidden=False).loss) * len(c) for c in chunks) / len(
+            self.select_index
+        )
