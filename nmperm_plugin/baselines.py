@@ -44,8 +44,7 @@ def _slot_gain(candidates: torch.Tensor, threshold: torch.Tensor) -> torch.Tenso
     rows, count = candidates.shape
     step = max(1, _CHUNK_ELEMENTS // max(rows * threshold.shape[1], 1))
     parts = [
-        (candidates[:, c : c + step, None] - threshold[:, None, :]).clamp_min_(0).sum(0)
-        for c in range(0, count, step)
+        (candidates[:, c : c + step, None] - threshold[:, None, :]).clamp_min_(0).sum(0) for c in range(0, count, step)
     ]
     return torch.cat(parts)
 

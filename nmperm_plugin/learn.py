@@ -128,7 +128,7 @@ def learn(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        record = {"step": step + 1, "tau": tau, "loss": float(loss), "select": None}
+        record = {"step": step + 1, "tau": tau, "loss": float(loss.detach()), "select": None}
         if (step + 1) % config.select_every == 0 or step + 1 == config.steps:
             perms = effective.hard_perms()
             record["select"] = objective.select(effective.hard(perms))

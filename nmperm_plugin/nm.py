@@ -19,9 +19,7 @@ class NMPattern:
 
     def __post_init__(self) -> None:
         if not (0 < self.n < self.m):
-            raise ValueError(
-                f"invalid N:M pattern {self.n}:{self.m}: need 0 < N < M (keep N of every M), e.g. 2:4"
-            )
+            raise ValueError(f"invalid N:M pattern {self.n}:{self.m}: need 0 < N < M (keep N of every M), e.g. 2:4")
 
     @classmethod
     def parse(cls, text: str | NMPattern) -> NMPattern:

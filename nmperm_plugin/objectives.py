@@ -82,7 +82,8 @@ class EndToEndObjective(Objective):
         if self.alpha == 0:
             return out.loss
         distill = sum(
-            F.smooth_l1_loss(h, dense[index]) for h, dense in zip(out.hidden_states[1:], self.dense_hidden[1:])
+            F.smooth_l1_loss(h, dense[index])
+            for h, dense in zip(out.hidden_states[1:], self.dense_hidden[1:], strict=True)
         )
         return out.loss + self.alpha * distill
 

@@ -1,0 +1,50 @@
+"""The Python entry point: ``permute_(model, input_ids, PermuteConfig(...))``, torchao style."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .arch import get_adapter
+from .pipeline import PermuteConfig, PruneResult, fold_, permute_and_prune_
+from .sidecar import Sidecar
+
+
+def permute_(model: nn.Module, calibration: torch.Tensor, config: PermuteConfig) -> tuple[Sidecar, PruneResult]:
+    """Permute (and, with ``config.apply_mask``, prune) ``model`` in place and fold the permutations.
+
+    ``calibration`` is ``[num_sequences, seq_len]`` token ids. Returns the sidecar to save beside the
+    model (permutations, frames, figures) and the raw result (learning curves). Raises if folding
+    changed the model's function.
+
+    Example::
+
+        from nmperm_plugin import PermuteConfig, permute_
+        sidecar, result = permute_(model, input_ids, PermuteConfig(pattern="2:4", scorer="wanda"))
+    """
+
+    result = permute_and_prune_(model, calibration, config)
+    probe = calibration[:1]
+    with torch.no_grad():
+        before = model(probe, use_cache=False).logits
+    frames = fold_(model, result, config.fold)
+    with torch.no_grad():
+        fold_error = float((model(probe, use_cache=False).logits - before).abs().max())
+    if fold_error > 1e-3:
+        raise RuntimeError(f"folding changed the model's logits by {fold_error:.3g}: this is a bug, please report it")
+    sidecar = Sidecar(
+        pattern=config.pattern,
+        scorer=config.scorer,
+        method=config.method if config.method != "learned" else f"learned/{config.objective}",
+        fold=config.fold,
+        architecture=get_adapter(model).name,
+        permutations={name: perm.tolist() for name, perm in result.perms.items()},
+        frames=frames if config.apply_mask else {},
+        figures={
+            "permutation_seconds": round(result.seconds, 1),
+            "retained_ratio": sum(result.retained.values()) / max(len(result.retained), 1),
+            "retained_ratio_per_layer": result.retained,
+        },
+        verification={"fold_max_abs_logit_diff": fold_error},
+    )
+    return sidecar, result

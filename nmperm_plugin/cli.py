@@ -1,0 +1,154 @@
+"""The ``nmperm`` command: demo, prune, eval, verify, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from loguru import logger
+
+from .api import permute_
+from .checkpoint import check_output_dir, save_checkpoint, verify_checkpoint
+from .data import load_texts, token_windows
+from .evaluate import perplexity
+from .learn import LearnConfig
+from .models import load_model
+from .nm import NMPattern
+from .pipeline import METHODS, OBJECTIVES, PermuteConfig
+
+
+def _add_prune_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pattern", default="2:4", help="N:M pattern, e.g. 2:4, 4:8 (default 2:4)")
+    parser.add_argument("--scorer", default="wanda", help="mask generator: magnitude, wanda, ria, sparsegpt, ...")
+    parser.add_argument("--method", default="learned", choices=METHODS)
+    parser.add_argument("--objective", default="layerwise", choices=OBJECTIVES, help="for --method learned")
+    parser.add_argument("--fold", default="exact", choices=("exact", "gather"))
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=LearnConfig.steps, help="learning steps per layer")
+    parser.add_argument("--num-samples", type=int, default=32, help="calibration windows")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", required=False, help="output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+
+def _config(args: argparse.Namespace, apply_mask: bool = True) -> PermuteConfig:
+    return PermuteConfig(
+        pattern=args.pattern,
+        scorer=args.scorer,
+        method=args.method,
+        objective=args.objective,
+        fold=args.fold,
+        block_size=args.block_size,
+        seed=args.seed,
+        apply_mask=apply_mask,
+        learn=LearnConfig(steps=args.steps),
+    )
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    pattern = NMPattern.parse(args.pattern)
+    if not args.output:
+        raise ValueError("--output DIR is required")
+    check_output_dir(args.output, args.overwrite)
+    texts = load_texts(args.dataset)
+    config = _config(args, apply_mask=not args.permute_only)
+    model, tokenizer = load_model(args.model)
+    calibration = token_windows(tokenizer, texts, args.num_samples, args.seq_len, seed=args.seed)
+    start = time.monotonic()
+    sidecar, _ = permute_(model, calibration, config)
+    sidecar.figures["total_seconds"] = round(time.monotonic() - start, 1)
+    if args.eval_dataset:
+        windows = token_windows(tokenizer, load_texts(args.eval_dataset), args.eval_samples, args.seq_len)
+        sidecar.figures["perplexity"] = perplexity(model, windows)
+    if config.fold == "gather" and not args.permute_only:
+        logger.warning(
+            "fold 'gather': weights are stored in the original channel order (any loader computes the right "
+            "function); they are N:M only under the permutations in nmperm.json, which `nmperm export` re-applies"
+        )
+    save_checkpoint(model, tokenizer, args.output, sidecar, args.overwrite)
+    print(f"wrote {args.output} ({pattern}, {sidecar.method}, fold {config.fold})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    texts = load_texts(args.dataset)
+    model, tokenizer = load_model(args.model)
+    windows = token_windows(tokenizer, texts, args.num_samples, args.seq_len)
+    value = perplexity(model, windows)
+    tokens = windows.numel()
+    if args.json:
+        print(json.dumps({"perplexity": value, "windows": len(windows), "seq_len": args.seq_len, "tokens": tokens}))
+    else:
+        print(f"perplexity {value:.3f} over {len(windows)} x {args.seq_len} tokens")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    report = verify_checkpoint(args.directory)
+    print(json.dumps(report.as_dict(), indent=1) if args.json else report.render())
+    return 0 if report.ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nmperm", description="Learned channel permutations for N:M sparsity")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="SmolLM2-135M: learn permutations, Wanda 2:4, compare perplexity")
+    _add_prune_options(demo)
+    demo.add_argument("--eval-samples", type=int, default=24, help="evaluation windows")
+    demo.set_defaults(func=cmd_demo, output="nmperm-demo-output", num_samples=16)
+
+    prune = commands.add_parser("prune", help="permute and prune a model, write a checkpoint")
+    prune.add_argument("model", help="transformers model directory or .gguf file")
+    prune.add_argument("--dataset", required=True, help="text file, directory of text files, datasets folder")
+    _add_prune_options(prune)
+    prune.add_argument("--permute-only", action="store_true", help="learn and fold permutations, apply no mask")
+    prune.add_argument("--eval-dataset", help="held-out text to measure perplexity on (recorded in the sidecar)")
+    prune.add_argument("--eval-samples", type=int, default=24)
+    prune.set_defaults(func=cmd_prune)
+
+    evaluate = commands.add_parser("eval", help="perplexity of a model on a dataset")
+    evaluate.add_argument("model")
+    evaluate.add_argument("--dataset", required=True)
+    evaluate.add_argument("--num-samples", type=int, default=24)
+    evaluate.add_argument("--seq-len", type=int, default=512)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=cmd_eval)
+
+    verify = commands.add_parser("verify", help="check a pruned checkpoint against its sidecar")
+    verify.add_argument("directory")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=cmd_verify)
+
+    try:
+        from .export.cli import add_export_parser
+
+        add_export_parser(commands)
+    except ImportError as error:  # the export needs torchao
+        logger.debug(f"export command unavailable: {error}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logger.remove()
+    logger.add(sys.stderr, level="DEBUG" if args.verbose else "INFO")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
+        print(f"nmperm: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Calibration and evaluation text: local files, directories, ``datasets`` folders, or the shipped corpus.
+
+The shipped corpus (``nmperm_plugin/data/wiki_*.txt``) is English Wikipedia text (CC BY-SA 3.0),
+rebuilt by ``bench/make_corpus.py`` from the articles bundled in the gensim 4.4.0 wheel; the
+calibration and evaluation files hold disjoint articles.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+BUILTIN = {
+    "wiki-calibration": DATA_DIR / "wiki_calibration.txt",
+    "wiki-evaluation": DATA_DIR / "wiki_evaluation.txt",
+}
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+
+
+def _from_datasets(path: Path) -> list[str]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+    column = "text" if "text" in loaded.column_names else None
+    if column is None:
+        strings = [n for n, f in loaded.features.items() if getattr(f, "dtype", None) == "string"]
+        if not strings:
+            raise ValueError(f"dataset {path} has no text column (columns: {loaded.column_names})")
+        column = strings[0]
+    return [t for t in loaded[column] if t]
+
+
+def load_texts(source: str | Path) -> list[str]:
+    """Texts from ``builtin:NAME``, a text file, a directory of text files, or a saved ``datasets`` folder."""
+    text = str(source)
+    if text.startswith("builtin:"):
+        name = text.split(":", 1)[1]
+        if name not in BUILTIN:
+            raise ValueError(f"unknown built-in dataset {name!r}; choose one of {', '.join(BUILTIN)}")
+        path = BUILTIN[name]
+    else:
+        path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {path} does not exist: give a text file, a directory or a datasets folder")
+    if path.is_file():
+        texts = [path.read_text(encoding="utf-8", errors="replace")]
+    elif (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        texts = _from_datasets(path)
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError(f"dataset {path} is empty: it holds no text to calibrate or evaluate on")
+    return texts
+
+
+def token_windows(
+    tokenizer, texts: list[str], num_samples: int, seq_len: int, seed: int | None = None
+) -> torch.LongTensor:
+    """``[num_samples, seq_len]`` token windows cut from the concatenated texts.
+
+    ``seed=None`` takes the first windows in order (evaluation); a seed picks random ones (calibration).
+    """
+    if num_samples <= 0 or seq_len <= 1:
+        raise ValueError(f"need num_samples > 0 and seq_len > 1, got {num_samples} and {seq_len}")
+    separator = tokenizer.eos_token or "\n\n"
+    ids = tokenizer(separator.join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    available = len(ids) // seq_len
+    if available < num_samples:
+        raise ValueError(
+            f"the dataset has {len(ids)} tokens, enough for {available} windows of {seq_len}, but "
+            f"{num_samples} were asked for: lower --num-samples or --seq-len, or give more text"
+        )
+    windows = ids[: available * seq_len].reshape(available, seq_len)
+    if seed is None:
+        return windows[:num_samples]
+    pick = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:num_samples]
+    return windows[pick.sort().values]

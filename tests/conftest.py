@@ -1,0 +1,72 @@
+"""Tiny random models and a tokenizer built offline, for fast structural tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+TEXT = (
+    "Structured sparsity keeps two of every four weights. The order of channels decides which weights "
+    "compete, so a learned permutation puts important weights in different groups. "
+) * 40
+
+
+def tiny_config(family: str = "llama", kv_heads: int = 2, tied: bool = False):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        vocab_size=300,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+    )
+    configs = {
+        "llama": lambda: LlamaConfig(**common),
+        "mistral": lambda: MistralConfig(**common, sliding_window=None),
+        "qwen2": lambda: Qwen2Config(**common),  # q/k/v bias
+        "qwen3": lambda: Qwen3Config(**common, head_dim=16),  # q/k norms
+    }
+    return configs[family]()
+
+
+def tiny_model(family: str = "llama", kv_heads: int = 2, tied: bool = False, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, kv_heads, tied)).eval()
+    with torch.no_grad():  # random biases so that folding them is tested too
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"])
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    return torch.randint(0, 300, (6, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def saved_model(tmp_path, tokenizer):
+    """A tiny Llama saved with its tokenizer, plus a calibration text file."""
+    model = tiny_model()
+    directory = tmp_path / "tiny-llama"
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    return directory, text

@@ -1,0 +1,113 @@
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from nmperm_plugin import LearnConfig, PermuteConfig, permute_
+from nmperm_plugin.fold import apply_gather
+from nmperm_plugin.learn import learn
+from nmperm_plugin.nm import NMPattern, is_nm
+from nmperm_plugin.pipeline import Pipeline, capture_layer_inputs
+
+FAST = LearnConfig(steps=3, select_every=1)
+
+
+def _config(**kwargs) -> PermuteConfig:
+    defaults = dict(block_size=16, sequences_per_step=2, select_sequences=2, learn=FAST)
+    return PermuteConfig(**(defaults | kwargs))
+
+
+def _pruned_weight(model, name):
+    module = model.get_submodule(name)
+    return getattr(module, "linear", module).weight
+
+
+@pytest.mark.parametrize("fold", ["exact", "gather"])
+@pytest.mark.parametrize(
+    "method,objective",
+    [
+        ("identity", "layerwise"),
+        ("allocation", "layerwise"),
+        ("ria", "layerwise"),
+        ("swap", "layerwise"),
+        ("learned", "retained"),
+        ("learned", "layerwise"),
+        ("learned", "end_to_end"),
+    ],
+)
+def test_every_method_gives_nm_and_permute_only_keeps_function(method, objective, fold, input_ids):
+    model = tiny_model("qwen2")
+    reference = model(input_ids).logits
+    config = _config(method=method, objective=objective, fold=fold)
+
+    permuted = copy.deepcopy(model)
+    permute_(permuted, input_ids, _config(method=method, objective=objective, fold=fold, apply_mask=False))
+    torch.testing.assert_close(permuted(input_ids).logits, reference, atol=1e-5, rtol=0)
+
+    pruned = copy.deepcopy(model)
+    sidecar, result = permute_(pruned, input_ids, config)
+    assert len(sidecar.frames) == 14  # 7 linears x 2 layers
+    if fold == "gather":
+        apply_gather(pruned, sidecar)
+    for name in sidecar.frames:
+        assert is_nm(_pruned_weight(pruned, name), NMPattern(2, 4)), name
+    assert 0.5 < sidecar.figures["retained_ratio"] <= 1.0
+
+
+def test_learned_beats_or_matches_its_start_and_gradients_flow(input_ids):
+    model = tiny_model()
+    config = _config(method="learned", objective="layerwise", learn=LearnConfig(steps=6, select_every=1, lr=0.5))
+    pipeline = Pipeline(model, input_ids, config)
+    hidden, kwargs = capture_layer_inputs(model, pipeline.layers, input_ids)
+    prefix = pipeline._prefix(0)
+    names = {n: lin for n, lin in pipeline.linears.items() if n.startswith(prefix)}
+    stats = __import__("nmperm_plugin.pipeline", fromlist=["collect_stats"]).collect_stats(
+        pipeline.layers[0], names, hidden, kwargs, False
+    )
+    scores = pipeline.scores_of(names, stats)
+    sites = [s for s in pipeline.sites if s.layer == 0]
+    for site in sites + [s for s in pipeline.sites if s.layer is None]:
+        pipeline._solve(site, scores if site.layer == 0 else {n: torch.rand(64, 64) for n in site.linears})
+    effective = pipeline._effective(pipeline._members(names, scores, prefix), sites)
+    from nmperm_plugin.objectives import LayerwiseObjective
+    from nmperm_plugin.pipeline import run_layer
+
+    target = run_layer(pipeline.layers[0], hidden, kwargs)
+    objective = LayerwiseObjective(pipeline.layers[0], kwargs, hidden, target, 2, 4, torch.Generator())
+    objective.loss(effective.soft(1.0), 0).backward()
+    for key, permuter in effective.permuters.items():
+        assert permuter.logits.grad is not None and permuter.logits.grad.abs().sum() > 0, key
+    start = objective.select(effective.hard())
+    perms, history = learn(effective, objective, config.learn)
+    assert objective.select(effective.hard(perms)) <= start + 1e-7
+    assert len(history) == 7 and all(h["loss"] is not None for h in history[1:])
+
+
+def test_nan_weights_refused(input_ids):
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="up_proj has NaN"):
+        permute_(model, input_ids, _config(method="identity"))
+
+
+def test_pattern_must_divide_channels(input_ids):
+    with pytest.raises(ValueError, match="not divisible by M=3"):
+        permute_(tiny_model(), input_ids, _config(method="identity", pattern="2:3", block_size=3))
+
+
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("method", "magic", "unknown method"),
+        ("fold", "loose", "unknown fold"),
+        ("scorer", "x", "unknown scorer"),
+        ("objective", "vibes", "unknown objective"),
+        ("block_size", 6, "multiple of M"),
+        ("pattern", "4:2", "0 < N"),
+    ],
+)
+def test_config_validation(field, value, needle):
+    with pytest.raises(ValueError, match=needle):
+        PermuteConfig(**{field: value})

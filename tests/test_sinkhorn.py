@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from nmperm_plugin.nm import NMPattern, is_nm
+from nmperm_plugin.permuter import BlockPermuter
+from nmperm_plugin.sinkhorn import anneal, hungarian, log_sinkhorn, perm_matrix, straight_through
+
+
+def _is_perm(perm: torch.Tensor) -> bool:
+    return torch.equal(perm.sort().values, torch.arange(perm.numel()))
+
+
+def test_sinkhorn_is_doubly_stochastic():
+    soft = log_sinkhorn(torch.randn(3, 8, 8), iters=100).exp()
+    assert torch.allclose(soft.sum(-1), torch.ones(3, 8), atol=1e-3)
+    assert torch.allclose(soft.sum(-2), torch.ones(3, 8), atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "constant", "huge", "nan"])
+def test_hungarian_always_valid(kind):
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        size = int(torch.randint(2, 40, (1,), generator=generator))
+        mats = {
+            "random": torch.randn(4, size, size, generator=generator),
+            "ties": torch.randint(0, 2, (4, size, size), generator=generator).float(),
+            "constant": torch.full((4, size, size), 3.0),
+            "huge": torch.randn(4, size, size, generator=generator) * 1e30,
+            "nan": torch.full((4, size, size), float("nan")),
+        }[kind]
+        perms = hungarian(mats)
+        assert all(_is_perm(p) for p in perms)
+
+
+def test_hungarian_recovers_planted_permutation():
+    perm = torch.randperm(16)
+    assert torch.equal(hungarian(perm_matrix(perm)), perm)
+    weight = torch.randn(3, 16)
+    assert torch.equal(weight @ perm_matrix(perm), weight[:, perm])
+
+
+def test_straight_through_forward_hard_backward_soft():
+    logits = torch.randn(2, 8, 8, requires_grad=True)
+    matrices, perm = straight_through(logits, tau=0.5, iters=5)
+    assert torch.allclose(matrices.detach(), perm_matrix(perm), atol=1e-6)
+    (matrices * torch.randn(2, 8, 8)).sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_anneal_endpoints():
+    assert anneal(0, 10, 1.0, 0.1) == 1.0
+    assert abs(anneal(9, 10, 1.0, 0.1) - 0.1) < 1e-12
+
+
+@pytest.mark.parametrize("scores_kind", ["random", "constant", "ties"])
+def test_block_permuter_valid_and_nm(scores_kind):
+    generator = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        base = torch.randperm(64, generator=generator)
+        permuter = BlockPermuter(base, 16, noise=float(trial % 3), generator=generator)
+        weight = torch.randn(8, 64, generator=generator)
+        scores = {"random": weight.abs(), "constant": torch.ones(8, 64), "ties": weight.abs().round()}[scores_kind]
+        matrices, perm = permuter.sample(tau=0.3, iters=5)
+        assert _is_perm(perm) and _is_perm(permuter.hard()[1])
+        effective = permuter.effective_weight(weight, scores, matrices, NMPattern(2, 4), 0.5)
+        assert is_nm(effective[:, perm], NMPattern(2, 4))
+        effective.square().sum().backward()
+        assert permuter.logits.grad is not None and torch.isfinite(permuter.logits.grad).all()
+
+
+def test_block_permuter_starts_at_base_and_ties_blocks():
+    base = torch.randperm(32)
+    assert torch.equal(BlockPermuter(base, 8, noise=0.0).hard()[1], base)
+    tied = BlockPermuter(torch.arange(32), 8, tied_blocks=(0, 0, 1, 1), noise=1.0)
+    _, perm = tied.sample(1.0, 5)
+    within = perm.reshape(4, 8) - torch.arange(4)[:, None] * 8
+    assert torch.equal(within[0], within[1]) and torch.equal(within[2], within[3])
