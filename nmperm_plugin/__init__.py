@@ -23,3 +23,11 @@ __all__ = [
     "permute_and_prune_",
 ]
 __version__ = "0.1.0"
+
+try:  # registers LearnedPermutationModifier with llm-compressor's ModifierFactory
+    from .modifier import LearnedPermutationModifier  # noqa: F401 - exported below
+except ImportError as _error:  # llm-compressor is not installed: the rest of the package works without it
+    if _error.name is None or not _error.name.startswith(("llmcompressor", "compressed_tensors")):
+        raise
+else:
+    __all__.append("LearnedPermutationModifier")

@@ -53,6 +53,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not args.output:
         raise ValueError("--output DIR is required")
     check_output_dir(args.output, args.overwrite)
+    if args.recipe:
+        from .recipe_cli import run_recipe
+
+        return run_recipe(
+            args.model, args.dataset, args.recipe, args.output, args.num_samples, args.seq_len, args.overwrite, args.seed
+        )
     texts = load_texts(args.dataset)
     config = _config(args, apply_mask=not args.permute_only)
     model, tokenizer = load_model(args.model)
@@ -115,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--permute-only", action="store_true", help="learn and fold permutations, apply no mask")
     prune.add_argument("--eval-dataset", help="held-out text to measure perplexity on (recorded in the sidecar)")
     prune.add_argument("--eval-samples", type=int, default=24)
+    prune.add_argument("--recipe", help="llm-compressor recipe YAML (see recipes/); it then sets pattern, scorer, ...")
     prune.set_defaults(func=cmd_prune)
 
     evaluate = commands.add_parser("eval", help="perplexity of a model on a dataset")

@@ -1,0 +1,207 @@
+"""Stock llm-compressor recipes with and without ``LearnedPermutationModifier``: perplexity and wall time.
+
+On SmolLM2-135M (the embedded GGUF, rebuilt as a plain model and saved to a temporary directory,
+because ``oneshot`` needs a saved model) it runs through ``llmcompressor.oneshot``:
+
+- ``wanda``: Wanda 2:4 (recipes/wanda-2of4-learned.yaml without the permutation modifier);
+- ``wanda+learned``: recipes/wanda-2of4-learned.yaml;
+- ``sparsegpt``: SparseGPT 2:4 (recipes/sparsegpt-2of4-learned.yaml without the modifier);
+- ``sparsegpt+learned``: recipes/sparsegpt-2of4-learned.yaml;
+
+each from the same dense model and the same ``num_samples x seq_len`` calibration windows of
+``builtin:wiki-calibration``, and measures perplexity on the first 24 x 512 windows of
+``builtin:wiki-evaluation`` and the wall time of ``oneshot``. Results go to
+``bench/results/recipes-<model>-<time>.json``.
+
+    python bench/recipes.py                          # SmolLM2-135M
+    python bench/recipes.py --variants wanda wanda+learned --num-samples 16
+    python bench/recipes.py --tiny                   # random tiny Llama: checks the script end to end in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from loguru import logger
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+RECIPES = {
+    "wanda": ROOT / "recipes" / "wanda-2of4-learned.yaml",
+    "sparsegpt": ROOT / "recipes" / "sparsegpt-2of4-learned.yaml",
+}
+VARIANTS = ("wanda", "wanda+learned", "sparsegpt", "sparsegpt+learned")
+MODIFIER = "LearnedPermutationModifier"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="a random tiny Llama and small windows (smoke test)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--num-samples", type=int, default=32, help="calibration windows")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    parser.add_argument("--eval-samples", type=int, default=24, help="evaluation windows")
+    parser.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help=f"override {MODIFIER} fields")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, help="result file (default bench/results/recipes-*.json)")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.num_samples, args.seq_len, args.eval_samples, args.eval_seq_len = 8, 64, 4, 64
+    return args
+
+
+def tiny_model_and_tokenizer(texts: list[str]):
+    """A random 2-layer Llama and a 300-token BPE tokenizer trained on the calibration text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(
+        [t[:20000] for t in texts[:20]], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"])
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def saved_model(directory: Path, tiny: bool, texts: list[str]) -> tuple[Path, object]:
+    """Save the benchmark model and its tokenizer to ``directory`` (``oneshot`` loads from there)."""
+    from nmperm_plugin.models import default_model_path, load_model
+
+    model, tokenizer = tiny_model_and_tokenizer(texts) if tiny else load_model(default_model_path())
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory, tokenizer
+
+
+def recipe_for(variant: str, overrides: dict) -> str:
+    """The recipe of ``variant`` as YAML: the file, without the permutation modifier for the baselines."""
+    base, _, learned = variant.partition("+")
+    recipe = yaml.safe_load(RECIPES[base].read_text())
+    for stage in recipe.values():
+        for group in stage.values():
+            if learned and MODIFIER in group:
+                args = group[MODIFIER]
+                for pair in (("steps", "epochs"), ("epochs", "steps")):  # one replaces the other
+                    if pair[0] in overrides:
+                        args.pop(pair[1], None)
+                args.update(overrides)
+            else:
+                group.pop(MODIFIER, None)
+    return yaml.safe_dump(recipe, sort_keys=False)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        field, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes FIELD=VALUE, got {pair!r}")
+        overrides[field] = yaml.safe_load(value)
+    return overrides
+
+
+def run_variant(variant: str, model_dir: Path, calibration, evaluation, args, overrides: dict) -> dict:
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
+    from nmperm_plugin.compress import sidecar_of
+    from nmperm_plugin.evaluate import perplexity
+    from nmperm_plugin.nm import NMPattern, is_nm
+
+    dataset = Dataset.from_dict(
+        {"input_ids": calibration.tolist(), "attention_mask": torch.ones_like(calibration).tolist()}
+    )
+    recipe = recipe_for(variant, overrides)
+    torch.manual_seed(args.seed)
+    start = time.monotonic()
+    model = oneshot(
+        model=str(model_dir),
+        dataset=dataset,
+        recipe=recipe,
+        num_calibration_samples=len(calibration),
+        max_seq_length=calibration.shape[1],
+        shuffle_calibration_samples=False,
+        precision="float32",
+    )
+    seconds = time.monotonic() - start
+    with torch.no_grad():
+        value = perplexity(model, evaluation, desc=variant)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    sidecar = sidecar_of(model)
+    result = {
+        "variant": variant,
+        "perplexity": value,
+        "oneshot_seconds": round(seconds, 1),
+        "linears_2of4": sum(is_nm(m.weight.detach(), NMPattern(2, 4)) for _, m in linears),
+        "linears": len(linears),
+        "recipe": yaml.safe_load(recipe),
+    }
+    if sidecar is not None:
+        result["permutation_seconds"] = sidecar.figures.get("permutation_seconds")
+        result["retained_ratio"] = sidecar.figures.get("retained_ratio")
+    logger.info(f"{variant}: perplexity {value:.2f}, oneshot {seconds:.0f} s")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from transformers import AutoModelForCausalLM
+
+    import nmperm_plugin  # noqa: F401 - registers LearnedPermutationModifier
+    from nmperm_plugin.data import load_texts, token_windows
+    from nmperm_plugin.evaluate import perplexity
+
+    overrides = parse_overrides(args.set)
+    calibration_texts = load_texts("builtin:wiki-calibration")
+    results = {
+        "model": "tiny-random-llama" if args.tiny else "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)",
+        "calibration": f"{args.num_samples} x {args.seq_len} tokens of builtin:wiki-calibration (seed {args.seed})",
+        "evaluation": f"first {args.eval_samples} x {args.eval_seq_len} tokens of builtin:wiki-evaluation",
+        "overrides": overrides,
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
+        "variants": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="nmperm-bench-") as work:
+        model_dir, tokenizer = saved_model(Path(work) / "model", args.tiny, calibration_texts)
+        calibration = token_windows(tokenizer, calibration_texts, args.num_samples, args.seq_len, seed=args.seed)
+        evaluation = token_windows(
+            tokenizer, load_texts("builtin:wiki-evaluation"), args.eval_samples, args.eval_seq_len
+        )
+        with torch.no_grad():
+            dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            results["dense_perplexity"] = perplexity(dense, evaluation)
+        for variant in args.variants:
+            results["variants"].append(run_variant(variant, model_dir, calibration, evaluation, args, overrides))
+    slug = "tiny" if args.tiny else "smollm2-135m"
+    path = args.output or RESULTS / f"recipes-{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    for row in results["variants"]:
+        print(f"{row['variant']:<20} perplexity {row['perplexity']:9.2f}   oneshot {row['oneshot_seconds']:7.1f} s")
+    print(f"dense perplexity {results['dense_perplexity']:.2f}; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

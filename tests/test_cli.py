@@ -1,0 +1,202 @@
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import AutoModelForCausalLM
+
+from nmperm_plugin.cli import main
+from nmperm_plugin.sidecar import Sidecar
+
+FAST = ["--num-samples", "4", "--seq-len", "32", "--steps", "2", "--block-size", "16"]
+
+
+def _logits(directory, ids):
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype="float32").eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("fold", ["exact", "gather"])
+def test_permute_only_keeps_logits(saved_model, tmp_path, ids, fold):
+    model_dir, text = saved_model
+    out = tmp_path / "permuted"
+    assert (
+        main(
+            [
+                "prune",
+                str(model_dir),
+                "--dataset",
+                str(text),
+                "--output",
+                str(out),
+                "--permute-only",
+                "--fold",
+                fold,
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    torch.testing.assert_close(_logits(out, ids), _logits(model_dir, ids), atol=1e-4, rtol=0)
+    if fold == "exact":
+        before = AutoModelForCausalLM.from_pretrained(model_dir).model.layers[0].mlp.down_proj.weight
+        after = AutoModelForCausalLM.from_pretrained(out).model.layers[0].mlp.down_proj.weight
+        assert not torch.equal(before, after)
+
+
+@pytest.mark.parametrize("fold", ["exact", "gather"])
+def test_prune_writes_verifiable_checkpoint(saved_model, tmp_path, capsys, fold):
+    model_dir, text = saved_model
+    out = tmp_path / "pruned"
+    assert (
+        main(
+            [
+                "prune",
+                str(model_dir),
+                "--dataset",
+                str(text),
+                "--output",
+                str(out),
+                "--fold",
+                fold,
+                "--eval-dataset",
+                str(text),
+                "--eval-samples",
+                "2",
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    sidecar = Sidecar.load(out)
+    assert sidecar.fold == fold and sidecar.pattern == "2:4" and len(sidecar.frames) == 14
+    assert sidecar.figures["perplexity"] > 1
+    assert (sidecar.frames["model.layers.0.self_attn.o_proj"] is None) == (fold == "exact")
+    capsys.readouterr()
+    assert main(["verify", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and len(report["checks"]) >= 4
+
+
+def test_verify_catches_a_broken_weight(saved_model, tmp_path):
+    model_dir, text = saved_model
+    out = tmp_path / "pruned"
+    assert main(["prune", str(model_dir), "--dataset", str(text), "--output", str(out), "--method", "ria", *FAST]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, :4] = 1.0  # a full group of four: breaks 2:4
+    model.save_pretrained(out)
+    assert main(["verify", str(out)]) == 1
+
+
+def test_refuses_to_overwrite(saved_model, tmp_path, capsys):
+    model_dir, text = saved_model
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["prune", str(model_dir), "--dataset", str(text), "--output", str(out), "--method", "identity", *FAST]
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    assert main([*args, "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "nmperm.json").exists()
+
+
+def _nan_model(tmp_path, tokenizer):
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
+    path = tmp_path / "nan-model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _gpt2(tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("pattern 4:2", "0 < N < M"),
+        ("pattern abc", "'N:M'"),
+        ("pattern 2:3", "not divisible by M=3"),
+        ("missing model", "does not exist"),
+        ("empty dataset", "is empty"),
+        ("nan weights", "NaN"),
+        ("unsupported", "unsupported architecture 'gpt2'"),
+        ("too little text", "lower --num-samples"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_writes_nothing(saved_model, tmp_path, tokenizer, capsys, case, needle):
+    model_dir, text = saved_model
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    out = tmp_path / "never"
+    model, dataset, extra = str(model_dir), str(text), []
+    if case.startswith("pattern"):
+        extra = ["--pattern", case.split()[1], "--block-size", "12" if case.endswith("2:3") else "16"]
+    elif case == "missing model":
+        model = str(tmp_path / "nowhere")
+    elif case == "empty dataset":
+        dataset = str(empty)
+    elif case == "nan weights":
+        model = str(_nan_model(tmp_path, tokenizer))
+    elif case == "unsupported":
+        model = str(_gpt2(tmp_path, tokenizer))
+    elif case == "too little text":
+        extra = ["--num-samples", "100000"]
+    args = [
+        "prune",
+        model,
+        "--dataset",
+        dataset,
+        "--output",
+        str(out),
+        "--method",
+        "identity",
+        "--num-samples",
+        "4",
+        "--seq-len",
+        "32",
+        *extra,
+    ]
+    assert main(args) == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists()
+    assert not any(p.name.startswith(".never") for p in tmp_path.iterdir())
+
+
+def test_eval_json(saved_model, capsys):
+    model_dir, text = saved_model
+    assert (
+        main(["eval", str(model_dir), "--dataset", str(text), "--num-samples", "2", "--seq-len", "32", "--json"]) == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert result["perplexity"] > 1 and result["tokens"] == 64
+
+
+def test_missing_sidecar_is_explained(tmp_path, capsys):
+    (tmp_path / "plain").mkdir()
+    assert main(["verify", str(tmp_path / "plain")]) == 2
+    assert "not written by nmperm" in capsys.readouterr().err
+
+
+def test_corpus_is_shipped_and_disjoint():
+    from nmperm_plugin.data import load_texts
+
+    calibration, evaluation = load_texts("builtin:wiki-calibration")[0], load_texts("builtin:wiki-evaluation")[0]
+    assert len(calibration) > 150_000 and len(evaluation) > 150_000
+    titles = lambda text: {block.split("\n", 1)[0] for block in text.split("\n\n\n")}  # noqa: E731
+    assert not (titles(calibration) & titles(evaluation)) - {""}
