@@ -57,7 +57,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from .recipe_cli import run_recipe
 
         return run_recipe(
-            args.model, args.dataset, args.recipe, args.output, args.num_samples, args.seq_len, args.overwrite, args.seed
+            args.model,
+            args.dataset,
+            args.recipe,
+            args.output,
+            args.num_samples,
+            args.seq_len,
+            args.overwrite,
+            args.seed,
         )
     texts = load_texts(args.dataset)
     config = _config(args, apply_mask=not args.permute_only)
