@@ -7,6 +7,7 @@ better) over a dict of effective weights; :class:`EffectiveWeights` turns permut
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -22,13 +23,13 @@ from .sinkhorn import anneal, invert
 class LearnConfig:
     """Hyper-parameters of the learner (SPEC 2; defaults measured in docs/benchmarks.md)."""
 
-    steps: int = 30
-    lr: float = 0.05
+    steps: int = 20
+    lr: float = 0.1
     tau_start: float = 1.0
     tau_end: float = 0.1
     mask_tau: float = 0.5
     sinkhorn_iters: int = 5
-    select_every: int = 3
+    select_every: int = 2
 
 
 def hard_mask(scores: torch.Tensor, perm: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
@@ -66,9 +67,9 @@ class EffectiveWeights:
     mask_tau: float = 0.5
     sinkhorn_iters: int = 5
 
-    def soft(self, tau: float) -> dict[str, torch.Tensor]:
+    def soft(self, tau: float) -> LazyWeights:
         sampled = {site_name(key): p.sample(tau, self.sinkhorn_iters)[0] for key, p in self.permuters.items()}
-        return {m.param: self._weight(m, sampled) for m in self.members}
+        return LazyWeights(self.members, lambda member: self._weight(member, sampled))
 
     def _weight(self, member: Member, sampled: dict[str, torch.Tensor]) -> torch.Tensor:
         if member.site in sampled:
@@ -81,19 +82,39 @@ class EffectiveWeights:
     def hard_perms(self) -> dict[str, torch.Tensor]:
         return self.fixed | {site_name(key): p.hard()[1] for key, p in self.permuters.items()}
 
-    def hard(self, perms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def hard(self, perms: dict[str, torch.Tensor] | None = None) -> LazyWeights:
         perms = self.hard_perms() if perms is None else perms
-        return {m.param: m.weight * hard_mask(m.scores, perms[m.site], self.pattern) for m in self.members}
+        return LazyWeights(self.members, lambda m: m.weight * hard_mask(m.scores, perms[m.site], self.pattern))
+
+
+class LazyWeights(Mapping):
+    """``{param: W_eff}`` computed on first access, so an objective pays only for the weights it uses."""
+
+    def __init__(self, members: list[Member], compute: Callable[[Member], torch.Tensor]) -> None:
+        self._members = {m.param: m for m in members}
+        self._compute = compute
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, param: str) -> torch.Tensor:
+        if param not in self._cache:
+            self._cache[param] = self._compute(self._members[param])
+        return self._cache[param]
+
+    def __iter__(self):
+        return iter(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
 
 
 class Objective:
     """``loss`` drives the gradient; ``select`` ranks hard permutations (lower is better)."""
 
-    def loss(self, weights: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+    def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
-    def select(self, weights: dict[str, torch.Tensor]) -> float:
+    def select(self, weights: Mapping[str, torch.Tensor]) -> float:
         return float(self.loss(weights, -1))
 
 
@@ -106,7 +127,7 @@ class RetainedObjective(Objective):
     def __init__(self, members: list[Member], pattern: NMPattern) -> None:
         self.bound = sum(float(unstructured_bound(m.scores, pattern)) for m in members)
 
-    def loss(self, weights: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+    def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
         return -sum(w.sum() for w in weights.values()) / self.bound
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,18 +41,58 @@ class LayerwiseObjective(Objective):
         self.select_index = torch.arange(min(select_count, len(inputs)))
         self.scale = targets.square().mean()
 
-    def _error(self, weights: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-        output = first(functional_call(self.layer, weights, (self.inputs[index],), self.kwargs))
+    def _error(self, weights: Mapping[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        output = first(functional_call(self.layer, dict(weights), (self.inputs[index],), self.kwargs))
         return (output - self.targets[index]).square().mean() / self.scale
 
-    def loss(self, weights: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+    def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
         index = torch.randperm(len(self.inputs), generator=self.generator)[: self.per_step]
         return self._error(weights, index)
 
     @torch.no_grad()
-    def select(self, weights: dict[str, torch.Tensor]) -> float:
+    def select(self, weights: Mapping[str, torch.Tensor]) -> float:
         chunks = self.select_index.split(max(self.per_step, 1))
         return sum(float(self._error(weights, c)) * len(c) for c in chunks) / len(self.select_index)
+
+
+class JointLayerwiseObjective(Objective):
+    """Layer-wise reconstruction over many decoder layers at once, for a site they all share
+    (``fold: exact``'s global ``hidden`` permutation): each step draws ``layers_per_step`` layers and
+    ``per_step`` sequences, runs each layer on its dense input and matches its dense output."""
+
+    def __init__(
+        self,
+        layers: list[tuple[str, nn.Module]],  # (name prefix, layer)
+        layer_kwargs: dict,
+        inputs: list[torch.Tensor],  # per layer [N, T, D]
+        targets: list[torch.Tensor],  # per layer [N, T, D]
+        params: list[list[str]],  # per layer: the full parameter names this objective replaces
+        per_step: int,
+        layers_per_step: int,
+        select_count: int,
+        generator: torch.Generator,
+    ) -> None:
+        self.layers, self.kwargs, self.inputs, self.targets, self.params = layers, layer_kwargs, inputs, targets, params
+        self.per_step, self.layers_per_step, self.generator = per_step, layers_per_step, generator
+        self.select_index = torch.arange(min(select_count, len(inputs[0])))
+        self.scales = [t.square().mean() for t in targets]
+
+    def _error(self, weights: Mapping[str, torch.Tensor], layer: int, index: torch.Tensor) -> torch.Tensor:
+        prefix, module = self.layers[layer]
+        mine = {name[len(prefix) :]: weights[name] for name in self.params[layer]}
+        output = first(functional_call(module, mine, (self.inputs[layer][index],), self.kwargs))
+        return (output - self.targets[layer][index]).square().mean() / self.scales[layer]
+
+    def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
+        chosen = torch.randperm(len(self.layers), generator=self.generator)[: self.layers_per_step]
+        index = torch.randperm(len(self.inputs[0]), generator=self.generator)[: self.per_step]
+        return sum(self._error(weights, int(layer), index) for layer in chosen) / len(chosen)
+
+    @torch.no_grad()
+    def select(self, weights: Mapping[str, torch.Tensor]) -> float:
+        return sum(float(self._error(weights, layer, self.select_index)) for layer in range(len(self.layers))) / len(
+            self.layers
+        )
 
 
 class EndToEndObjective(Objective):
@@ -71,12 +113,12 @@ class EndToEndObjective(Objective):
         self.per_step, self.generator = min(per_step, len(input_ids)), generator
         self.select_index = torch.arange(min(select_count, len(input_ids)))
 
-    def _forward(self, weights: dict[str, torch.Tensor], index: torch.Tensor, hidden: bool):
+    def _forward(self, weights: Mapping[str, torch.Tensor], index: torch.Tensor, hidden: bool):
         ids = self.input_ids[index]
         kwargs = {"labels": ids, "output_hidden_states": hidden, "use_cache": False}
-        return functional_call(self.model, weights, (ids,), kwargs)
+        return functional_call(self.model, dict(weights), (ids,), kwargs)
 
-    def loss(self, weights: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+    def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
         index = torch.randperm(len(self.input_ids), generator=self.generator)[: self.per_step]
         out = self._forward(weights, index, hidden=self.alpha > 0)
         if self.alpha == 0:
@@ -88,7 +130,7 @@ class EndToEndObjective(Objective):
         return out.loss + self.alpha * distill
 
     @torch.no_grad()
-    def select(self, weights: dict[str, torch.Tensor]) -> float:
+    def select(self, weights: Mapping[str, torch.Tensor]) -> float:
         chunks = self.select_index.split(max(self.per_step, 1))
         return sum(float(self._forward(weights, c, hidden=False).loss) * len(c) for c in chunks) / len(
             self.select_index

@@ -31,7 +31,7 @@ from .learn import (
     retained_ratio,
 )
 from .nm import NMPattern
-from .objectives import EndToEndObjective, LayerwiseObjective, first
+from .objectives import EndToEndObjective, JointLayerwiseObjective, LayerwiseObjective, first
 from .permuter import BlockPermuter
 from .scores import ChannelStats
 
@@ -54,8 +54,9 @@ class PermuteConfig:
     apply_mask: bool = True
     unstructured: bool = False  # per-row mask of the same density instead of N:M (the bound)
     ignore: tuple[str, ...] = ()  # regexes of linear names left dense (still permuted)
-    sequences_per_step: int = 4
-    select_sequences: int = 8
+    sequences_per_step: int = 2
+    select_sequences: int = 4
+    layers_per_step: int = 4  # exact `hidden` site: decoder layers per learning step
     alpha: float = 0.1  # end_to_end distillation weight
     learn: LearnConfig = field(default_factory=LearnConfig)
 
@@ -263,6 +264,8 @@ class Pipeline:
             scores = self.scores_of({n: self.linears[n] for n in names}, stats)
             for site in global_sites:
                 self._solve(site, scores)
+                if self.config.method == "learned" and self.config.objective == "layerwise":
+                    self._learn_global(site, scores, [hidden, *dense_outputs[:-1]], dense_outputs, kwargs)
         pruned_hidden = hidden
         for index, layer in enumerate(tqdm(self.layers, desc=f"{self.config.method} permutations", leave=False)):
             prefix = self._prefix(index)
@@ -316,6 +319,24 @@ class Pipeline:
             self.rng,
         )
         self._record(f"layer {index}", *learn(effective, objective, self.config.learn, f"layer {index}"))
+
+    def _learn_global(self, site: Site, scores, inputs: list, targets: list, kwargs: dict) -> None:
+        """Learn a site shared by all layers (exact ``hidden``) on every layer's dense input and output."""
+        members = self._members({n: self.linears[n] for n in site.linears}, scores, "")
+        prefixes = [self._prefix(index) for index in range(len(self.layers))]
+        params = [[m.param for m in members if m.param.startswith(p)] for p in prefixes]
+        objective = JointLayerwiseObjective(
+            list(zip(prefixes, self.layers, strict=True)),
+            kwargs,
+            inputs,
+            targets,
+            params,
+            self.config.sequences_per_step,
+            self.config.layers_per_step,
+            self.config.select_sequences,
+            self.rng,
+        )
+        self._record(site.name, *learn(self._effective(members, [site]), objective, self.config.learn, site.name))
 
     def _record(self, name: str, perms: dict[str, torch.Tensor], history: list[dict]) -> None:
         self.perms |= perms

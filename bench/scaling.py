@@ -1,0 +1,107 @@
+"""Cost of learning one permutation site as the channel count and the block size grow.
+
+For a synthetic Wanda-like score matrix (``rows`` x ``C_in``, heavy-tailed channel norms) it times
+the heuristics (allocation, RIA-style assignment, swap search) and the learner (``retained``
+objective, ``--steps`` steps, the per-step cost that every objective pays for the permutation
+itself), each in a fresh process so its peak memory is its own, and writes
+``bench/results/scaling-<time>.json`` with a per-step time model to project to larger layers.
+
+    python bench/scaling.py
+    python bench/scaling.py --channels 576 1536 --block-sizes 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+CHANNELS = [576, 1536, 2048, 4096, 8192, 11008]
+BLOCK_SIZES = [16, 32, 64, 128, 256]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--channels", type=int, nargs="+", default=CHANNELS)
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=BLOCK_SIZES)
+    parser.add_argument("--rows", type=int, default=2048, help="output rows of the site's stacked linears")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    parser.add_argument("--output", type=Path)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def worker(job: dict) -> dict:
+    import torch
+
+    from nmperm_plugin.baselines import HEURISTICS
+    from nmperm_plugin.learn import EffectiveWeights, LearnConfig, Member, RetainedObjective, learn
+    from nmperm_plugin.nm import NMPattern
+    from nmperm_plugin.permuter import BlockPermuter
+
+    torch.set_num_threads(job["threads"])
+    generator = torch.Generator().manual_seed(0)
+    channels, rows, pattern = job["channels"], job["rows"], NMPattern(2, 4)
+    norms = torch.empty(channels).exponential_(generator=generator) ** 2
+    scores = torch.randn(rows, channels, generator=generator).abs() * norms
+    scores /= scores.mean()
+    times = []
+    for _ in range(job["repeats"]):
+        start = time.perf_counter()
+        if job["method"] == "learned":
+            init = HEURISTICS["allocation"](scores, pattern)
+            permuter = BlockPermuter(init, job["block_size"], generator=generator)
+            member = Member("site", scores, scores, "site")
+            effective = EffectiveWeights([member], torch.nn.ModuleDict({"site": permuter}), {}, pattern)
+            learn(effective, RetainedObjective([member], pattern), LearnConfig(steps=job["steps"], select_every=5))
+        else:
+            HEURISTICS[job["method"]](scores, pattern, generator)
+        times.append(time.perf_counter() - start)
+    return job | {
+        "seconds": statistics.median(times),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run(job: dict) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    base = {"rows": args.rows, "steps": args.steps, "repeats": args.repeats, "threads": 2, "block_size": 64}
+    jobs = [
+        base | {"method": m, "channels": c} for c in args.channels for m in ("allocation", "ria", "swap", "learned")
+    ]
+    jobs += [base | {"method": "learned", "channels": 4096, "block_size": b} for b in args.block_sizes if b != 64]
+    rows = []
+    for job in jobs:
+        rows.append(run(job))
+        print(
+            f"{job['method']:<10} C_in {job['channels']:>6} block {job['block_size']:>4}: "
+            f"{rows[-1]['seconds']:8.2f} s  peak {rows[-1]['peak_rss_mb']:7.0f} MB",
+            flush=True,
+        )
+    output = args.output or RESULTS / f"scaling-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"args": vars(args) | {"output": str(output)}, "rows": rows}, indent=1))
+    print("wrote", output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
