@@ -56,7 +56,8 @@ class PermuteConfig:
     ignore: tuple[str, ...] = ()  # regexes of linear names left dense (still permuted)
     sequences_per_step: int = 2
     select_sequences: int = 4
-    layers_per_step: int = 4  # exact `hidden` site: decoder layers per learning step
+    learn_hidden: bool = False  # exact: also learn the global `hidden` permutation over all layers
+    layers_per_step: int = 4  # ... with this many decoder layers per learning step
     alpha: float = 0.1  # end_to_end distillation weight
     learn: LearnConfig = field(default_factory=LearnConfig)
 
@@ -74,6 +75,8 @@ class PermuteConfig:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
         if self.block_size <= 0 or self.block_size % NMPattern.parse(self.pattern).m:
             raise ValueError(f"block_size {self.block_size} must be a positive multiple of M in {self.pattern}")
+        if self.learn_hidden and (self.fold != "exact" or self.objective != "layerwise"):
+            raise ValueError("learn_hidden applies to fold='exact' with objective='layerwise'")
         if self.unstructured and self.method != "identity":
             raise ValueError("unstructured masks need no permutation: use method='identity'")
 
@@ -264,7 +267,7 @@ class Pipeline:
             scores = self.scores_of({n: self.linears[n] for n in names}, stats)
             for site in global_sites:
                 self._solve(site, scores)
-                if self.config.method == "learned" and self.config.objective == "layerwise":
+                if self.config.method == "learned" and self.config.learn_hidden:
                     self._learn_global(site, scores, [hidden, *dense_outputs[:-1]], dense_outputs, kwargs)
         pruned_hidden = hidden
         for index, layer in enumerate(tqdm(self.layers, desc=f"{self.config.method} permutations", leave=False)):

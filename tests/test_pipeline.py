@@ -111,3 +111,14 @@ def test_pattern_must_divide_channels(input_ids):
 def test_config_validation(field, value, needle):
     with pytest.raises(ValueError, match=needle):
         PermuteConfig(**{field: value})
+
+
+def test_learned_global_hidden_site_keeps_function_and_prunes(input_ids):
+    model = tiny_model("llama", kv_heads=1, tied=True)
+    reference = model(input_ids).logits
+    config = _config(method="learned", fold="exact", learn_hidden=True, apply_mask=False)
+    sidecar, result = permute_(model, input_ids, config)
+    assert "hidden" in result.history and len(result.history["hidden"]) == FAST.steps + 1
+    torch.testing.assert_close(model(input_ids).logits, reference, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="learn_hidden applies to fold='exact'"):
+        PermuteConfig(fold="gather", learn_hidden=True)
