@@ -45,6 +45,8 @@ WANDA_SUITE = {
     "swap (exact)": {"method": "swap", "fold": "exact"},
     "learned (gather)": {"method": "learned", "objective": "layerwise", "fold": "gather"},
     "learned (exact)": {"method": "learned", "objective": "layerwise", "fold": "exact"},
+    "learned retained (gather)": {"method": "learned", "objective": "retained", "fold": "gather"},
+    "learned end_to_end (gather)": {"method": "learned", "objective": "end_to_end", "fold": "gather"},
 }
 OBJECTIVE_SUITE = {
     "2:4 no permutation": {"method": "identity", "fold": "gather"},

@@ -19,12 +19,13 @@ from .nm import NMPattern
 from .pipeline import METHODS, OBJECTIVES, PermuteConfig
 
 
-def _add_prune_options(parser: argparse.ArgumentParser) -> None:
+def _add_prune_options(parser: argparse.ArgumentParser, fold: bool = True) -> None:
     parser.add_argument("--pattern", default="2:4", help="N:M pattern, e.g. 2:4, 4:8 (default 2:4)")
     parser.add_argument("--scorer", default="wanda", help="mask generator: magnitude, wanda, ria, sparsegpt, ...")
     parser.add_argument("--method", default="learned", choices=METHODS)
     parser.add_argument("--objective", default="layerwise", choices=OBJECTIVES, help="for --method learned")
-    parser.add_argument("--fold", default="exact", choices=("exact", "gather"))
+    if fold:
+        parser.add_argument("--fold", default="exact", choices=("exact", "gather"))
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=LearnConfig.steps, help="learning steps per layer")
     parser.add_argument("--num-samples", type=int, default=32, help="calibration windows")
@@ -117,8 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="SmolLM2-135M: learn permutations, Wanda 2:4, compare perplexity")
-    _add_prune_options(demo)
+    _add_prune_options(demo, fold=False)
     demo.add_argument("--eval-samples", type=int, default=24, help="evaluation windows")
+    demo.add_argument(
+        "--folds",
+        nargs="+",
+        choices=("exact", "gather"),
+        default=["exact", "gather"],
+        help="fold modes to compare (the first one's model is written)",
+    )
     demo.set_defaults(func=cmd_demo, output="nmperm-demo-output", num_samples=16)
 
     prune = commands.add_parser("prune", help="permute and prune a model, write a checkpoint")
