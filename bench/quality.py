@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="PermuteConfig/LearnConfig overrides"
     )
     parser.add_argument("--output", type=Path, help="result file (default bench/results/quality-<time>.json)")
+    parser.add_argument("--from-json", type=Path, help="re-summarise an earlier result file (no runs)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -148,6 +149,8 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
         entry = {"seeds": len(group), "ppl_median": statistics.median(ppl), "ppl_min": min(ppl), "ppl_max": max(ppl)}
         for key in ("retained_ratio", "seconds", "peak_rss_mb"):
             entry[key] = med(name, key)
+        if "unstructured" in name:
+            entry["retained_ratio"] = 1.0  # by definition; the rows hold the N:M ratio of its statistics
         if base and bound:
             entry["gap_closed"] = (math.log(base) - math.log(entry["ppl_median"])) / (math.log(base) - math.log(bound))
         if base and dense:
@@ -235,6 +238,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+        summary = summarise(result["rows"])
+        result["summary"] = summary
+        args.from_json.write_text(json.dumps(result, indent=1))
+        header = args.from_json.with_suffix(".md").read_text().splitlines()[0]
+        args.from_json.with_suffix(".md").write_text(markdown(summary, header))
+        print(markdown(summary, header))
+        for path in plots(result["rows"], summary, args.from_json.stem):
+            print("plot:", path)
         return 0
     from tqdm.auto import tqdm
 

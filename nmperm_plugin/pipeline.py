@@ -339,7 +339,26 @@ class Pipeline:
             self.config.select_sequences,
             self.rng,
         )
+        self.perms[site.name] = self._best_candidate(site, scores, members, objective, prefixes)
         self._record(site.name, *learn(self._effective(members, [site]), objective, self.config.learn, site.name))
+
+    def _best_candidate(self, site: Site, scores, members: list[Member], objective, prefixes: list[str]):
+        """The shared permutation that serves all layers best, among the heuristic on all layers' stacked
+        scores and the heuristic on each single layer's scores (one layer may dominate the error)."""
+        candidates = [self.perms[site.name]]
+        for prefix in prefixes:
+            own = Site(
+                site.name, site.kind, tuple(n for n in site.linears if n.startswith(prefix)), site.channels, None
+            )
+            candidates.append(solve_site(own, scores, self.solver, self.pattern, self.rng))
+        fixed = EffectiveWeights(members, nn.ModuleDict(), dict(self.perms), self.pattern)
+        losses = [objective.select(fixed.hard(self.perms | {site.name: c})) for c in tqdm(candidates, leave=False)]
+        best = min(range(len(candidates)), key=losses.__getitem__)
+        logger.debug(
+            f"{site.name}: candidate {best} of {len(candidates)} (0: all layers' scores), "
+            f"select {losses[0]:.5g} -> {losses[best]:.5g}"
+        )
+        return candidates[best]
 
     def _record(self, name: str, perms: dict[str, torch.Tensor], history: list[dict]) -> None:
         self.perms |= perms
