@@ -98,7 +98,7 @@ def swap_search(
     pattern: NMPattern,
     rng: torch.Generator | None = None,
     iterations: int = 200,
-    seconds: float = 10.0,
+    seconds: float = 2.0,
     patience: int = 20,
 ) -> torch.Tensor:
     """Apex-style local search from :func:`assignment`: pair groups at random, apply each pair's best
