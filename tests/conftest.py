@@ -44,6 +44,15 @@ def tiny_model(family: str = "llama", kv_heads: int = 2, tied: bool = False, see
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Many tiny matmuls (llm-compressor's pipelines) run far faster on one thread on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
