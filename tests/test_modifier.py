@@ -77,7 +77,9 @@ def test_epochs_map_onto_learner_steps():
 
 
 def test_fields_map_onto_permute_config():
-    modifier = LearnedPermutationModifier(pattern="4:8", scorer="ria", objective="retained", block_size=32, epochs=1)
+    modifier = LearnedPermutationModifier(
+        pattern="4:8", scorer="ria", objective="retained", block_size=32, epochs=1, sequences_per_step=4
+    )
     config = modifier.permute_config(num_sequences=8, ignore=("^lm_head$",))
     assert (config.pattern, config.scorer, config.objective, config.block_size) == ("4:8", "ria", "retained", 32)
     assert config.apply_mask is False and config.ignore == ("^lm_head$",) and config.learn.steps == 2
