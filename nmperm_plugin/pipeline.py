@@ -199,6 +199,8 @@ class Pipeline:
         self.solver = solvers()[config.init if config.method == "learned" else config.method]
         self.site_of = {name: site for site in self.sites for name in site.linears}
         self.linears = {name: model.get_submodule(name) for name in self.site_of}
+        names = {id(module): name for name, module in model.named_modules()}
+        self.layer_prefixes = [names[id(layer)] + "." for layer in self.layers]
         self.pruned = [n for n in self.site_of if not any(re.search(p, n) for p in config.ignore)]
         self.perms: dict[str, torch.Tensor] = {}
         self.history: dict[str, list[dict]] = {}
@@ -214,7 +216,8 @@ class Pipeline:
             raise ValueError("calibration input_ids must be a non-empty [num_sequences, seq_len] tensor")
 
     def _prefix(self, index: int) -> str:
-        return next(n for n, m in self.model.named_modules() if m is self.layers[index]) + "."
+        """``"model.layers.{index}."``: the module-name prefix of decoder layer ``index``."""
+        return self.layer_prefixes[index]
 
     # -- scores and masks ---------------------------------------------------------------------------
     def scores_of(self, names: dict[str, nn.Linear], stats: dict[str, ChannelStats]) -> dict[str, torch.Tensor]:
@@ -326,7 +329,7 @@ class Pipeline:
     def _learn_global(self, site: Site, scores, inputs: list, targets: list, kwargs: dict) -> None:
         """Learn a site shared by all layers (exact ``hidden``) on every layer's dense input and output."""
         members = self._members({n: self.linears[n] for n in site.linears}, scores, "")
-        prefixes = [self._prefix(index) for index in range(len(self.layers))]
+        prefixes = self.layer_prefixes
         params = [[m.param for m in members if m.param.startswith(p)] for p in prefixes]
         objective = JointLayerwiseObjective(
             list(zip(prefixes, self.layers, strict=True)),
