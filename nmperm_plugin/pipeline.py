@@ -215,6 +215,14 @@ class Pipeline:
         if self.input_ids.ndim != 2 or self.input_ids.numel() == 0:
             raise ValueError("calibration input_ids must be a non-empty [num_sequences, seq_len] tensor")
 
+    def _layer_linears(self, index: int) -> dict[str, nn.Linear]:
+        """The permuted linears of decoder layer ``index`` by full module name."""
+        return {n: lin for n, lin in self.linears.items() if n.startswith(self._prefix(index))}
+
+    def _record_retained(self, index: int, scores: dict[str, torch.Tensor]) -> None:
+        members = self._members(self._layer_linears(index), scores, self._prefix(index))
+        self.retained[str(index)] = retained_ratio(members, self.perms, self.pattern)
+
     def _prefix(self, index: int) -> str:
         """``"model.layers.{index}."``: the module-name prefix of decoder layer ``index``."""
         return self.layer_prefixes[index]
@@ -252,7 +260,7 @@ class Pipeline:
         """Dense statistics of ``names`` and every layer's dense output."""
         stats, outputs = {}, []
         for index, layer in enumerate(tqdm(self.layers, desc="dense pass", leave=False)):
-            mine = {n: self.linears[n] for n in names if n.startswith(self._prefix(index))}
+            mine = {n: lin for n, lin in self._layer_linears(index).items() if n in names}
             stats |= collect_stats(layer, mine, hidden, kwargs, self.generator.needs_hessian)
             hidden = run_layer(layer, hidden, kwargs)
             outputs.append(hidden)
@@ -275,7 +283,7 @@ class Pipeline:
         pruned_hidden = hidden
         for index, layer in enumerate(tqdm(self.layers, desc=f"{self.config.method} permutations", leave=False)):
             prefix = self._prefix(index)
-            names = {n: lin for n, lin in self.linears.items() if n.startswith(prefix)}
+            names = self._layer_linears(index)
             stats = collect_stats(layer, names, pruned_hidden, kwargs, self.generator.needs_hessian)
             scores = self.scores_of(names, stats)
             local = [s for s in self.sites if s.layer == index]
@@ -283,7 +291,7 @@ class Pipeline:
                 self._solve(site, scores)
             if self.config.method == "learned":
                 self._learn_layer(index, prefix, local, scores, pruned_hidden, kwargs, dense_outputs)
-            self.retained[str(index)] = retained_ratio(self._members(names, scores, prefix), self.perms, self.pattern)
+            self._record_retained(index, scores)
             self.apply_masks(scores)
             pruned_hidden = run_layer(layer, pruned_hidden, kwargs)
 
@@ -306,7 +314,7 @@ class Pipeline:
         return EffectiveWeights(members, permuters, fixed, self.pattern, learn_cfg.mask_tau, learn_cfg.sinkhorn_iters)
 
     def _learn_layer(self, index, prefix, local, scores, pruned_hidden, kwargs, dense_outputs) -> None:
-        names = {n: lin for n, lin in self.linears.items() if n.startswith(prefix)}
+        names = self._layer_linears(index)
         if self.config.objective == "retained":
             for site in local:
                 mine = {n: names[n] for n in site.linears}
@@ -387,9 +395,7 @@ class Pipeline:
         )
         self._record("model", *learn(effective, objective, self.config.learn, "end to end"))
         for index in range(len(self.layers)):
-            prefix = self._prefix(index)
-            names = {n: lin for n, lin in self.linears.items() if n.startswith(prefix)}
-            self.retained[str(index)] = retained_ratio(self._members(names, scores, prefix), self.perms, self.pattern)
+            self._record_retained(index, scores)
         self.apply_masks(scores)
 
 
