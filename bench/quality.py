@@ -47,6 +47,7 @@ WANDA_SUITE = {
     "learned (exact)": {"method": "learned", "objective": "layerwise", "fold": "exact"},
     "learned retained (gather)": {"method": "learned", "objective": "retained", "fold": "gather"},
     "learned end_to_end (gather)": {"method": "learned", "objective": "end_to_end", "fold": "gather"},
+    "learned end_to_end (exact)": {"method": "learned", "objective": "end_to_end", "fold": "exact"},
 }
 OBJECTIVE_SUITE = {
     "2:4 no permutation": {"method": "identity", "fold": "gather"},

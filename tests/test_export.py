@@ -253,6 +253,8 @@ def test_gpu_blocker_names_what_the_device_lacks(monkeypatch):
     monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: False)
     assert "--backend cutlass" in ao.gpu_blocker(TorchaoExportConfig(dtype="bf16"), cuda)
     assert ao.gpu_blocker(TorchaoExportConfig(dtype="bf16", backend="cutlass"), cuda) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert "--backend cusparselt" in ao.gpu_blocker(TorchaoExportConfig(dtype="bf16", backend="cutlass"), cuda)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert "SM 8.0+" in ao.gpu_blocker(TorchaoExportConfig(dtype="bf16", backend="cutlass"), cuda)
 
@@ -438,7 +440,8 @@ def test_real_apply_gather_makes_every_pruned_layer_2to4(tmp_path):
 def test_cli_text_and_json(checkpoint, capsys):
     assert cli(["export", str(checkpoint), "--to", "torchao", "--dtype", "bf16", "--check"]) == 0
     out = capsys.readouterr().out
-    assert "model.layers.0.self_attn.q_proj" in out and "needs a CUDA GPU" in out
+    assert "model.layers.0.self_attn.q_proj" in out
+    assert ("needs a CUDA GPU" in out) != torch.cuda.is_available()
     assert cli(["export", str(checkpoint), "--dtype", "bf16", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     expected = {CONVERTED: 14, READY: 0, DENSE: 1} if torch.cuda.is_available() else {CONVERTED: 0, READY: 14, DENSE: 1}
@@ -482,6 +485,10 @@ def test_gpu_semi_sparse_linear_matches_dense(backend):
     x = torch.randn(4, 7, 256, device="cuda", dtype=torch.bfloat16)
     expected = model(x)
     report = to_torchao_(model, TorchaoExportConfig(dtype="bf16", backend=backend))
+    if backend == "cutlass" and torch.cuda.get_device_capability()[0] != 8:  # torch's kernel is SM 8.x only
+        assert report.layer("0").status == READY and "--backend cusparselt" in report.to_text()
+        torch.testing.assert_close(model(x), expected)
+        return
     assert report.layer("0").status == CONVERTED, report.to_text()
     assert isinstance(model[0].weight, torch.sparse.SparseSemiStructuredTensor)
     torch.testing.assert_close(model(x), expected, atol=2e-2, rtol=2e-2)

@@ -140,6 +140,12 @@ def gpu_blocker(config: TorchaoExportConfig, device: torch.device) -> str | None
         return f"2:4 sparse tensor cores need SM 8.0+; this GPU is SM {major}.{minor}"
     if not config.fp8 and config.backend == "cusparselt" and not torch.backends.cusparselt.is_available():
         return "this torch build has no cuSPARSELt: use --backend cutlass"
+    if not config.fp8 and config.backend == "cutlass" and major != 8:
+        # torch's CUTLASS 2:4 kernels are built for SM 8.x only (seen refusing an H200, SM 9.0)
+        return (
+            f"torch's CUTLASS bf16/fp16 2:4 kernel runs on SM 8.x only; this GPU is SM {major}.{minor}: "
+            "use --backend cusparselt"
+        )
     return None
 
 
