@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scorer", default="wanda")
     parser.add_argument("--num-samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
+    parser.add_argument("--jobs", type=int, default=1, help="workers at once (1 on a small CPU machine)")
+    parser.add_argument("--threads", type=int, help="torch threads per worker (default: CPU cores / jobs)")
     parser.add_argument("--eval-samples", type=int, default=24, help="evaluation windows")
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="PermuteConfig/LearnConfig overrides"
@@ -99,8 +104,10 @@ def worker(job: dict) -> dict:
     from nmperm_plugin.evaluate import perplexity
     from nmperm_plugin.models import default_model_path, load_model
 
+    torch.set_num_threads(job["threads"])
     torch.manual_seed(job["seed"])
     model, tokenizer = load_model(default_model_path())
+    model.to(job["device"])
     evaluation = token_windows(tokenizer, load_texts("builtin:wiki-evaluation"), job["eval_samples"], job["seq_len"])
     row = {"method": job["method"], "seed": job["seed"]}
     if job["config"] is not None:
@@ -121,6 +128,8 @@ def worker(job: dict) -> dict:
         }
     row["perplexity"] = perplexity(model, evaluation)
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if job["device"].startswith("cuda"):
+        row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return row
 
 
@@ -269,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             "seq_len": args.seq_len,
             "eval_samples": args.eval_samples,
             "set": args.set,
+            "device": args.device,
+            "threads": args.threads or max(1, (os.cpu_count() or 1) // args.jobs),
         }
         for seed in args.seeds
         for name in names
@@ -278,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or RESULTS / f"quality-{args.suite}-{args.pattern.replace(':', 'of')}-{stamp}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    for job in tqdm(jobs, desc="benchmark"):
-        rows.append(run_job(job))
+    pool = ThreadPoolExecutor(args.jobs)
+    for job, row in tqdm(zip(jobs, pool.map(run_job, jobs), strict=True), total=len(jobs), desc="benchmark"):
+        rows.append(row)
         tqdm.write(f"{job['method']:<28} seed {job['seed']}: ppl {rows[-1]['perplexity']:.2f}")
         summary = summarise(rows)
         header = (

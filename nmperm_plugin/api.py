@@ -24,7 +24,7 @@ def permute_(model: nn.Module, calibration: torch.Tensor, config: PermuteConfig)
     """
 
     result = permute_and_prune_(model, calibration, config)
-    probe = calibration[:1]
+    probe = calibration[:1].to(next(model.parameters()).device)
     with torch.no_grad():
         before = model(probe, use_cache=False).logits
     frames = fold_(model, result, config.fold)

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 def perplexity(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4, desc: str = "perplexity") -> float:
     """``exp`` of the mean next-token negative log-likelihood over all windows (``[N, T]``)."""
     total, count = 0.0, 0
-    for batch in tqdm(input_ids.split(batch_size), desc=desc, leave=False):
+    device = next(model.parameters()).device
+    for batch in tqdm(input_ids.to(device).split(batch_size), desc=desc, leave=False):
         logits = model(batch, use_cache=False).logits[:, :-1].float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
         total += float(nll)

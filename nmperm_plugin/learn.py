@@ -34,6 +34,7 @@ class LearnConfig:
 
 def hard_mask(scores: torch.Tensor, perm: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
     """N:M mask of ``scores`` computed in the permuted order, returned in the original order."""
+    perm = perm.to(scores.device)
     return nm_mask(scores[:, perm], pattern)[:, invert(perm)]
 
 
@@ -163,5 +164,5 @@ def learn(
 
 def retained_ratio(members: list[Member], perms: dict[str, torch.Tensor], pattern: NMPattern) -> float:
     """Retained score over the unstructured bound, summed over members."""
-    kept = sum(float(retained_score(m.scores[:, perms[m.site]], pattern)) for m in members)
+    kept = sum(float(retained_score(m.scores[:, perms[m.site].to(m.scores.device)], pattern)) for m in members)
     return kept / sum(float(unstructured_bound(m.scores, pattern)) for m in members)

@@ -134,7 +134,7 @@ def collect_stats(
     layer: nn.Module, names: dict[str, nn.Linear], hidden: torch.Tensor, kwargs: dict, hessian: bool
 ) -> dict[str, ChannelStats]:
     """Input statistics of the named linears of ``layer`` over ``hidden``."""
-    stats = {name: ChannelStats.empty(lin.in_features, hessian) for name, lin in names.items()}
+    stats = {name: ChannelStats.empty(lin.in_features, hessian, lin.weight.device) for name, lin in names.items()}
     handles = [
         lin.register_forward_hook(lambda mod, args, out, s=stats[name]: s.update(args[0]))
         for name, lin in names.items()
@@ -154,7 +154,7 @@ def normalised_scores(generator, weight: torch.Tensor, stats: ChannelStats) -> t
 
 def solve_site(site: Site, scores: dict[str, torch.Tensor], solver, pattern: NMPattern, rng) -> torch.Tensor:
     """One permutation for ``site`` from its linears' stacked scores (per head group when tied)."""
-    stacked = torch.cat([scores[name] for name in site.linears])  # [rows, C]
+    stacked = torch.cat([scores[name] for name in site.linears]).cpu()  # [rows, C]; the heuristics run on CPU
     if site.tied_heads is None:
         return solver(stacked, pattern, rng)
     size = site.head_size
@@ -175,21 +175,24 @@ def _block_size(site: Site, wanted: int, pattern: NMPattern) -> int:
     return size
 
 
-def make_permuters(sites: list[Site], perms: dict[str, torch.Tensor], config: PermuteConfig, rng) -> nn.ModuleDict:
+def make_permuters(
+    sites: list[Site], perms: dict[str, torch.Tensor], config: PermuteConfig, rng, device: torch.device
+) -> nn.ModuleDict:
     """One :class:`BlockPermuter` per site, starting at that site's heuristic permutation."""
     permuters = nn.ModuleDict()
     for site in sites:
         size = _block_size(site, config.block_size, config.nm)
         tied = site.tied_heads if site.tied_heads is not None else None
         permuters[module_key(site.name)] = BlockPermuter(perms[site.name], size, tied, generator=rng)
-    return permuters
+    return permuters.to(device)
 
 
 class Pipeline:
     """State of one :func:`permute_and_prune_` run."""
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, config: PermuteConfig) -> None:
-        self.model, self.input_ids, self.config = model, input_ids, config
+        self.device = next(model.parameters()).device  # everything runs where the model is
+        self.model, self.input_ids, self.config = model, input_ids.to(self.device), config
         self.pattern = config.nm
         self.generator = get_mask_generator(config.scorer)
         self.adapter: Adapter = get_adapter(model)
@@ -310,7 +313,7 @@ class Pipeline:
     def _effective(self, members: list[Member], learned: list[Site]) -> EffectiveWeights:
         learn_cfg = self.config.learn
         fixed = dict(self.perms)
-        permuters = make_permuters(learned, self.perms, self.config, self.rng)
+        permuters = make_permuters(learned, self.perms, self.config, self.rng, self.device)
         return EffectiveWeights(members, permuters, fixed, self.pattern, learn_cfg.mask_tau, learn_cfg.sinkhorn_iters)
 
     def _learn_layer(self, index, prefix, local, scores, pruned_hidden, kwargs, dense_outputs) -> None:
@@ -372,7 +375,7 @@ class Pipeline:
         return candidates[best]
 
     def _record(self, name: str, perms: dict[str, torch.Tensor], history: list[dict]) -> None:
-        self.perms |= perms
+        self.perms |= {site: perm.cpu() for site, perm in perms.items()}
         self.history[name] = history
 
     def _end_to_end(self, hidden: torch.Tensor, kwargs: dict) -> None:

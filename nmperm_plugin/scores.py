@@ -20,9 +20,10 @@ class ChannelStats:
     hessian: torch.Tensor | None = None  # [in, in]
 
     @classmethod
-    def empty(cls, channels: int, with_hessian: bool = False) -> ChannelStats:
-        hessian = torch.zeros(channels, channels, dtype=torch.float64) if with_hessian else None
-        return cls(torch.zeros(channels, dtype=torch.float64), 0, hessian)
+    def empty(cls, channels: int, with_hessian: bool = False, device: torch.device | None = None) -> ChannelStats:
+        zeros = dict(dtype=torch.float64, device=device)
+        hessian = torch.zeros(channels, channels, **zeros) if with_hessian else None
+        return cls(torch.zeros(channels, **zeros), 0, hessian)
 
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``x`` (``[..., in]``)."""

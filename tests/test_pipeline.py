@@ -122,3 +122,22 @@ def test_learned_global_hidden_site_keeps_function_and_prunes(input_ids):
     torch.testing.assert_close(model(input_ids).logits, reference, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="learn_hidden applies to fold='exact'"):
         PermuteConfig(fold="gather", learn_hidden=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fold", ["exact", "gather"])
+@pytest.mark.parametrize("objective,scorer", [("layerwise", "wanda"), ("end_to_end", "sparsegpt")])
+def test_pipeline_runs_where_the_model_is_on_cuda(objective, scorer, fold, input_ids):
+    """The learner follows the model onto the GPU: permute-only keeps the function, pruning gives N:M."""
+    model = tiny_model("qwen2").cuda()
+    reference = copy.deepcopy(model)
+    config = _config(method="learned", objective=objective, scorer=scorer, fold=fold, apply_mask=False)
+    sidecar, result = permute_(model, input_ids, config)  # input_ids stay on the CPU: the pipeline moves them
+    with torch.no_grad():
+        ids = input_ids[:2].cuda()
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+    assert all(perm.device.type == "cpu" for perm in result.perms.values())
+    pruned = tiny_model("qwen2").cuda()
+    permute_(pruned, input_ids, _config(method="learned", objective=objective, scorer=scorer, fold="exact"))
+    assert all(is_nm(_pruned_weight(pruned, name), NMPattern(2, 4)) for name in result.pruned)
