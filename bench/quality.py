@@ -79,7 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="PermuteConfig/LearnConfig overrides"
     )
     parser.add_argument("--output", type=Path, help="result file (default bench/results/quality-<time>.json)")
-    parser.add_argument("--from-json", type=Path, help="re-summarise an earlier result file (no runs)")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        help="re-summarise earlier result files (no runs); several files of the same settings are merged into --output",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -244,22 +249,46 @@ def _save(fig, name: str) -> str:
     return str(path.relative_to(ROOT))
 
 
+SAME_SETTINGS = ("pattern", "scorer", "num_samples", "seq_len", "eval_samples")
+
+
+def header_of(args: dict) -> str:
+    return (
+        f"SmolLM2-135M, {args['scorer']} {args['pattern']}, calibration {args['num_samples']} x {args['seq_len']} "
+        f"tokens, evaluation {args['eval_samples']} x {args['seq_len']} tokens, seeds {args['seeds']}"
+    )
+
+
+def resummarise(paths: list[Path], output: Path | None) -> int:
+    """Summary, table and plots again from result files; several files (same settings) merge into ``output``."""
+    results = [json.loads(path.read_text()) for path in paths]
+    if len(results) > 1 and output is None:
+        raise SystemExit("merging several result files needs --output for the merged file")
+    first = results[0]["args"]
+    for path, result in zip(paths, results, strict=True):
+        differ = [key for key in SAME_SETTINGS if result["args"].get(key) != first.get(key)]
+        if differ:
+            raise SystemExit(f"{path} was run with other {differ} than {paths[0]}: its rows are not comparable")
+    rows = [row for result in results for row in result["rows"]]
+    seeds = sorted({row["seed"] for row in rows})
+    args = first | {"seeds": seeds, "merged_from": [str(path) for path in paths]}
+    output = output or paths[0]
+    summary = summarise(rows)
+    output.write_text(json.dumps({"args": args, "summary": summary, "rows": rows}, indent=1))
+    output.with_suffix(".md").write_text(markdown(summary, header_of(args)))
+    print(markdown(summary, header_of(args)))
+    for path in plots(rows, summary, output.stem):
+        print("plot:", path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     if args.from_json:
-        result = json.loads(args.from_json.read_text())
-        summary = summarise(result["rows"])
-        result["summary"] = summary
-        args.from_json.write_text(json.dumps(result, indent=1))
-        header = args.from_json.with_suffix(".md").read_text().splitlines()[0]
-        args.from_json.with_suffix(".md").write_text(markdown(summary, header))
-        print(markdown(summary, header))
-        for path in plots(result["rows"], summary, args.from_json.stem):
-            print("plot:", path)
-        return 0
+        return resummarise(args.from_json, args.output)
     from tqdm.auto import tqdm
 
     suite = SUITES[args.suite]
@@ -294,10 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         tqdm.write(f"{job['method']:<28} seed {job['seed']}: ppl {rows[-1]['perplexity']:.2f}")
         summary = summarise(rows)
-        header = (
-            f"SmolLM2-135M, {args.scorer} {args.pattern}, calibration {args.num_samples} x {args.seq_len} tokens, "
-            f"evaluation {args.eval_samples} x {args.seq_len} tokens, seeds {args.seeds}"
-        )
+        header = header_of(vars(args))
         result = {"args": vars(args) | {"output": str(output)}, "summary": summary, "rows": rows}
         output.write_text(json.dumps(result, indent=1))  # rewritten after every job: a partial run keeps its rows
         output.with_suffix(".md").write_text(markdown(summary, header))

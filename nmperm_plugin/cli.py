@@ -31,8 +31,22 @@ def _add_prune_options(parser: argparse.ArgumentParser, fold: bool = True) -> No
     parser.add_argument("--num-samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the model and the learner run: cpu, cuda, cuda:1")
     parser.add_argument("--output", required=False, help="output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+
+def device_of(args: argparse.Namespace):
+    """``--device`` as a torch device, refused early (before anything is loaded) when unusable."""
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
+    return device
 
 
 def _config(args: argparse.Namespace, apply_mask: bool = True) -> PermuteConfig:
@@ -69,7 +83,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         )
     texts = load_texts(args.dataset)
     config = _config(args, apply_mask=not args.permute_only)
+    device = device_of(args)
     model, tokenizer = load_model(args.model)
+    model.to(device)
     calibration = token_windows(tokenizer, texts, args.num_samples, args.seq_len, seed=args.seed)
     start = time.monotonic()
     sidecar, _ = permute_(model, calibration, config)

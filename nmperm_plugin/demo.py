@@ -26,11 +26,13 @@ def _table(rows: list[tuple[str, float, float | None]]) -> str:
 def run_demo(args: argparse.Namespace) -> int:
     """Dense, 2:4 without permutation and 2:4 with learned permutations (each fold mode) side by side;
     writes the pruned model of the first fold mode (``exact`` by default: a standard checkpoint)."""
-    from .cli import _config
+    from .cli import _config, device_of
 
     check_output_dir(args.output, args.overwrite)
+    device = device_of(args)
     start = time.monotonic()
     dense, tokenizer = load_model(default_model_path())
+    dense.to(device)
     calibration = token_windows(tokenizer, load_texts("builtin:wiki-calibration"), args.num_samples, args.seq_len, 0)
     evaluation = token_windows(tokenizer, load_texts("builtin:wiki-evaluation"), args.eval_samples, args.seq_len)
     logger.info(f"calibration {tuple(calibration.shape)} tokens, evaluation {tuple(evaluation.shape)} tokens")

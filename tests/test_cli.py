@@ -137,6 +137,8 @@ def _gpt2(tmp_path, tokenizer):
         ("nan weights", "NaN"),
         ("unsupported", "unsupported architecture 'gpt2'"),
         ("too little text", "lower --num-samples"),
+        ("device gpu0", "not a torch device"),
+        ("device cuda", "no CUDA GPU"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_writes_nothing(saved_model, tmp_path, tokenizer, capsys, case, needle):
@@ -157,6 +159,10 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(saved_model, tmp_path, to
         model = str(_gpt2(tmp_path, tokenizer))
     elif case == "too little text":
         extra = ["--num-samples", "100000"]
+    elif case.startswith("device"):
+        if case.endswith("cuda") and torch.cuda.is_available():
+            pytest.skip("this machine has a CUDA GPU, so --device cuda is valid")
+        extra = ["--device", case.split()[1]]
     args = [
         "prune",
         model,
