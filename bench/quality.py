@@ -50,6 +50,8 @@ WANDA_SUITE = {
     "learned retained (gather)": {"method": "learned", "objective": "retained", "fold": "gather"},
     "learned end_to_end (gather)": {"method": "learned", "objective": "end_to_end", "fold": "gather"},
     "learned end_to_end (exact)": {"method": "learned", "objective": "end_to_end", "fold": "exact"},
+    "learned staged (gather)": {"method": "learned", "objective": "staged", "fold": "gather"},
+    "learned staged (exact)": {"method": "learned", "objective": "staged", "fold": "exact"},
 }
 OBJECTIVE_SUITE = {
     "2:4 no permutation": {"method": "identity", "fold": "gather"},

@@ -36,7 +36,7 @@ from .permuter import BlockPermuter
 from .scores import ChannelStats
 
 METHODS = ("identity", "allocation", "ria", "swap", "learned")
-OBJECTIVES = ("retained", "layerwise", "end_to_end")
+OBJECTIVES = ("retained", "layerwise", "end_to_end", "staged")  # staged: layerwise, then end_to_end from it
 
 
 @dataclass
@@ -251,7 +251,7 @@ class Pipeline:
         start = time.monotonic()
         dense_state = None if self.config.apply_mask else copy.deepcopy(self.model.state_dict())
         hidden, kwargs = capture_layer_inputs(self.model, self.layers, self.input_ids)
-        if self.config.method == "learned" and self.config.objective == "end_to_end":
+        if self.config.method == "learned" and self.config.objective in ("end_to_end", "staged"):
             self._end_to_end(hidden, kwargs)
         else:
             self._sequential(hidden, kwargs)
@@ -272,10 +272,11 @@ class Pipeline:
     def _solve(self, site: Site, scores: dict[str, torch.Tensor]) -> None:
         self.perms[site.name] = solve_site(site, scores, self.solver, self.pattern, self.rng)
 
-    def _sequential(self, hidden: torch.Tensor, kwargs: dict) -> None:
+    def _sequential(self, hidden: torch.Tensor, kwargs: dict, objective: str | None = None) -> None:
+        objective = objective or self.config.objective
         global_sites = [s for s in self.sites if s.layer is None]
         dense_outputs = None
-        if global_sites or (self.config.method == "learned" and self.config.objective == "layerwise"):
+        if global_sites or (self.config.method == "learned" and objective == "layerwise"):
             names = [n for s in global_sites for n in s.linears]
             stats, dense_outputs = self._dense_pass(hidden, kwargs, names)
             scores = self.scores_of({n: self.linears[n] for n in names}, stats)
@@ -293,7 +294,7 @@ class Pipeline:
             for site in local:
                 self._solve(site, scores)
             if self.config.method == "learned":
-                self._learn_layer(index, prefix, local, scores, pruned_hidden, kwargs, dense_outputs)
+                self._learn_layer(index, prefix, local, scores, pruned_hidden, kwargs, dense_outputs, objective)
             self._record_retained(index, scores)
             self.apply_masks(scores)
             pruned_hidden = run_layer(layer, pruned_hidden, kwargs)
@@ -316,9 +317,9 @@ class Pipeline:
         permuters = make_permuters(learned, self.perms, self.config, self.rng, self.device)
         return EffectiveWeights(members, permuters, fixed, self.pattern, learn_cfg.mask_tau, learn_cfg.sinkhorn_iters)
 
-    def _learn_layer(self, index, prefix, local, scores, pruned_hidden, kwargs, dense_outputs) -> None:
+    def _learn_layer(self, index, prefix, local, scores, pruned_hidden, kwargs, dense_outputs, objective) -> None:
         names = self._layer_linears(index)
-        if self.config.objective == "retained":
+        if objective == "retained":
             for site in local:
                 mine = {n: names[n] for n in site.linears}
                 effective = self._effective(self._members(mine, scores, prefix, weights_are_scores=True), [site])
@@ -379,10 +380,15 @@ class Pipeline:
         self.history[name] = history
 
     def _end_to_end(self, hidden: torch.Tensor, kwargs: dict) -> None:
+        if self.config.objective == "staged":  # start from the layer-wise permutations (pruning a scratch state)
+            dense_state = copy.deepcopy(self.model.state_dict())
+            self._sequential(hidden, kwargs, objective="layerwise")
+            self.model.load_state_dict(dense_state)
         stats, _ = self._dense_pass(hidden, kwargs, list(self.linears))
         scores = self.scores_of(self.linears, stats)
         for site in self.sites:
-            self._solve(site, scores)
+            if site.name not in self.perms:  # the heuristic start, unless staged learning gave one
+                self._solve(site, scores)
         with torch.no_grad():
             dense = self.model(self.input_ids, output_hidden_states=True, use_cache=False).hidden_states
         members = self._members(self.linears, scores, "")

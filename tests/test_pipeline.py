@@ -34,6 +34,7 @@ def _pruned_weight(model, name):
         ("learned", "retained"),
         ("learned", "layerwise"),
         ("learned", "end_to_end"),
+        ("learned", "staged"),
     ],
 )
 def test_every_method_gives_nm_and_permute_only_keeps_function(method, objective, fold, input_ids):
