@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         base | {"method": m, "channels": c} for c in args.channels for m in ("allocation", "ria", "swap", "learned")
     ]
     jobs += [base | {"method": "learned", "channels": 4096, "block_size": b} for b in args.block_sizes if b != 64]
+    output = args.output or RESULTS / f"scaling-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for job in jobs:
         rows.append(run(job))
@@ -96,11 +99,45 @@ def main(argv: list[str] | None = None) -> int:
             f"{rows[-1]['seconds']:8.2f} s  peak {rows[-1]['peak_rss_mb']:7.0f} MB",
             flush=True,
         )
-    output = args.output or RESULTS / f"scaling-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"args": vars(args) | {"output": str(output)}, "rows": rows}, indent=1))
+        fits = power_fits(rows)
+        result = {"args": vars(args) | {"output": str(output)}, "rows": rows, "fits": fits, "projection": project(fits)}
+        output.write_text(json.dumps(result, indent=1))  # after every job: a partial run keeps its rows
+    print(json.dumps({"fits": fits, "projection": result["projection"]}, indent=1))
     print("wrote", output)
     return 0
+
+
+# decoder layer shapes (hidden, intermediate, layers) for the projection
+MODELS = {"llama-2-7b": (4096, 11008, 32), "llama-2-70b": (8192, 28672, 80)}
+
+
+def power_fits(rows: list[dict]) -> dict[str, dict]:
+    """``seconds = a * C_in ** b`` per method (block 64), least squares in log-log space."""
+    fits = {}
+    for method in sorted({r["method"] for r in rows}):
+        points = [(r["channels"], r["seconds"]) for r in rows if r["method"] == method and r["block_size"] == 64]
+        if len(points) < 2:
+            continue
+        xs, ys = [math.log(c) for c, _ in points], [math.log(s) for _, s in points]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+        fits[method] = {"a": math.exp(my - b * mx), "b": b, "max_measured_channels": max(c for c, _ in points)}
+    return fits
+
+
+def project(fits: dict[str, dict]) -> dict[str, dict]:
+    """Per-model seconds for the sites of every decoder layer (gather mode: three hidden-wide sites and
+    one intermediate-wide site per layer), from the fits; beyond the measured C_in it is an extrapolation."""
+    out = {}
+    for model, (hidden, intermediate, layers) in MODELS.items():
+        out[model] = {}
+        for method, fit in fits.items():
+            per_layer = sum(fit["a"] * c ** fit["b"] for c in (hidden, hidden, hidden, intermediate))
+            out[model][method] = {
+                "seconds": per_layer * layers,
+                "extrapolated": intermediate > fit["max_measured_channels"],
+            }
+    return out
 
 
 if __name__ == "__main__":
