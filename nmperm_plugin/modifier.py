@@ -78,7 +78,8 @@ class LearnedPermutationModifier(Modifier):
         generator registered through the ``nmperm_mask_generators`` plugin hook
     :param method: ``learned`` (default), or a heuristic: ``identity``, ``allocation``, ``ria``, ``swap``
     :param objective: what the learner optimises: ``layerwise`` (decoder-layer outputs),
-        ``retained`` (kept score), ``end_to_end`` (cross-entropy plus distillation)
+        ``retained`` (kept score), ``end_to_end`` (cross-entropy plus distillation, whole model; the most
+        accurate measured, memory grows with the whole model), ``staged`` (layerwise, then end_to_end)
     :param init: heuristic permutation the learner starts from
     :param fold: ``exact`` (standard, vLLM-ready checkpoint) or ``gather`` (per-layer permutations
         kept as gathers; needs ``apply_mask: true``; saving needs ``allow_gather_checkpoint``)
