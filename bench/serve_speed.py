@@ -136,14 +136,12 @@ def linear_with(weight: torch.Tensor, variant: str) -> torch.nn.Module:
     return module
 
 
-def fp8_available() -> bool:
-    """FP8 2:4 (torchao's CUTLASS sm90 kernel) runs on SM 9.x only."""
-    return torch.cuda.get_device_capability()[0] == 9
+def kernel_blocker(dtype: str, backend: str | None = None) -> str | None:
+    """Why this GPU cannot run a 2:4 kernel (None when it can): the export's own rule, so the
+    benchmark and ``nmperm export`` agree (FP8 2:4 needs SM 9.x, torch's CUTLASS bf16 kernel SM 8.x)."""
+    from nmperm_plugin.export.torchao import TorchaoExportConfig, gpu_blocker
 
-
-def cutlass_available() -> bool:
-    """torch's CUTLASS bf16/fp16 2:4 kernels are built for SM 8.x only (an H200, SM 9.0, refuses them)."""
-    return torch.cuda.get_device_capability()[0] == 8
+    return gpu_blocker(TorchaoExportConfig(dtype=dtype, backend=backend), torch.device(DEVICE))
 
 
 def bench_linear(in_features: int, out_features: int, tokens: int, args: argparse.Namespace) -> dict:
@@ -152,11 +150,12 @@ def bench_linear(in_features: int, out_features: int, tokens: int, args: argpars
     x = torch.randn(tokens, in_features, device=DEVICE, dtype=torch.bfloat16)
     row: dict = {"in_features": in_features, "out_features": out_features, "tokens": tokens}
     variants = ["dense_bf16", "sparse_cusparselt"]
-    if cutlass_available():
+    cutlass_blocker = kernel_blocker("bf16", "cutlass")
+    if cutlass_blocker is None:
         variants.append("sparse_cutlass")
     else:
-        row["sparse_cutlass_skipped"] = "torch's CUTLASS bf16 2:4 kernel runs on SM 8.x only"
-    variants += ["fp8_dense", "fp8_sparse"] if fp8_available() and not args.no_fp8 else []
+        row["sparse_cutlass_skipped"] = cutlass_blocker
+    variants += ["fp8_dense", "fp8_sparse"] if kernel_blocker("fp8") is None and not args.no_fp8 else []
     outputs = {}
     for variant in variants:
         try:
