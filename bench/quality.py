@@ -169,9 +169,9 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
         if "unstructured" in name:
             entry["retained_ratio"] = 1.0  # by definition; the rows hold the N:M ratio of its statistics
         if base and bound:
-            entry["gap_closed"] = (math.log(base) - math.log(entry["ppl_median"])) / (math.log(base) - math.log(bound))
+            entry["gap_closed"] = share_closed(base, entry["ppl_median"], bound)
         if base and dense:
-            entry["recovery"] = (math.log(base) - math.log(entry["ppl_median"])) / (math.log(base) - math.log(dense))
+            entry["recovery"] = share_closed(base, entry["ppl_median"], dense)
         paired = [gap_of(r, by_method) for r in group]
         paired = [g for g in paired if g is not None]
         entry["gap_closed_per_seed"] = statistics.median(paired) if paired else None
@@ -188,7 +188,12 @@ def gap_of(row: dict, by_method: dict[str, list[dict]]) -> float | None:
     base, bound = same_seed("2:4 no permutation"), same_seed("unstructured 50%")
     if base is None or bound is None:
         return None
-    return (math.log(base) - math.log(row["perplexity"])) / (math.log(base) - math.log(bound))
+    return share_closed(base, row["perplexity"], bound)
+
+
+def share_closed(base: float, ppl: float, target: float) -> float:
+    """Share of the log-perplexity distance from ``base`` (2:4, no permutation) to ``target`` that ``ppl`` covers."""
+    return (math.log(base) - math.log(ppl)) / (math.log(base) - math.log(target))
 
 
 def markdown(summary: dict[str, dict], header: str) -> str:
