@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from loguru import logger
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .nm import NMPattern, nm_mask, retained_score, unstructured_bound
@@ -75,8 +76,15 @@ class EffectiveWeights:
     def _weight(self, member: Member, sampled: dict[str, torch.Tensor]) -> torch.Tensor:
         if member.site in sampled:
             permuter = self.permuters[module_key(member.site)]
-            return permuter.effective_weight(
-                member.weight, member.scores, sampled[member.site], self.pattern, self.mask_tau
+            # recomputed in backward: keeps one W_eff per linear alive, not the soft mask's intermediates
+            return checkpoint(
+                permuter.effective_weight,
+                member.weight,
+                member.scores,
+                sampled[member.site],
+                self.pattern,
+                self.mask_tau,
+                use_reentrant=False,
             )
         return member.weight * hard_mask(member.scores, self.fixed[member.site], self.pattern)
 

@@ -75,3 +75,26 @@ def test_block_permuter_starts_at_base_and_ties_blocks():
     _, perm = tied.sample(1.0, 5)
     within = perm.reshape(4, 8) - torch.arange(4)[:, None] * 8
     assert torch.equal(within[0], within[1]) and torch.equal(within[2], within[3])
+
+
+def test_effective_weights_recompute_gives_the_direct_values_and_gradients():
+    from torch import nn
+
+    from nmperm_plugin.learn import EffectiveWeights, Member
+
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(8, 64, generator=generator)
+    member = Member("proj.weight", weight, weight.abs(), "site")
+    permuter = BlockPermuter(torch.randperm(64, generator=generator), 16, noise=1.0, generator=generator)
+    effective = EffectiveWeights([member], nn.ModuleDict({"site": permuter}))
+
+    checkpointed = effective.soft(0.5)["proj.weight"]
+    checkpointed.square().sum().backward()
+    grad_checkpointed, permuter.logits.grad = permuter.logits.grad.clone(), None
+
+    matrices, _ = permuter.sample(0.5, 5)
+    direct = permuter.effective_weight(weight, weight.abs(), matrices, NMPattern(2, 4), 0.5)
+    direct.square().sum().backward()
+    torch.testing.assert_close(checkpointed, direct, rtol=0, atol=0)
+    torch.testing.assert_close(grad_checkpointed, permuter.logits.grad, rtol=0, atol=0)
+    assert grad_checkpointed.abs().sum() > 0
