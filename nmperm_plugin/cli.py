@@ -27,7 +27,12 @@ def _add_prune_options(parser: argparse.ArgumentParser, fold: bool = True) -> No
     if fold:
         parser.add_argument("--fold", default="exact", choices=("exact", "gather"))
     parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=LearnConfig.steps, help="learning steps per layer")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=LearnConfig.steps,
+        help="learning steps (per decoder layer for layerwise, in all for end_to_end)",
+    )
     parser.add_argument("--num-samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--seed", type=int, default=0)

@@ -68,6 +68,7 @@ class EffectiveWeights:
     pattern: NMPattern = NMPattern(2, 4)
     mask_tau: float = 0.5
     sinkhorn_iters: int = 5
+    recompute: bool = False  # recompute each W_eff in backward: keeps one per linear, not the soft mask's graph
 
     def soft(self, tau: float) -> LazyWeights:
         sampled = {site_name(key): p.sample(tau, self.sinkhorn_iters)[0] for key, p in self.permuters.items()}
@@ -76,16 +77,10 @@ class EffectiveWeights:
     def _weight(self, member: Member, sampled: dict[str, torch.Tensor]) -> torch.Tensor:
         if member.site in sampled:
             permuter = self.permuters[module_key(member.site)]
-            # recomputed in backward: keeps one W_eff per linear alive, not the soft mask's intermediates
-            return checkpoint(
-                permuter.effective_weight,
-                member.weight,
-                member.scores,
-                sampled[member.site],
-                self.pattern,
-                self.mask_tau,
-                use_reentrant=False,
-            )
+            inputs = (member.weight, member.scores, sampled[member.site], self.pattern, self.mask_tau)
+            if self.recompute:
+                return checkpoint(permuter.effective_weight, *inputs, use_reentrant=False)
+            return permuter.effective_weight(*inputs)
         return member.weight * hard_mask(member.scores, self.fixed[member.site], self.pattern)
 
     def hard_perms(self) -> dict[str, torch.Tensor]:
