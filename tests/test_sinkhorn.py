@@ -1,6 +1,8 @@
 import pytest
 import torch
+from torch import nn
 
+from nmperm_plugin.learn import EffectiveWeights, Member
 from nmperm_plugin.nm import NMPattern, is_nm
 from nmperm_plugin.permuter import BlockPermuter
 from nmperm_plugin.sinkhorn import anneal, hungarian, log_sinkhorn, perm_matrix, straight_through
@@ -78,10 +80,6 @@ def test_block_permuter_starts_at_base_and_ties_blocks():
 
 
 def test_effective_weights_recompute_gives_the_direct_values_and_gradients():
-    from torch import nn
-
-    from nmperm_plugin.learn import EffectiveWeights, Member
-
     generator = torch.Generator().manual_seed(5)
     weight = torch.randn(8, 64, generator=generator)
     member = Member("proj.weight", weight, weight.abs(), "site")
@@ -101,17 +99,13 @@ def test_effective_weights_recompute_gives_the_direct_values_and_gradients():
 
 
 def test_effective_weights_recompute_keeps_fewer_tensors_for_backward():
-    from torch import nn
-
-    from nmperm_plugin.learn import EffectiveWeights, Member
-
     def saved_elements(recompute: bool) -> int:
         generator = torch.Generator().manual_seed(5)
         weight = torch.randn(32, 256, generator=generator)
         permuter = BlockPermuter(torch.randperm(256, generator=generator), 64, generator=generator)
         member = Member("proj.weight", weight, weight.abs(), "site")
         effective = EffectiveWeights([member], nn.ModuleDict({"site": permuter}), recompute=recompute)
-        matrices = effective.soft(0.5)  # the Sinkhorn graph is the same either way: count from here
+        weights = effective.soft(0.5)  # samples the permutations now; W_eff is built lazily below
         total = 0
 
         def pack(tensor):
@@ -120,7 +114,7 @@ def test_effective_weights_recompute_keeps_fewer_tensors_for_backward():
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            matrices["proj.weight"]
+            weights["proj.weight"]
         return total
 
     assert saved_elements(recompute=True) < saved_elements(recompute=False) / 2
