@@ -79,12 +79,18 @@ def test_block_permuter_starts_at_base_and_ties_blocks():
     assert torch.equal(within[0], within[1]) and torch.equal(within[2], within[3])
 
 
-def test_effective_weights_recompute_gives_the_direct_values_and_gradients():
+def _one_linear(rows: int, channels: int, block: int, recompute: bool) -> EffectiveWeights:
+    """Effective weights of one ``[rows, channels]`` linear whose only site is learned in blocks of ``block``."""
     generator = torch.Generator().manual_seed(5)
-    weight = torch.randn(8, 64, generator=generator)
+    weight = torch.randn(rows, channels, generator=generator)
+    permuter = BlockPermuter(torch.randperm(channels, generator=generator), block, noise=1.0, generator=generator)
     member = Member("proj.weight", weight, weight.abs(), "site")
-    permuter = BlockPermuter(torch.randperm(64, generator=generator), 16, noise=1.0, generator=generator)
-    effective = EffectiveWeights([member], nn.ModuleDict({"site": permuter}), recompute=True)
+    return EffectiveWeights([member], nn.ModuleDict({"site": permuter}), recompute=recompute)
+
+
+def test_effective_weights_recompute_gives_the_direct_values_and_gradients():
+    effective = _one_linear(8, 64, 16, recompute=True)
+    weight, permuter = effective.members[0].weight, effective.permuters["site"]
 
     checkpointed = effective.soft(0.5)["proj.weight"]
     checkpointed.square().sum().backward()
@@ -100,12 +106,7 @@ def test_effective_weights_recompute_gives_the_direct_values_and_gradients():
 
 def test_effective_weights_recompute_keeps_fewer_tensors_for_backward():
     def saved_elements(recompute: bool) -> int:
-        generator = torch.Generator().manual_seed(5)
-        weight = torch.randn(32, 256, generator=generator)
-        permuter = BlockPermuter(torch.randperm(256, generator=generator), 64, generator=generator)
-        member = Member("proj.weight", weight, weight.abs(), "site")
-        effective = EffectiveWeights([member], nn.ModuleDict({"site": permuter}), recompute=recompute)
-        weights = effective.soft(0.5)  # samples the permutations now; W_eff is built lazily below
+        weights = _one_linear(32, 256, 64, recompute).soft(0.5)  # samples now; W_eff is built lazily below
         total = 0
 
         def pack(tensor):
