@@ -30,8 +30,7 @@ def _add_prune_options(parser: argparse.ArgumentParser, fold: bool = True) -> No
     parser.add_argument(
         "--steps",
         type=int,
-        default=LearnConfig.steps,
-        help="learning steps (per decoder layer for layerwise, in all for end_to_end)",
+        help="learning steps, per decoder layer for layerwise (default 20), in all for end_to_end (default 40)",
     )
     parser.add_argument("--num-samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")

@@ -19,18 +19,27 @@ from tqdm.auto import tqdm
 from .nm import NMPattern, nm_mask, retained_score, unstructured_bound
 from .sinkhorn import anneal, invert
 
+STEPS_PER_LAYER = 20  # layerwise, retained, staged: steps per decoder layer (per site for retained)
+END_TO_END_STEPS = 40  # end_to_end: steps in all (measured against 20 in docs/benchmarks.md)
+
 
 @dataclass
 class LearnConfig:
     """Hyper-parameters of the learner (SPEC 2; defaults measured in docs/benchmarks.md)."""
 
-    steps: int = 20
+    steps: int | None = None  # None: the objective's default, see steps_for
     lr: float = 0.1
     tau_start: float = 1.0
     tau_end: float = 0.1
     mask_tau: float = 0.5
     sinkhorn_iters: int = 5
     select_every: int = 2
+
+    def steps_for(self, objective: str) -> int:
+        """``steps``, or the objective's default when unset: 40 in all for ``end_to_end``, else 20."""
+        if self.steps is not None:
+            return self.steps
+        return END_TO_END_STEPS if objective == "end_to_end" else STEPS_PER_LAYER
 
 
 def hard_mask(scores: torch.Tensor, perm: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
@@ -143,6 +152,8 @@ def learn(
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Train the permuters of ``effective`` on ``objective``; return the best hard permutations and
     the learning curve (``step``, ``tau``, ``loss``, ``select``)."""
+    if config.steps is None:
+        raise ValueError("LearnConfig.steps is unset: give steps, or resolve it with config.steps_for(objective)")
     best_perms = effective.hard_perms()
     best = objective.select(effective.hard(best_perms))
     history = [{"step": 0, "tau": config.tau_start, "loss": None, "select": best}]

@@ -86,7 +86,7 @@ class LearnedPermutationModifier(Modifier):
     :param block_size: channels per learnable block (a multiple of M)
     :param epochs: passes over the calibration sequences per decoder layer: the learner takes
         ``ceil(epochs * sequences / sequences_per_step)`` steps per layer. Give ``epochs`` or
-        ``steps``, not both; neither uses the learner's default steps
+        ``steps``, not both; with neither, the objective's default (20 per layer; 40 in all for ``end_to_end``)
     :param steps: learner steps per decoder layer (or in total for ``end_to_end``)
     :param lr: learning rate of the cost matrices
     :param sequences_per_step: calibration sequences in one learning step
@@ -169,12 +169,10 @@ class LearnedPermutationModifier(Modifier):
         return self
 
     # -- configuration ------------------------------------------------------------------------------
-    def learner_steps(self, num_sequences: int) -> int:
-        """Steps per layer: ``steps``, or ``ceil(epochs * sequences / sequences_per_step)``."""
-        if self.steps is not None:
+    def learner_steps(self, num_sequences: int) -> int | None:
+        """``steps``, or ``ceil(epochs * sequences / sequences_per_step)``; None leaves the objective's default."""
+        if self.steps is not None or self.epochs is None:
             return self.steps
-        if self.epochs is None:
-            return LearnConfig.steps
         return math.ceil(self.epochs * num_sequences / min(self.sequences_per_step, num_sequences))
 
     def permute_config(self, num_sequences: int, ignore: tuple[str, ...] = ()) -> PermuteConfig:
@@ -215,7 +213,7 @@ class LearnedPermutationModifier(Modifier):
         config = self.permute_config(len(input_ids), ignored_linears(model, self.ignore))
         logger.info(
             f"LearnedPermutationModifier: {len(input_ids)} x {input_ids.shape[1]} calibration tokens, "
-            f"{config.learn.steps} steps per layer"
+            f"{config.learn.steps} learner steps {'in all' if config.objective == 'end_to_end' else 'per layer'}"
         )
         device = next(model.parameters()).device
         with _keep_requires_grad(model):

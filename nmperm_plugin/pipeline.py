@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from loguru import logger
@@ -79,6 +79,7 @@ class PermuteConfig:
             raise ValueError("learn_hidden applies to fold='exact' with objective='layerwise'")
         if self.unstructured and self.method != "identity":
             raise ValueError("unstructured masks need no permutation: use method='identity'")
+        self.learn = replace(self.learn, steps=self.learn.steps_for(self.objective))
 
     @property
     def nm(self) -> NMPattern:

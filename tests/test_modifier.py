@@ -73,7 +73,13 @@ def test_epochs_map_onto_learner_steps():
     assert LearnedPermutationModifier(epochs=1, sequences_per_step=4).learner_steps(10) == 3
     assert LearnedPermutationModifier(epochs=3, sequences_per_step=4).learner_steps(2) == 3  # one step per epoch
     assert LearnedPermutationModifier(steps=7).learner_steps(100) == 7
-    assert LearnedPermutationModifier().learner_steps(100) == LearnConfig.steps
+    assert LearnedPermutationModifier().learner_steps(100) is None  # the objective's default
+
+
+@pytest.mark.parametrize(("objective", "steps"), [("layerwise", 20), ("end_to_end", 40), ("staged", 20)])
+def test_without_steps_or_epochs_the_objective_default_applies(objective, steps):
+    config = LearnedPermutationModifier(objective=objective).permute_config(num_sequences=8)
+    assert config.learn.steps == LearnConfig().steps_for(objective) == steps
 
 
 def test_fields_map_onto_permute_config():

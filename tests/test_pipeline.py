@@ -85,6 +85,14 @@ def test_learned_beats_or_matches_its_start_and_gradients_flow(input_ids):
     assert len(history) == 7 and all(h["loss"] is not None for h in history[1:])
 
 
+def test_learn_refuses_unset_steps_and_configs_resolve_them():
+    with pytest.raises(ValueError, match="steps is unset"):
+        learn(None, None, LearnConfig())
+    assert PermuteConfig(objective="end_to_end").learn.steps == 40
+    assert PermuteConfig(objective="layerwise").learn.steps == 20
+    assert PermuteConfig(objective="end_to_end", learn=LearnConfig(steps=5)).learn.steps == 5
+
+
 def test_nan_weights_refused(input_ids):
     model = tiny_model()
     with torch.no_grad():
