@@ -80,6 +80,8 @@ class PermuteConfig:
         if self.unstructured and self.method != "identity":
             raise ValueError("unstructured masks need no permutation: use method='identity'")
         self.learn = replace(self.learn, steps=self.learn.steps_for(self.objective))
+        if self.learn.steps < 0:
+            raise ValueError(f"learner steps must be 0 or more, got {self.learn.steps}")
 
     @property
     def nm(self) -> NMPattern:

@@ -115,6 +115,7 @@ def test_pattern_must_divide_channels(input_ids):
         ("objective", "vibes", "unknown objective"),
         ("block_size", 6, "multiple of M"),
         ("pattern", "4:2", "0 < N"),
+        ("learn", LearnConfig(steps=-1), "steps must be 0 or more"),
     ],
 )
 def test_config_validation(field, value, needle):
