@@ -13,7 +13,7 @@ from .api import permute_
 from .checkpoint import check_output_dir, save_checkpoint, verify_checkpoint
 from .data import load_texts, token_windows
 from .evaluate import perplexity
-from .learn import LearnConfig
+from .learn import END_TO_END_STEPS, STEPS_PER_LAYER, LearnConfig
 from .models import load_model
 from .nm import NMPattern
 from .pipeline import METHODS, OBJECTIVES, PermuteConfig
@@ -30,7 +30,8 @@ def _add_prune_options(parser: argparse.ArgumentParser, fold: bool = True) -> No
     parser.add_argument(
         "--steps",
         type=int,
-        help="learning steps, per decoder layer for layerwise (default 20), in all for end_to_end (default 40)",
+        help=f"learning steps, per decoder layer for layerwise (default {STEPS_PER_LAYER}), "
+        f"in all for end_to_end (default {END_TO_END_STEPS})",
     )
     parser.add_argument("--num-samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
