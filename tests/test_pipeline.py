@@ -1,4 +1,5 @@
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -132,6 +133,33 @@ def test_learned_global_hidden_site_keeps_function_and_prunes(input_ids):
     torch.testing.assert_close(model(input_ids).logits, reference, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="learn_hidden applies to fold='exact'"):
         PermuteConfig(fold="gather", learn_hidden=True)
+    with pytest.raises(ValueError, match="data-driven objective"):
+        PermuteConfig(fold="exact", objective="retained", learn_hidden=True)
+
+
+@pytest.mark.parametrize("learn_hidden", [False, True])
+def test_end_to_end_exact_learns_hidden_only_when_asked(learn_hidden, input_ids, monkeypatch):
+    import nmperm_plugin.pipeline as pipeline
+
+    learned_sites = []
+
+    def recording(sites, *args, **kwargs):
+        learned_sites.extend(site.name for site in sites)
+        return make_permuters(sites, *args, **kwargs)
+
+    make_permuters = pipeline.make_permuters
+    monkeypatch.setattr(pipeline, "make_permuters", recording)
+    model = tiny_model("llama", kv_heads=1, tied=True)
+    reference = model(input_ids).logits
+    config = _config(method="learned", objective="end_to_end", fold="exact", learn_hidden=learn_hidden)
+    permuted = copy.deepcopy(model)
+    _, result = permute_(permuted, input_ids, replace(config, apply_mask=False))
+    torch.testing.assert_close(permuted(input_ids).logits, reference, atol=1e-5, rtol=0)
+    assert ("hidden" in learned_sites) == learn_hidden
+    assert {"model.layers.0.attn_out", "model.layers.1.mlp_out"} <= set(learned_sites)
+    if not learn_hidden:  # kept at the heuristic start: RIA's own global permutation
+        _, ria = permute_(copy.deepcopy(model), input_ids, _config(method="ria", fold="exact", apply_mask=False))
+        torch.testing.assert_close(result.perms["hidden"], ria.perms["hidden"], atol=0, rtol=0)
 
 
 @pytest.mark.gpu
