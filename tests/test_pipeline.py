@@ -142,12 +142,12 @@ def test_end_to_end_exact_learns_hidden_only_when_asked(learn_hidden, input_ids,
     import nmperm_plugin.pipeline as pipeline
 
     learned_sites = []
+    make_permuters = pipeline.make_permuters
 
     def recording(sites, *args, **kwargs):
         learned_sites.extend(site.name for site in sites)
         return make_permuters(sites, *args, **kwargs)
 
-    make_permuters = pipeline.make_permuters
     monkeypatch.setattr(pipeline, "make_permuters", recording)
     model = tiny_model("llama", kv_heads=1, tied=True)
     reference = model(input_ids).logits
