@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 from llmcompressor.core import State, active_session
@@ -86,7 +87,7 @@ class LearnedPermutationModifier(Modifier):
     :param block_size: channels per learnable block (a multiple of M)
     :param epochs: passes over the calibration sequences per decoder layer: the learner takes
         ``ceil(epochs * sequences / sequences_per_step)`` steps per layer. Give ``epochs`` or
-        ``steps``, not both; with neither, the objective's default (20 per layer; 40 in all for ``end_to_end``)
+        ``steps``, not both; with neither, the objective's default (20 per layer; 80 in all for ``end_to_end``)
     :param steps: learner steps per decoder layer (or in total for ``end_to_end``)
     :param lr: learning rate of the cost matrices
     :param sequences_per_step: calibration sequences in one learning step
@@ -94,6 +95,9 @@ class LearnedPermutationModifier(Modifier):
     :param max_sequences: use at most this many calibration sequences (the pass keeps every
         layer's dense output in memory); None uses all that the pipeline gives
     :param alpha: distillation weight of the ``end_to_end`` objective
+    :param train_dtype: precision of ``end_to_end``'s learning passes: ``auto`` (bfloat16 where the
+        hardware multiplies it fast: CUDA with bfloat16, CPUs with AMX), ``float32`` or ``bfloat16``;
+        candidates are always ranked in the model's own precision
     :param apply_mask: apply the final N:M masks with ``scorer`` (e.g. magnitude or ria 2:4,
         which stock llm-compressor cannot do in oneshot); false leaves masking to the next pruner
     :param ignore: linears left dense (still permuted), in llm-compressor syntax: exact module
@@ -117,6 +121,7 @@ class LearnedPermutationModifier(Modifier):
     select_sequences: PositiveInt = PermuteConfig.select_sequences
     max_sequences: PositiveInt | None = 32
     alpha: NonNegativeFloat = PermuteConfig.alpha
+    train_dtype: Literal["auto", "float32", "bfloat16"] = PermuteConfig.train_dtype
     apply_mask: bool = False
     ignore: list[str] = Field(default_factory=list)
     seed: int = 0
@@ -190,6 +195,7 @@ class LearnedPermutationModifier(Modifier):
             sequences_per_step=self.sequences_per_step,
             select_sequences=self.select_sequences,
             alpha=self.alpha,
+            train_dtype=self.train_dtype,
             learn=LearnConfig(steps=self.learner_steps(num_sequences), lr=self.lr),
         )
 

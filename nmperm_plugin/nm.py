@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .sinkhorn import invert
+
 
 @dataclass(frozen=True)
 class NMPattern:
@@ -52,19 +54,50 @@ def _groups(x: torch.Tensor, m: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], x.shape[-1] // m, m)
 
 
+def _planes(x: torch.Tensor, m: int) -> torch.Tensor:
+    """``[..., in]`` -> ``[m, ..., in / m]``, contiguous: plane ``k`` holds the k-th entry of every group."""
+    return _groups(x, m).movedim(-1, 0).contiguous()
+
+
+def _descending_rank(planes: torch.Tensor) -> torch.Tensor:
+    """Each entry's place in its group's descending order (0: largest); ties go to the earlier entry.
+
+    ``planes`` is ``[m, ...]`` (see :func:`_planes`); so is the result. Pairwise comparisons of
+    contiguous planes: several times faster on CPU than ``topk`` over a last dim of 4 or 8.
+    """
+    rank = torch.zeros(planes.shape, dtype=torch.uint8, device=planes.device)
+    for i, plane in enumerate(planes):
+        for j, other in enumerate(planes):
+            if j != i:
+                rank[i] += other >= plane if j < i else other > plane
+    return rank
+
+
 def nm_mask(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
-    """Boolean mask keeping the top-N scores of every M consecutive entries of the last dim."""
-    groups = _groups(scores, pattern.m)
-    keep = groups.topk(pattern.n, dim=-1).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
-    return mask.reshape(scores.shape)
+    """Boolean mask keeping the top-N scores of every M consecutive entries of the last dim
+    (ties: the earlier entries)."""
+    keep = _descending_rank(_planes(scores, pattern.m)) < pattern.n  # [m, ..., in / m]
+    return keep.movedim(0, -1).reshape(scores.shape)
 
 
-def soft_nm_mask(scores: torch.Tensor, pattern: NMPattern, tau: float) -> torch.Tensor:
-    """Hard N:M mask forward, ``N * softmax(scores / tau)`` per group backward (straight-through)."""
-    hard = nm_mask(scores.detach(), pattern).to(scores.dtype)
-    soft = (pattern.n * torch.softmax(_groups(scores, pattern.m) / tau, dim=-1)).reshape(scores.shape)
-    return hard + soft - soft.detach()
+def hard_mask(scores: torch.Tensor, perm: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+    """N:M mask of ``scores`` computed in the permuted order ``scores[:, perm]``, returned in the original order."""
+    perm = perm.to(scores.device)
+    return nm_mask(scores.index_select(1, perm), pattern).index_select(1, invert(perm))
+
+
+def soft_nm_mask_vjp(scores: torch.Tensor, upstream: torch.Tensor, pattern: NMPattern, tau: float) -> torch.Tensor:
+    """Backward of the soft N:M mask ``N * softmax(scores / tau)`` (per group of M): ``upstream`` times its Jacobian.
+
+    The learner uses the hard mask forward and this gradient backward (straight-through). Computed on
+    ``[M, ...]`` planes, where the per-group sums are fast contiguous reductions.
+    """
+    logits = _planes(scores, pattern.m) / tau  # [m, ..., in / m]
+    probs = logits.sub_(logits.amax(0)).exp_()
+    probs /= probs.sum(0)
+    upstream = _planes(upstream, pattern.m)
+    grad = (upstream - (upstream * probs).sum(0)).mul_(probs).mul_(pattern.n / tau)
+    return grad.movedim(0, -1).reshape(scores.shape)
 
 
 def retained_score(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .nm import NMPattern, soft_nm_mask
+from .nm import NMPattern, hard_mask, nm_mask, soft_nm_mask_vjp
 from .sinkhorn import hungarian, perm_matrix, straight_through
 
 
@@ -62,19 +62,53 @@ class BlockPermuter(nn.Module):
         local = hungarian(self.logits)[self.tied]
         return perm_matrix(local, self.logits.dtype), self._full(local)
 
-    def permute(self, x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
-        """``x[:, perm]`` for ``x`` ``[rows, C]``, differentiable through ``matrices``."""
-        blocks = x[:, self.base].reshape(x.shape[0], -1, self.block_size)  # [rows, blocks, B]
-        return torch.einsum("rgb,gbc->rgc", blocks, matrices).reshape(x.shape)
-
-    def unpermute(self, y: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`permute`: back to the original channel order."""
-        blocks = torch.einsum("rgc,gbc->rgb", y.reshape(y.shape[0], -1, self.block_size), matrices)
-        return torch.zeros_like(y).index_copy(1, self.base, blocks.reshape(y.shape))
-
     def effective_weight(
-        self, weight: torch.Tensor, scores: torch.Tensor, matrices: torch.Tensor, pattern: NMPattern, mask_tau: float
+        self,
+        weight: torch.Tensor,  # [rows, C], frozen
+        scores: torch.Tensor,  # [rows, C], frozen
+        matrices: torch.Tensor,  # [blocks, B, B], straight-through (hard forward)
+        perm: torch.Tensor,  # [C], the hard permutation ``matrices`` hold
+        pattern: NMPattern,
+        mask_tau: float,
     ) -> torch.Tensor:
-        """``W_eff = ((W P) * M(S P)) P^T``: the pruned weight in the original channel order."""
-        mask = soft_nm_mask(self.permute(scores, matrices), pattern, mask_tau)
-        return self.unpermute(self.permute(weight, matrices) * mask, matrices)
+        """``W_eff = ((W P) * M(S P)) P^T``: the pruned weight in the original channel order.
+
+        Computed by :class:`_EffectiveWeight`: gathers forward (``P`` is hard there), and in backward
+        the gradient of the block-matrix formula with respect to ``P``, without keeping its graph.
+        """
+        return _EffectiveWeight.apply(matrices, perm, weight, scores, pattern, mask_tau)
+
+
+class _EffectiveWeight(torch.autograd.Function):
+    """``W_eff = U(X(W) * M(X(S)))`` where ``X(x)_g = x[:, base]_g P_g`` permutes block ``g``,
+    ``U(y)_g = y_g P_g^T`` puts it back, and ``M`` is the N:M mask of the permuted scores: hard forward,
+    ``N * softmax(X(S) / mask_tau)`` per group backward (straight-through).
+
+    Forward: with ``P`` hard, ``W_eff = W * hard_mask(S, perm)``: no matrix products, nothing saved
+    but the inputs. Backward, with ``G = dL/dW_eff`` and everything in the permuted order
+    (``x_p = x[:, perm]``, so ``x[:, base]_g = x_p,g P_g^T``), block by block::
+
+        dP_g = P_g (G_p^T (W_p * M) + W_p^T (G_p * M) + S_p^T dS_p)_g
+
+    where ``dS_p`` is the soft mask's backward of ``G_p * W_p``.
+    """
+
+    @staticmethod
+    def forward(ctx, matrices, perm, weight, scores, pattern, mask_tau):  # noqa: ANN001
+        ctx.save_for_backward(matrices, perm, weight, scores)
+        ctx.pattern, ctx.mask_tau = pattern, mask_tau
+        return weight * hard_mask(scores, perm, pattern)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        matrices, perm, weight, scores = ctx.saved_tensors
+        grad_p, weight_p, scores_p = (x.index_select(1, perm) for x in (grad, weight, scores))  # [rows, C]
+        mask = nm_mask(scores_p, ctx.pattern)
+        d_scores = soft_nm_mask_vjp(scores_p, grad_p * weight_p, ctx.pattern, ctx.mask_tau)
+        rows, blocks, size = grad.shape[0], *matrices.shape[:2]
+        pairs = ((grad_p, weight_p * mask), (weight_p, grad_p * mask), (scores_p, d_scores))
+        within = sum(  # [blocks, B, B]: sum over rows of left^T right, block by block
+            torch.bmm(left.view(rows, blocks, size).permute(1, 2, 0), right.view(rows, blocks, size).transpose(0, 1))
+            for left, right in pairs
+        )
+        return torch.bmm(matrices.detach(), within), None, None, None, None, None

@@ -25,13 +25,19 @@ from .learn import (
     LearnConfig,
     Member,
     RetainedObjective,
-    hard_mask,
     learn,
     module_key,
     retained_ratio,
 )
-from .nm import NMPattern
-from .objectives import EndToEndObjective, JointLayerwiseObjective, LayerwiseObjective, first
+from .nm import NMPattern, hard_mask
+from .objectives import (
+    TRAIN_DTYPES,
+    EndToEndObjective,
+    JointLayerwiseObjective,
+    LayerwiseObjective,
+    first,
+    training_dtype,
+)
 from .permuter import BlockPermuter
 from .scores import ChannelStats
 
@@ -59,6 +65,7 @@ class PermuteConfig:
     learn_hidden: bool = False  # exact: also learn the global `hidden` permutation (else: the heuristic's)
     layers_per_step: int = 4  # ... with this many decoder layers per learning step
     alpha: float = 0.1  # end_to_end distillation weight
+    train_dtype: str = "auto"  # end_to_end learning passes: auto (bfloat16 where fast), float32, bfloat16
     learn: LearnConfig = field(default_factory=LearnConfig)
 
     def __post_init__(self) -> None:
@@ -70,6 +77,7 @@ class PermuteConfig:
             ("init", self.init, tuple(solvers())),
             ("objective", self.objective, OBJECTIVES),
             ("fold", self.fold, FOLD_MODES),
+            ("train_dtype", self.train_dtype, TRAIN_DTYPES),
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
@@ -317,13 +325,11 @@ class Pipeline:
             if n in self.pruned
         ]
 
-    def _effective(self, members: list[Member], learned: list[Site], recompute: bool = False) -> EffectiveWeights:
+    def _effective(self, members: list[Member], learned: list[Site]) -> EffectiveWeights:
         learn_cfg = self.config.learn
         fixed = dict(self.perms)
         permuters = make_permuters(learned, self.perms, self.config, self.rng, self.device)
-        return EffectiveWeights(
-            members, permuters, fixed, self.pattern, learn_cfg.mask_tau, learn_cfg.sinkhorn_iters, recompute
-        )
+        return EffectiveWeights(members, permuters, fixed, self.pattern, learn_cfg.mask_tau, learn_cfg.sinkhorn_iters)
 
     def _learn_layer(self, index, prefix, local, scores, pruned_hidden, kwargs, dense_outputs, objective) -> None:
         names = self._layer_linears(index)
@@ -401,7 +407,7 @@ class Pipeline:
             dense = self.model(self.input_ids, output_hidden_states=True, use_cache=False).hidden_states
         members = self._members(self.linears, scores, "")
         learned = [s for s in self.sites if s.layer is not None or self.config.learn_hidden]
-        effective = self._effective(members, learned, recompute=True)  # whole model: 6-7 GB instead of 10.9
+        effective = self._effective(members, learned)
         objective = EndToEndObjective(
             self.model,
             self.input_ids,
@@ -410,6 +416,7 @@ class Pipeline:
             self.config.sequences_per_step,
             self.config.select_sequences,
             self.rng,
+            training_dtype(self.config.train_dtype, self.device),
         )
         self._record("model", *learn(effective, objective, self.config.learn, "end to end"))
         for index in range(len(self.layers)):

@@ -76,7 +76,7 @@ def test_epochs_map_onto_learner_steps():
     assert LearnedPermutationModifier().learner_steps(100) is None  # the objective's default
 
 
-@pytest.mark.parametrize(("objective", "steps"), [("layerwise", 20), ("end_to_end", 40), ("staged", 20)])
+@pytest.mark.parametrize(("objective", "steps"), [("layerwise", 20), ("end_to_end", 80), ("staged", 20)])
 def test_without_steps_or_epochs_the_objective_default_applies(objective, steps):
     config = LearnedPermutationModifier(objective=objective).permute_config(num_sequences=8)
     assert config.learn.steps == LearnConfig().steps_for(objective) == steps

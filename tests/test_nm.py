@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from nmperm_plugin.nm import NMPattern, is_nm, nm_mask, nm_violations, retained_score, soft_nm_mask, unstructured_bound
+from nmperm_plugin.nm import (
+    NMPattern,
+    is_nm,
+    nm_mask,
+    nm_violations,
+    retained_score,
+    soft_nm_mask_vjp,
+    unstructured_bound,
+)
 
 
 @pytest.mark.parametrize("text,n,m", [("2:4", 2, 4), ("4:8", 4, 8), ("1:4", 1, 4), (" 2 : 4 ", 2, 4)])
@@ -46,9 +54,20 @@ def test_constant_scores_still_nm():
     assert (mask.reshape(4, 4, 4).sum(-1) == 2).all()
 
 
-def test_soft_mask_is_hard_forward_and_differentiable():
-    scores = torch.randn(8, 16, requires_grad=True)
-    mask = soft_nm_mask(scores, NMPattern(2, 4), tau=0.5)
-    assert torch.allclose(mask.detach(), nm_mask(scores.detach(), NMPattern(2, 4)).float(), atol=1e-6)
-    (mask * torch.randn(8, 16)).sum().backward()
-    assert scores.grad is not None and scores.grad.abs().sum() > 0
+def test_ties_keep_the_earlier_entries():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 3.0, 2.0, 2.0, 2.0, 2.0]])
+    assert nm_mask(scores, NMPattern(2, 4)).tolist() == [[False, True, True, False, True, True, False, False]]
+
+
+SHAPES = [(NMPattern(2, 4), (8, 16)), (NMPattern(4, 8), (3, 32)), (NMPattern(2, 4), (1, 4))]
+
+
+@pytest.mark.parametrize("pattern,shape", SHAPES)
+def test_soft_mask_vjp_is_the_group_softmax_gradient(pattern, shape):
+    scores, upstream = 3 * torch.randn(2, *shape)
+    before = scores.clone()
+    reference = scores.clone().requires_grad_()
+    soft = pattern.n * torch.softmax(reference.reshape(shape[0], -1, pattern.m) / 0.5, dim=-1)
+    (soft.reshape(shape) * upstream).sum().backward()
+    torch.testing.assert_close(soft_nm_mask_vjp(scores, upstream, pattern, 0.5), reference.grad)
+    assert torch.equal(scores, before)  # inputs are not modified, even where a plane view is contiguous

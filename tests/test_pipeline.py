@@ -89,7 +89,7 @@ def test_learned_beats_or_matches_its_start_and_gradients_flow(input_ids):
 def test_learn_refuses_unset_steps_and_configs_resolve_them():
     with pytest.raises(ValueError, match="steps is unset"):
         learn(None, None, LearnConfig())
-    assert PermuteConfig(objective="end_to_end").learn.steps == 40
+    assert PermuteConfig(objective="end_to_end").learn.steps == 80
     assert PermuteConfig(objective="layerwise").learn.steps == 20
     assert PermuteConfig(objective="end_to_end", learn=LearnConfig(steps=5)).learn.steps == 5
 
@@ -117,6 +117,7 @@ def test_pattern_must_divide_channels(input_ids):
         ("block_size", 6, "multiple of M"),
         ("pattern", "4:2", "0 < N"),
         ("learn", LearnConfig(steps=-1), "steps must be 0 or more"),
+        ("train_dtype", "half", "unknown train_dtype"),
     ],
 )
 def test_config_validation(field, value, needle):
@@ -160,6 +161,44 @@ def test_end_to_end_exact_learns_hidden_only_when_asked(learn_hidden, input_ids,
     if not learn_hidden:  # kept at the heuristic start: RIA's own global permutation
         _, ria = permute_(copy.deepcopy(model), input_ids, _config(method="ria", fold="exact", apply_mask=False))
         torch.testing.assert_close(result.perms["hidden"], ria.perms["hidden"], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("train_dtype,learning_dtype", [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
+def test_end_to_end_learns_in_train_dtype_and_selects_in_float32(train_dtype, learning_dtype, input_ids, monkeypatch):
+    import nmperm_plugin.pipeline as pipeline
+
+    model = tiny_model()
+    dtypes = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    real_learn = pipeline.learn
+
+    def checked_learn(effective, objective, config, description):
+        dtypes.clear()  # the dense passes before learning run in float32
+        objective.loss(effective.soft(1.0), 0).backward()
+        for key, permuter in effective.permuters.items():
+            assert permuter.logits.grad is not None and permuter.logits.grad.abs().sum() > 0, key
+        assert set(dtypes) == {learning_dtype}
+        dtypes.clear()
+        objective.select(effective.hard())
+        assert set(dtypes) == {torch.float32}
+        return real_learn(effective, objective, config, description)
+
+    monkeypatch.setattr(pipeline, "learn", checked_learn)
+    config = _config(method="learned", objective="end_to_end", fold="gather", train_dtype=train_dtype)
+    sidecar, _ = permute_(model, input_ids, config)
+    apply_gather(model, sidecar)
+    assert all(is_nm(_pruned_weight(model, name), NMPattern(2, 4)) for name in sidecar.frames)
+
+
+def test_auto_train_dtype_is_bfloat16_only_where_it_is_fast(monkeypatch):
+    import nmperm_plugin.objectives as objectives
+
+    cpu = torch.device("cpu")
+    assert objectives.training_dtype("float32", cpu) is None
+    assert objectives.training_dtype("bfloat16", cpu) is torch.bfloat16
+    for fast, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(objectives, "fast_bfloat16", lambda device, fast=fast: fast)
+        assert objectives.training_dtype("auto", cpu) is expected
 
 
 @pytest.mark.gpu

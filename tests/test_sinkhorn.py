@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from nmperm_plugin.learn import EffectiveWeights, Member
-from nmperm_plugin.nm import NMPattern, is_nm
+from nmperm_plugin.nm import NMPattern, hard_mask, is_nm, nm_mask
 from nmperm_plugin.permuter import BlockPermuter
 from nmperm_plugin.sinkhorn import anneal, hungarian, log_sinkhorn, perm_matrix, straight_through
 
@@ -64,7 +64,7 @@ def test_block_permuter_valid_and_nm(scores_kind):
         scores = {"random": weight.abs(), "constant": torch.ones(8, 64), "ties": weight.abs().round()}[scores_kind]
         matrices, perm = permuter.sample(tau=0.3, iters=5)
         assert _is_perm(perm) and _is_perm(permuter.hard()[1])
-        effective = permuter.effective_weight(weight, scores, matrices, NMPattern(2, 4), 0.5)
+        effective = permuter.effective_weight(weight, scores, matrices, perm, NMPattern(2, 4), 0.5)
         assert is_nm(effective[:, perm], NMPattern(2, 4))
         effective.square().sum().backward()
         assert permuter.logits.grad is not None and torch.isfinite(permuter.logits.grad).all()
@@ -79,43 +79,59 @@ def test_block_permuter_starts_at_base_and_ties_blocks():
     assert torch.equal(within[0], within[1]) and torch.equal(within[2], within[3])
 
 
-def _one_linear(rows: int, channels: int, block: int, recompute: bool) -> EffectiveWeights:
-    """Effective weights of one ``[rows, channels]`` linear whose only site is learned in blocks of ``block``."""
+def _block_matrix_formula(permuter: BlockPermuter, weight, scores, matrices, pattern: NMPattern, tau: float):
+    """The reference: ``((W P) * M(S P)) P^T`` with dense per-block matrix products, differentiated by autograd."""
+    size = permuter.block_size
+
+    def permute(x):
+        blocks = x[:, permuter.base].reshape(x.shape[0], -1, size)
+        return torch.einsum("rgb,gbc->rgc", blocks, matrices).reshape(x.shape)
+
+    def unpermute(y):
+        blocks = torch.einsum("rgc,gbc->rgb", y.reshape(y.shape[0], -1, size), matrices)
+        return torch.zeros_like(y).index_copy(1, permuter.base, blocks.reshape(y.shape))
+
+    def straight_through_mask(permuted):  # hard N:M mask forward, N * softmax per group backward
+        groups = permuted.reshape(permuted.shape[0], -1, pattern.m)
+        soft = (pattern.n * torch.softmax(groups / tau, dim=-1)).reshape(permuted.shape)
+        return nm_mask(permuted.detach(), pattern).float() + soft - soft.detach()
+
+    return unpermute(permute(weight) * straight_through_mask(permute(scores)))
+
+
+@pytest.mark.parametrize("tied_blocks", [None, (0, 1, 0, 1)])
+@pytest.mark.parametrize("pattern", [NMPattern(2, 4), NMPattern(4, 8)])
+def test_effective_weight_matches_the_block_matrix_formula(tied_blocks, pattern):
+    generator = torch.Generator().manual_seed(11)
+    permuter = BlockPermuter(torch.randperm(64, generator=generator), 16, tied_blocks, noise=2.0, generator=generator)
+    weight, probe = torch.randn(2, 12, 64, generator=generator)
+    scores = weight.abs() * torch.rand(64, generator=generator)
+
+    gradients, values = [], []
+    for compute in ("fast", "reference"):
+        permuter.logits.grad = None
+        matrices, perm = permuter.sample(tau=0.4, iters=5)
+        if compute == "fast":
+            value = permuter.effective_weight(weight, scores, matrices, perm, pattern, 0.5)
+        else:
+            value = _block_matrix_formula(permuter, weight, scores, matrices, pattern, 0.5)
+        (value * probe).sum().backward()
+        values.append(value.detach())
+        gradients.append(permuter.logits.grad.clone())
+    torch.testing.assert_close(values[0], values[1], rtol=1e-6, atol=1e-6)  # the reference rounds (hard + soft - soft)
+    torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-4, atol=1e-5)
+    assert gradients[0].abs().sum() > 0
+    assert torch.equal(values[0], weight * hard_mask(scores, perm, pattern))
+
+
+def test_effective_weight_keeps_no_intermediates_for_backward():
     generator = torch.Generator().manual_seed(5)
-    weight = torch.randn(rows, channels, generator=generator)
-    permuter = BlockPermuter(torch.randperm(channels, generator=generator), block, noise=1.0, generator=generator)
+    weight = torch.randn(32, 256, generator=generator)
+    permuter = BlockPermuter(torch.randperm(256, generator=generator), 64, noise=1.0, generator=generator)
     member = Member("proj.weight", weight, weight.abs(), "site")
-    return EffectiveWeights([member], nn.ModuleDict({"site": permuter}), recompute=recompute)
-
-
-def test_effective_weights_recompute_gives_the_direct_values_and_gradients():
-    effective = _one_linear(8, 64, 16, recompute=True)
-    weight, permuter = effective.members[0].weight, effective.permuters["site"]
-
-    checkpointed = effective.soft(0.5)["proj.weight"]
-    checkpointed.square().sum().backward()
-    grad_checkpointed, permuter.logits.grad = permuter.logits.grad.clone(), None
-
-    matrices, _ = permuter.sample(0.5, 5)
-    direct = permuter.effective_weight(weight, weight.abs(), matrices, NMPattern(2, 4), 0.5)
-    direct.square().sum().backward()
-    torch.testing.assert_close(checkpointed, direct, rtol=0, atol=0)
-    torch.testing.assert_close(grad_checkpointed, permuter.logits.grad, rtol=0, atol=0)
-    assert grad_checkpointed.abs().sum() > 0
-
-
-def test_effective_weights_recompute_keeps_fewer_tensors_for_backward():
-    def saved_elements(recompute: bool) -> int:
-        weights = _one_linear(32, 256, 64, recompute).soft(0.5)  # samples now; W_eff is built lazily below
-        total = 0
-
-        def pack(tensor):
-            nonlocal total
-            total += tensor.numel()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            weights["proj.weight"]
-        return total
-
-    assert saved_elements(recompute=True) < saved_elements(recompute=False) / 2
+    weights = EffectiveWeights([member], nn.ModuleDict({"site": permuter})).soft(0.5)  # W_eff is built lazily
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        weights["proj.weight"]
+    inputs = 2 * weight.numel() + 256 + permuter.logits.numel()  # weight, scores, perm, the block matrices
+    assert 0 < sum(saved) <= inputs
