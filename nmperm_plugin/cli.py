@@ -16,6 +16,7 @@ from .evaluate import perplexity
 from .learn import END_TO_END_STEPS, STEPS_PER_LAYER, LearnConfig
 from .models import load_model
 from .nm import NMPattern
+from .objectives import TRAIN_DTYPES
 from .pipeline import METHODS, OBJECTIVES, PermuteConfig
 
 
@@ -32,6 +33,12 @@ def _add_prune_options(parser: argparse.ArgumentParser, fold: bool = True) -> No
         type=int,
         help=f"learning steps, per decoder layer for layerwise (default {STEPS_PER_LAYER}), "
         f"in all for end_to_end (default {END_TO_END_STEPS})",
+    )
+    parser.add_argument(
+        "--train-dtype",
+        default="auto",
+        choices=TRAIN_DTYPES,
+        help="precision of end_to_end's learning passes (default auto: bfloat16 where the hardware is fast at it)",
     )
     parser.add_argument("--num-samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
@@ -64,6 +71,7 @@ def _config(args: argparse.Namespace, apply_mask: bool = True) -> PermuteConfig:
         block_size=args.block_size,
         seed=args.seed,
         apply_mask=apply_mask,
+        train_dtype=args.train_dtype,
         learn=LearnConfig(steps=args.steps),
     )
 

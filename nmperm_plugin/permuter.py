@@ -112,3 +112,31 @@ class _EffectiveWeight(torch.autograd.Function):
             for left, right in pairs
         )
         return torch.bmm(matrices.detach(), within), None, None, None, None, None
+
+
+def block_matrix_effective_weight(
+    permuter: BlockPermuter,
+    weight: torch.Tensor,
+    scores: torch.Tensor,
+    matrices: torch.Tensor,
+    pattern: NMPattern,
+    mask_tau: float,
+) -> torch.Tensor:
+    """Reference for :meth:`BlockPermuter.effective_weight`: the formula itself, with dense per-block
+    matrix products and a straight-through soft mask, differentiated by autograd. Slow and keeps its
+    graph; the tests and ``bench/learn_speed.py`` check and time the fast path against it."""
+    size = permuter.block_size
+
+    def permute(x: torch.Tensor) -> torch.Tensor:  # x[:, perm], differentiable through the matrices
+        blocks = x[:, permuter.base].reshape(x.shape[0], -1, size)
+        return torch.einsum("rgb,gbc->rgc", blocks, matrices).reshape(x.shape)
+
+    def unpermute(y: torch.Tensor) -> torch.Tensor:
+        blocks = torch.einsum("rgc,gbc->rgb", y.reshape(y.shape[0], -1, size), matrices)
+        return torch.zeros_like(y).index_copy(1, permuter.base, blocks.reshape(y.shape))
+
+    permuted_scores = permute(scores)
+    groups = permuted_scores.reshape(permuted_scores.shape[0], -1, pattern.m)
+    soft = (pattern.n * torch.softmax(groups / mask_tau, dim=-1)).reshape(permuted_scores.shape)
+    mask = nm_mask(permuted_scores.detach(), pattern).to(soft.dtype) + soft - soft.detach()
+    return unpermute(permute(weight) * mask)

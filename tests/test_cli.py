@@ -206,3 +206,22 @@ def test_corpus_is_shipped_and_disjoint():
     assert len(calibration) > 150_000 and len(evaluation) > 150_000
     titles = lambda text: {block.split("\n", 1)[0] for block in text.split("\n\n\n")}  # noqa: E731
     assert not (titles(calibration) & titles(evaluation)) - {""}
+
+
+def test_train_dtype_reaches_the_config_and_bad_values_are_refused(saved_model, tmp_path, monkeypatch, capsys):
+    import nmperm_plugin.cli as cli
+
+    model_dir, text = saved_model
+    seen = []
+
+    def record(model, ids, config):
+        seen.append(config.train_dtype)
+        raise ValueError("stopped after reading the config")
+
+    monkeypatch.setattr(cli, "permute_", record)
+    argv = ["prune", str(model_dir), "--dataset", str(text), "--output", str(tmp_path / "out"), *FAST]
+    assert main([*argv, "--objective", "end_to_end", "--train-dtype", "float32"]) == 2
+    assert seen == ["float32"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--train-dtype", "half"])
+    assert "invalid choice: 'half'" in capsys.readouterr().err

@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 from nmperm_plugin.learn import EffectiveWeights, Member
-from nmperm_plugin.nm import NMPattern, hard_mask, is_nm, nm_mask
-from nmperm_plugin.permuter import BlockPermuter
+from nmperm_plugin.nm import NMPattern, hard_mask, is_nm
+from nmperm_plugin.permuter import BlockPermuter, block_matrix_effective_weight
 from nmperm_plugin.sinkhorn import anneal, hungarian, log_sinkhorn, perm_matrix, straight_through
 
 
@@ -79,26 +79,6 @@ def test_block_permuter_starts_at_base_and_ties_blocks():
     assert torch.equal(within[0], within[1]) and torch.equal(within[2], within[3])
 
 
-def _block_matrix_formula(permuter: BlockPermuter, weight, scores, matrices, pattern: NMPattern, tau: float):
-    """The reference: ``((W P) * M(S P)) P^T`` with dense per-block matrix products, differentiated by autograd."""
-    size = permuter.block_size
-
-    def permute(x):
-        blocks = x[:, permuter.base].reshape(x.shape[0], -1, size)
-        return torch.einsum("rgb,gbc->rgc", blocks, matrices).reshape(x.shape)
-
-    def unpermute(y):
-        blocks = torch.einsum("rgc,gbc->rgb", y.reshape(y.shape[0], -1, size), matrices)
-        return torch.zeros_like(y).index_copy(1, permuter.base, blocks.reshape(y.shape))
-
-    def straight_through_mask(permuted):  # hard N:M mask forward, N * softmax per group backward
-        groups = permuted.reshape(permuted.shape[0], -1, pattern.m)
-        soft = (pattern.n * torch.softmax(groups / tau, dim=-1)).reshape(permuted.shape)
-        return nm_mask(permuted.detach(), pattern).float() + soft - soft.detach()
-
-    return unpermute(permute(weight) * straight_through_mask(permute(scores)))
-
-
 @pytest.mark.parametrize("tied_blocks", [None, (0, 1, 0, 1)])
 @pytest.mark.parametrize("pattern", [NMPattern(2, 4), NMPattern(4, 8)])
 def test_effective_weight_matches_the_block_matrix_formula(tied_blocks, pattern):
@@ -114,7 +94,7 @@ def test_effective_weight_matches_the_block_matrix_formula(tied_blocks, pattern)
         if compute == "fast":
             value = permuter.effective_weight(weight, scores, matrices, perm, pattern, 0.5)
         else:
-            value = _block_matrix_formula(permuter, weight, scores, matrices, pattern, 0.5)
+            value = block_matrix_effective_weight(permuter, weight, scores, matrices, pattern, 0.5)
         (value * probe).sum().backward()
         values.append(value.detach())
         gradients.append(permuter.logits.grad.clone())
