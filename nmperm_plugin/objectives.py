@@ -101,7 +101,7 @@ TRAIN_DTYPES = ("auto", "float32", "bfloat16")
 
 def fast_bfloat16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bfloat16 matrices much faster than float32: a CUDA GPU with
-    bfloat16, or a CPU with AMX tiles (about 10x on the development machine)."""
+    bfloat16, or a CPU with AMX tiles."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
