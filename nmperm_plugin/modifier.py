@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
 from llmcompressor.core import State, active_session
@@ -24,6 +23,7 @@ from .compress import PermutedState, attach, calibration_ids, check_recipe, chec
 from .hooks import get_mask_generator, solvers
 from .learn import LearnConfig
 from .nm import NMPattern
+from .objectives import TRAIN_DTYPES
 from .pipeline import OBJECTIVES, PermuteConfig, PruneResult
 from .sidecar import Sidecar
 
@@ -121,7 +121,7 @@ class LearnedPermutationModifier(Modifier):
     select_sequences: PositiveInt = PermuteConfig.select_sequences
     max_sequences: PositiveInt | None = 32
     alpha: NonNegativeFloat = PermuteConfig.alpha
-    train_dtype: Literal["auto", "float32", "bfloat16"] = PermuteConfig.train_dtype
+    train_dtype: str = PermuteConfig.train_dtype
     apply_mask: bool = False
     ignore: list[str] = Field(default_factory=list)
     seed: int = 0
@@ -160,6 +160,11 @@ class LearnedPermutationModifier(Modifier):
     @classmethod
     def _valid_fold(cls, value: str) -> str:
         return _choice("fold", value, FOLD_MODES)
+
+    @field_validator("train_dtype")
+    @classmethod
+    def _valid_train_dtype(cls, value: str) -> str:
+        return _choice("train_dtype", value, TRAIN_DTYPES)
 
     @model_validator(mode="after")
     def _consistent(self) -> LearnedPermutationModifier:

@@ -52,6 +52,7 @@ def test_recipes_parse_and_round_trip(path):
         ({"init": "none"}, "init"),
         ({"objective": "global"}, "objective"),
         ({"fold": "gahter"}, "fold"),
+        ({"train_dtype": "half"}, "train_dtype"),
         ({"block_size": 0}, "block_size"),
         ({"block_size": 6}, "block_size"),
         ({"epochs": 0}, "epochs"),
