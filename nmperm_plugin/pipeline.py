@@ -83,10 +83,10 @@ class PermuteConfig:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
         if self.block_size <= 0 or self.block_size % NMPattern.parse(self.pattern).m:
             raise ValueError(f"block_size {self.block_size} must be a positive multiple of M in {self.pattern}")
-        if self.learn_hidden and (self.fold != "exact" or self.objective == "retained"):
+        if self.learn_hidden and (self.method != "learned" or self.fold != "exact" or self.objective == "retained"):
             raise ValueError(
-                "learn_hidden applies to fold='exact' (gather has no global site) with a data-driven objective "
-                "(layerwise, end_to_end or staged)"
+                "learn_hidden applies to method='learned' with fold='exact' (gather has no global site) and a "
+                "data-driven objective (layerwise, end_to_end or staged)"
             )
         if self.unstructured and self.method != "identity":
             raise ValueError("unstructured masks need no permutation: use method='identity'")
@@ -296,7 +296,7 @@ class Pipeline:
             scores = self.scores_of({n: self.linears[n] for n in names}, stats)
             for site in global_sites:
                 self._solve(site, scores)
-                if self.config.method == "learned" and self.config.learn_hidden:
+                if self.config.method == "learned" and self._learns(site):
                     self._learn_global(site, scores, [hidden, *dense_outputs[:-1]], dense_outputs, kwargs)
         pruned_hidden = hidden
         for index, layer in enumerate(tqdm(self.layers, desc=f"{self.config.method} permutations", leave=False)):
@@ -389,6 +389,11 @@ class Pipeline:
         )
         return candidates[best]
 
+    def _learns(self, site: Site) -> bool:
+        """Whether a learned method learns ``site``: every per-layer site; the global ``hidden`` one
+        (exact) only with ``learn_hidden``, else it keeps the heuristic's permutation."""
+        return site.layer is not None or self.config.learn_hidden
+
     def _record(self, name: str, perms: dict[str, torch.Tensor], history: list[dict]) -> None:
         self.perms |= {site: perm.cpu() for site, perm in perms.items()}
         self.history[name] = history
@@ -406,7 +411,7 @@ class Pipeline:
         with torch.no_grad():
             dense = self.model(self.input_ids, output_hidden_states=True, use_cache=False).hidden_states
         members = self._members(self.linears, scores, "")
-        learned = [s for s in self.sites if s.layer is not None or self.config.learn_hidden]
+        learned = [s for s in self.sites if self._learns(s)]
         effective = self._effective(members, learned)
         objective = EndToEndObjective(
             self.model,

@@ -132,8 +132,10 @@ def test_learned_global_hidden_site_keeps_function_and_prunes(input_ids):
     sidecar, result = permute_(model, input_ids, config)
     assert "hidden" in result.history and len(result.history["hidden"]) == FAST.steps + 1
     torch.testing.assert_close(model(input_ids).logits, reference, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="learn_hidden applies to fold='exact'"):
+    with pytest.raises(ValueError, match="with fold='exact'"):
         PermuteConfig(fold="gather", learn_hidden=True)
+    with pytest.raises(ValueError, match="learn_hidden applies to method='learned'"):
+        PermuteConfig(method="ria", fold="exact", learn_hidden=True)
     with pytest.raises(ValueError, match="data-driven objective"):
         PermuteConfig(fold="exact", objective="retained", learn_hidden=True)
 
