@@ -283,6 +283,24 @@ def header_of(args: dict) -> str:
     )
 
 
+def effective_overrides(result: dict) -> list[str]:
+    """The ``--set`` pairs of a result file that change one of its rows' configuration under the
+    current defaults (e.g. ``steps=120`` on gather end_to_end rows changes nothing once that is the default)."""
+    from nmperm_plugin import LearnConfig, PermuteConfig
+
+    args, suite = result["args"], SUITES[result["args"].get("suite", "wanda")]
+
+    def resolved(method: str, pairs: list[str]) -> PermuteConfig | None:
+        if suite[method] is None:
+            return None
+        permute, learn = _overrides(pairs)
+        fields = suite[method] | {"pattern": args["pattern"], "scorer": args["scorer"]} | permute
+        return PermuteConfig(**fields, learn=LearnConfig(**learn))
+
+    methods = {row["method"] for row in result["rows"]}
+    return [pair for pair in args["set"] if any(resolved(m, [pair]) != resolved(m, []) for m in methods)]
+
+
 def resummarise(paths: list[Path], output: Path | None) -> int:
     """Summary, table and plots again from result files; several files (same settings) merge into ``output``."""
     results = [json.loads(path.read_text()) for path in paths]
@@ -291,6 +309,8 @@ def resummarise(paths: list[Path], output: Path | None) -> int:
     first = results[0]["args"]
     for path, result in zip(paths, results, strict=True):
         differ = [key for key in SAME_SETTINGS if result["args"].get(key) != first.get(key)]
+        if differ == ["set"] and effective_overrides(result) == effective_overrides(results[0]):
+            differ = []  # the overrides that differ are the current defaults for these rows
         if differ:
             raise SystemExit(f"{path} was run with other {differ} than {paths[0]}: its rows are not comparable")
     rows = [row for result in results for row in result["rows"]]

@@ -32,7 +32,9 @@ def _add_prune_options(parser: argparse.ArgumentParser, fold: bool = True) -> No
         "--steps",
         type=int,
         help=f"learning steps, per decoder layer for layerwise (default {STEPS_PER_LAYER}), "
-        f"in all for end_to_end (default {END_TO_END_STEPS})",
+        "in all for end_to_end (default "
+        + ", ".join(f"{steps} with --fold {fold}" for fold, steps in END_TO_END_STEPS.items())
+        + ")",
     )
     parser.add_argument(
         "--train-dtype",

@@ -87,7 +87,8 @@ class LearnedPermutationModifier(Modifier):
     :param block_size: channels per learnable block (a multiple of M)
     :param epochs: passes over the calibration sequences per decoder layer: the learner takes
         ``ceil(epochs * sequences / sequences_per_step)`` steps per layer. Give ``epochs`` or
-        ``steps``, not both; with neither, the objective's default (20 per layer; 80 in all for ``end_to_end``)
+        ``steps``, not both; with neither, the objective's default (20 per layer; for ``end_to_end`` 80 in
+        all with ``fold: exact``, 120 with ``gather``)
     :param steps: learner steps per decoder layer (or in total for ``end_to_end``)
     :param lr: learning rate of the cost matrices
     :param sequences_per_step: calibration sequences in one learning step

@@ -90,7 +90,7 @@ class PermuteConfig:
             )
         if self.unstructured and self.method != "identity":
             raise ValueError("unstructured masks need no permutation: use method='identity'")
-        self.learn = replace(self.learn, steps=self.learn.steps_for(self.objective))
+        self.learn = replace(self.learn, steps=self.learn.steps_for(self.objective, self.fold))
         if self.learn.steps < 0:
             raise ValueError(f"learner steps must be 0 or more, got {self.learn.steps}")
 

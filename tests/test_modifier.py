@@ -77,10 +77,14 @@ def test_epochs_map_onto_learner_steps():
     assert LearnedPermutationModifier().learner_steps(100) is None  # the objective's default
 
 
-@pytest.mark.parametrize(("objective", "steps"), [("layerwise", 20), ("end_to_end", 80), ("staged", 20)])
-def test_without_steps_or_epochs_the_objective_default_applies(objective, steps):
-    config = LearnedPermutationModifier(objective=objective).permute_config(num_sequences=8)
-    assert config.learn.steps == LearnConfig().steps_for(objective) == steps
+@pytest.mark.parametrize(
+    ("objective", "fold", "steps"),
+    [("layerwise", "exact", 20), ("end_to_end", "exact", 80), ("end_to_end", "gather", 120), ("staged", "gather", 20)],
+)
+def test_without_steps_or_epochs_the_objective_default_applies(objective, fold, steps):
+    modifier = LearnedPermutationModifier(objective=objective, fold=fold, apply_mask=True)
+    config = modifier.permute_config(num_sequences=8)
+    assert config.learn.steps == LearnConfig().steps_for(objective, fold) == steps
 
 
 def test_fields_map_onto_permute_config():
