@@ -40,13 +40,21 @@ def _nth_and_topn(values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def _slot_gain(candidates: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """``gain[c, g] = sum_r relu(candidates[r, c] - threshold[r, g])``, chunked over c."""
+    """``gain[c, g] = sum_r relu(candidates[r, c] - threshold[r, g])``, chunked over c.
+
+    One work buffer serves every chunk: a fresh 16 MB temporary per chunk fragments the heap (glibc
+    serves it below the mmap threshold) and peak memory grew with the number of chunks.
+    """
     rows, count = candidates.shape
-    step = max(1, _CHUNK_ELEMENTS // max(rows * threshold.shape[1], 1))
-    parts = [
-        (candidates[:, c : c + step, None] - threshold[:, None, :]).clamp_min_(0).sum(0) for c in range(0, count, step)
-    ]
-    return torch.cat(parts)
+    groups = threshold.shape[1]
+    step = max(1, _CHUNK_ELEMENTS // max(rows * groups, 1))
+    work = candidates.new_empty(rows, min(step, count), groups)
+    gain = candidates.new_empty(count, groups)
+    for c in range(0, count, step):
+        chunk = work[:, : min(step, count - c)]
+        torch.sub(candidates[:, c : c + step, None], threshold[:, None, :], out=chunk).clamp_min_(0)
+        torch.sum(chunk, dim=0, out=gain[c : c + step])
+    return gain
 
 
 def assignment(

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from nmperm_plugin.baselines import HEURISTICS, allocation, assignment, swap_search
+from nmperm_plugin import baselines
+from nmperm_plugin.baselines import HEURISTICS, _slot_gain, allocation, assignment, swap_search
 from nmperm_plugin.nm import NMPattern, retained_score
 
 
@@ -36,3 +37,12 @@ def test_allocation_separates_top_channels():
     perm = allocation(scores, NMPattern(2, 4))
     groups = {int(torch.nonzero(perm == c)) // 4 for c in range(4)}
     assert groups == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 7 * 13 * 3, 2**22])  # one candidate a chunk; ragged last chunk; one
+def test_slot_gain_is_the_formula_at_any_chunk_size(chunk_elements, monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    candidates, threshold = torch.rand(7, 10, generator=generator), torch.rand(7, 13, generator=generator)
+    expected = (candidates[:, :, None] - threshold[:, None, :]).clamp_min(0).sum(0)  # [candidate, group]
+    monkeypatch.setattr(baselines, "_CHUNK_ELEMENTS", chunk_elements)
+    torch.testing.assert_close(_slot_gain(candidates, threshold), expected)
