@@ -102,11 +102,21 @@ def _overrides(pairs: list[str]) -> tuple[dict, dict]:
     return permute, learn
 
 
+def method_config(fields: dict, pattern: str, scorer: str, pairs: list[str], seed: int = 0):
+    """The ``PermuteConfig`` a suite method's ``fields`` resolve to under ``--set`` ``pairs``."""
+    from nmperm_plugin import LearnConfig, PermuteConfig
+
+    permute, learn = _overrides(pairs)
+    return PermuteConfig(
+        **(fields | {"pattern": pattern, "scorer": scorer, "seed": seed} | permute), learn=LearnConfig(**learn)
+    )
+
+
 def worker(job: dict) -> dict:
     """One method and seed in this process: prune, evaluate, report."""
     import torch
 
-    from nmperm_plugin import LearnConfig, PermuteConfig, permute_
+    from nmperm_plugin import permute_
     from nmperm_plugin.data import load_texts, token_windows
     from nmperm_plugin.evaluate import perplexity
     from nmperm_plugin.models import default_model_path, load_model
@@ -121,9 +131,7 @@ def worker(job: dict) -> dict:
         calibration = token_windows(
             tokenizer, load_texts("builtin:wiki-calibration"), job["num_samples"], job["seq_len"], seed=job["seed"]
         )
-        permute, learn = _overrides(job["set"])
-        fields = job["config"] | {"pattern": job["pattern"], "scorer": job["scorer"], "seed": job["seed"]} | permute
-        config = PermuteConfig(**fields, learn=LearnConfig(**learn))
+        config = method_config(job["config"], job["pattern"], job["scorer"], job["set"], job["seed"])
         start = time.monotonic()
         sidecar, result = permute_(model, calibration, config)
         row |= {
@@ -286,16 +294,10 @@ def header_of(args: dict) -> str:
 def effective_overrides(result: dict) -> list[str]:
     """The ``--set`` pairs of a result file that change one of its rows' configuration under the
     current defaults (e.g. ``steps=120`` on gather end_to_end rows changes nothing once that is the default)."""
-    from nmperm_plugin import LearnConfig, PermuteConfig
-
     args, suite = result["args"], SUITES[result["args"].get("suite", "wanda")]
 
-    def resolved(method: str, pairs: list[str]) -> PermuteConfig | None:
-        if suite[method] is None:
-            return None
-        permute, learn = _overrides(pairs)
-        fields = suite[method] | {"pattern": args["pattern"], "scorer": args["scorer"]} | permute
-        return PermuteConfig(**fields, learn=LearnConfig(**learn))
+    def resolved(method: str, pairs: list[str]):
+        return None if suite[method] is None else method_config(suite[method], args["pattern"], args["scorer"], pairs)
 
     methods = {row["method"] for row in result["rows"]}
     return [pair for pair in args["set"] if any(resolved(m, [pair]) != resolved(m, []) for m in methods)]
@@ -306,10 +308,10 @@ def resummarise(paths: list[Path], output: Path | None) -> int:
     results = [json.loads(path.read_text()) for path in paths]
     if len(results) > 1 and output is None:
         raise SystemExit("merging several result files needs --output for the merged file")
-    first = results[0]["args"]
+    first, first_overrides = results[0]["args"], effective_overrides(results[0])
     for path, result in zip(paths, results, strict=True):
         differ = [key for key in SAME_SETTINGS if result["args"].get(key) != first.get(key)]
-        if differ == ["set"] and effective_overrides(result) == effective_overrides(results[0]):
+        if differ == ["set"] and effective_overrides(result) == first_overrides:
             differ = []  # the overrides that differ are the current defaults for these rows
         if differ:
             raise SystemExit(f"{path} was run with other {differ} than {paths[0]}: its rows are not comparable")
