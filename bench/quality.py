@@ -2,7 +2,7 @@
 
 For each method and seed it prunes the dense model in a fresh worker process (so peak memory is
 the method's own), measures perplexity on held-out text and the retained-score ratio, and writes
-``bench/results/quality-<time>.json`` and ``.md``, plus plots under ``docs/``.
+``bench/results/quality-<time>.json`` and ``.md``, plus plots under ``bench/results/plots/``.
 
 Seeds change the calibration windows (drawn from ``builtin:wiki-calibration``) and the learner's
 randomness; the evaluation windows (the first ``--eval-samples`` x ``--seq-len`` tokens of
@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-DOCS = ROOT / "docs"
+PLOTS = RESULTS / "plots"
 
 # name -> PermuteConfig fields (None: the dense model, no pruning)
 WANDA_SUITE = {
@@ -276,7 +276,8 @@ def plots(rows: list[dict], summary: dict[str, dict], stem: str) -> list[str]:
 
 
 def _save(fig, name: str) -> str:
-    path = DOCS / name
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    path = PLOTS / name
     fig.savefig(path, dpi=110)
     return str(path.relative_to(ROOT))
 
