@@ -5,9 +5,11 @@ Importing the package registers :class:`LearnedPermutationModifier` with llm-com
 """
 
 from .api import permute_
+from .config import PermuteConfig
+from .fold import fold_
 from .learn import LearnConfig
 from .nm import NMPattern, is_nm, nm_mask
-from .pipeline import PermuteConfig, PruneResult, fold_, permute_and_prune_
+from .pipeline import PruneResult, permute_and_prune_
 from .sidecar import Sidecar
 
 __all__ = [

@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .arch import get_adapter
-from .pipeline import PermuteConfig, PruneResult, fold_, permute_and_prune_
+from .config import PermuteConfig
+from .fold import fold_
+from .ops import function_error, function_tolerance
+from .pipeline import PruneResult, permute_and_prune_
+from .registry import get_adapter
 from .sidecar import Sidecar
 
 
@@ -15,23 +18,24 @@ def permute_(model: nn.Module, calibration: torch.Tensor, config: PermuteConfig)
 
     ``calibration`` is ``[num_sequences, seq_len]`` token ids. Returns the sidecar to save beside the
     model (permutations, frames, figures) and the raw result (learning curves). Raises if folding
-    changed the model's function.
+    changed the model's function beyond its precision's tolerance (relative to the logits' scale).
 
     Example::
 
         from nmperm_plugin import PermuteConfig, permute_
         sidecar, result = permute_(model, input_ids, PermuteConfig(pattern="2:4", scorer="wanda"))
     """
-
     result = permute_and_prune_(model, calibration, config)
     probe = calibration[:1].to(next(model.parameters()).device)
     with torch.no_grad():
         before = model(probe, use_cache=False).logits
     frames = fold_(model, result, config.fold)
     with torch.no_grad():
-        fold_error = float((model(probe, use_cache=False).logits - before).abs().max())
-    if fold_error > 1e-3:
-        raise RuntimeError(f"folding changed the model's logits by {fold_error:.3g}: this is a bug, please report it")
+        fold_error = function_error(before, model(probe, use_cache=False).logits)
+    if fold_error > function_tolerance(before.dtype):
+        raise RuntimeError(
+            f"folding changed the model's logits by {fold_error:.3g} of their scale: this is a bug, please report it"
+        )
     sidecar = Sidecar(
         pattern=config.pattern,
         scorer=config.scorer,
@@ -45,6 +49,6 @@ def permute_(model: nn.Module, calibration: torch.Tensor, config: PermuteConfig)
             "retained_ratio": sum(result.retained.values()) / max(len(result.retained), 1),
             "retained_ratio_per_layer": result.retained,
         },
-        verification={"fold_max_abs_logit_diff": fold_error},
+        verification={"fold_relative_logit_error": fold_error},
     )
     return sidecar, result

@@ -1,26 +1,30 @@
-"""The built-in plugin: mask generators, the Llama-family adapter and the heuristic solvers."""
+"""The built-in plugin: mask generators, the Llama-family adapter, the heuristic solvers and the
+objectives, registered through the same hooks as a third-party plugin."""
 
 from __future__ import annotations
 
+from .arch.llama import LlamaAdapter
+from .baselines import HEURISTICS
 from .hooks import hookimpl
+from .scores import BUILTIN_GENERATORS
+from .strategies import BUILTIN_OBJECTIVES
 
 
 @hookimpl
 def nmperm_mask_generators() -> list:
-    from .scores import BUILTIN_GENERATORS
-
     return list(BUILTIN_GENERATORS)
 
 
 @hookimpl
 def nmperm_architectures() -> list:
-    from .arch.llama import LlamaAdapter
-
     return [LlamaAdapter()]
 
 
 @hookimpl
 def nmperm_solvers() -> dict:
-    from .baselines import HEURISTICS
-
     return dict(HEURISTICS)
+
+
+@hookimpl
+def nmperm_objectives() -> list:
+    return list(BUILTIN_OBJECTIVES)

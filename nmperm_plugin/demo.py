@@ -10,6 +10,7 @@ from loguru import logger
 
 from .api import permute_
 from .checkpoint import check_output_dir, save_checkpoint
+from .cli_options import config_from_args, resolve_device
 from .data import load_texts, token_windows
 from .evaluate import perplexity
 from .models import default_model_path, load_model
@@ -26,10 +27,8 @@ def _table(rows: list[tuple[str, float, float | None]]) -> str:
 def run_demo(args: argparse.Namespace) -> int:
     """Dense, 2:4 without permutation and 2:4 with learned permutations (each fold mode) side by side;
     writes the pruned model of the first fold mode (``exact`` by default: a standard checkpoint)."""
-    from .cli import _config, device_of
-
     check_output_dir(args.output, args.overwrite)
-    device = device_of(args)
+    device = resolve_device(args.device)
     start = time.monotonic()
     dense, tokenizer = load_model(default_model_path())
     dense.to(device)
@@ -41,9 +40,7 @@ def run_demo(args: argparse.Namespace) -> int:
     for method, fold in runs:
         model = copy.deepcopy(dense)
         t = time.monotonic()
-        sidecar, _ = permute_(
-            model, calibration, _config(argparse.Namespace(**vars(args) | {"method": method, "fold": fold}))
-        )
+        sidecar, _ = permute_(model, calibration, config_from_args(args, method=method, fold=fold))
         seconds = time.monotonic() - t
         label = f"{args.scorer} {args.pattern}, " + (
             "no permutation" if method == "identity" else f"{sidecar.method} ({fold})"

@@ -18,29 +18,19 @@ from tqdm.auto import tqdm
 from .nm import NMPattern, hard_mask, retained_score, unstructured_bound
 from .sinkhorn import anneal
 
-STEPS_PER_LAYER = 20  # layerwise, retained, staged: steps per decoder layer (per site for retained)
-# end_to_end: steps in all, by fold (gather learns twice the sites; both measured in docs/benchmarks.md)
-END_TO_END_STEPS = {"exact": 80, "gather": 120}
-
 
 @dataclass
 class LearnConfig:
-    """Hyper-parameters of the learner (SPEC 2; defaults measured in docs/benchmarks.md)."""
+    """Hyper-parameters of one learning run (SPEC 2). Built from a
+    :class:`~nmperm_plugin.config.PermuteConfig` when used, with the steps its objective resolves."""
 
-    steps: int | None = None  # None: the objective's default, see steps_for
+    steps: int
     lr: float = 0.1
     tau_start: float = 1.0
     tau_end: float = 0.1
     mask_tau: float = 0.5
     sinkhorn_iters: int = 5
     select_every: int = 2
-
-    def steps_for(self, objective: str, fold: str) -> int:
-        """``steps``, or the default when unset: for ``end_to_end`` ``END_TO_END_STEPS[fold]`` in all,
-        else ``STEPS_PER_LAYER`` per layer."""
-        if self.steps is not None:
-            return self.steps
-        return END_TO_END_STEPS[fold] if objective == "end_to_end" else STEPS_PER_LAYER
 
 
 def module_key(site: str) -> str:
@@ -144,8 +134,8 @@ def learn(
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Train the permuters of ``effective`` on ``objective``; return the best hard permutations and
     the learning curve (``step``, ``tau``, ``loss``, ``select``)."""
-    if config.steps is None:
-        raise ValueError("LearnConfig.steps is unset: give steps, or resolve it with config.steps_for(objective, fold)")
+    if config.steps < 0:
+        raise ValueError(f"learner steps must be 0 or more, got {config.steps}")
     best_perms = effective.hard_perms()
     best = objective.select(effective.hard(best_perms))
     history = [{"step": 0, "tau": config.tau_start, "loss": None, "select": best}]

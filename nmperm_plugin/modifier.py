@@ -15,28 +15,18 @@ import torch
 from llmcompressor.core import State, active_session
 from llmcompressor.modifiers import Modifier, ModifierFactory
 from loguru import logger
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PositiveInt, PrivateAttr, create_model, model_validator
 
 from .api import permute_
-from .arch import FOLD_MODES
 from .compress import PermutedState, attach, calibration_ids, check_recipe, check_unpermuted, ignored_linears
-from .hooks import get_mask_generator, solvers
-from .learn import LearnConfig
-from .nm import NMPattern
-from .objectives import TRAIN_DTYPES
-from .pipeline import OBJECTIVES, PermuteConfig, PruneResult
+from .config import PermuteConfig, default_of, field_types, schema
+from .pipeline import PruneResult, strategy_of
 from .sidecar import Sidecar
 
 __all__ = ["LearnedPermutationModifier"]
 
 
-def _choice(name: str, value: str, allowed) -> str:
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
-    return value
-
-
-class LearnedPermutationModifier(Modifier):
+class _ModifierBase(Modifier):
     """
     Learns input-channel permutations for N:M (2:4) sparsity over the whole model and folds them
     into the weights, so that the next pruner finds better N:M masks (Li et al., "Learnable
@@ -72,138 +62,57 @@ class LearnedPermutationModifier(Modifier):
     - no calibration hooks: with the ``independent`` pipeline it gets a data-free turn, and in one
       shared ``sequential`` pipeline the pruners' statistics are taken on the permuted model
 
-    :param pattern: N:M pattern, e.g. ``"2:4"`` or ``"4:8"``; a downstream pruner's
-        ``mask_structure`` must be the same
-    :param scorer: mask generator whose masks are optimised: ``wanda`` (for WandaPruningModifier),
-        ``sparsegpt`` (Hessian-aware, for SparseGPTModifier), ``magnitude``, ``ria``, or any
-        generator registered through the ``nmperm_mask_generators`` plugin hook
-    :param method: ``learned`` (default), or a heuristic: ``identity``, ``allocation``, ``ria``, ``swap``
-    :param objective: what the learner optimises: ``layerwise`` (decoder-layer outputs),
-        ``retained`` (kept score), ``end_to_end`` (cross-entropy plus distillation, whole model; the most
-        accurate measured, memory grows with the whole model), ``staged`` (layerwise, then end_to_end)
-    :param init: heuristic permutation the learner starts from
-    :param fold: ``exact`` (standard, vLLM-ready checkpoint) or ``gather`` (per-layer permutations
-        kept as gathers; needs ``apply_mask: true``; saving needs ``allow_gather_checkpoint``)
-    :param block_size: channels per learnable block (a multiple of M)
-    :param epochs: passes over the calibration sequences per decoder layer: the learner takes
-        ``ceil(epochs * sequences / sequences_per_step)`` steps per layer. Give ``epochs`` or
-        ``steps``, not both; with neither, the objective's default (20 per layer; for ``end_to_end`` 80 in
-        all with ``fold: exact``, 120 with ``gather``)
-    :param steps: learner steps per decoder layer (or in total for ``end_to_end``)
-    :param lr: learning rate of the cost matrices
-    :param sequences_per_step: calibration sequences in one learning step
-    :param select_sequences: calibration sequences that rank candidate permutations
-    :param max_sequences: use at most this many calibration sequences (the pass keeps every
-        layer's dense output in memory); None uses all that the pipeline gives
-    :param alpha: distillation weight of the ``end_to_end`` objective
-    :param train_dtype: precision of ``end_to_end``'s learning passes: ``auto`` (bfloat16 where the
-        hardware multiplies it fast: CUDA with bfloat16, CPUs with AMX), ``float32`` or ``bfloat16``;
-        candidates are always ranked in the model's own precision
-    :param apply_mask: apply the final N:M masks with ``scorer`` (e.g. magnitude or ria 2:4,
-        which stock llm-compressor cannot do in oneshot); false leaves masking to the next pruner
+    The modifier's own fields:
+
+    :param epochs: passes over the calibration sequences: the learner takes
+        ``ceil(epochs * sequences / sequences_per_step)`` steps (per decoder layer for layer-wise
+        objectives, in all for ``end_to_end``); give it or the step fields, not both
+    :param max_sequences: use at most this many calibration sequences; None uses all that the
+        pipeline gives
     :param ignore: linears left dense (still permuted), in llm-compressor syntax: exact module
         names, ``re:`` regexes, class names
-    :param seed: random seed of the learner
     :param allow_gather_checkpoint: save a ``fold: gather`` model anyway, as a non-standard
         checkpoint (original channel order plus the sidecar) for ``nmperm export``
+
+    The fields of the configuration schema (:class:`nmperm_plugin.config.PermuteConfig`,
+    ``docs/configuration.md``), with ``apply_mask`` false by default (the next pruner masks):
     """
 
-    pattern: str = PermuteConfig.pattern
-    scorer: str = PermuteConfig.scorer
-    method: str = PermuteConfig.method
-    objective: str = PermuteConfig.objective
-    init: str = PermuteConfig.init
-    fold: str = PermuteConfig.fold
-    block_size: PositiveInt = PermuteConfig.block_size
     epochs: PositiveInt | None = None
-    steps: NonNegativeInt | None = None
-    lr: NonNegativeFloat = LearnConfig.lr
-    sequences_per_step: PositiveInt = PermuteConfig.sequences_per_step
-    select_sequences: PositiveInt = PermuteConfig.select_sequences
     max_sequences: PositiveInt | None = 32
-    alpha: NonNegativeFloat = PermuteConfig.alpha
-    train_dtype: str = PermuteConfig.train_dtype
-    apply_mask: bool = False
     ignore: list[str] = Field(default_factory=list)
-    seed: int = 0
     allow_gather_checkpoint: bool = False
 
     _sidecar: Sidecar | None = PrivateAttr(default=None)
     _result: PruneResult | None = PrivateAttr(default=None)
 
-    @field_validator("pattern")
-    @classmethod
-    def _valid_pattern(cls, value: str) -> str:
-        return str(NMPattern.parse(value))
-
-    @field_validator("scorer")
-    @classmethod
-    def _valid_scorer(cls, value: str) -> str:
-        get_mask_generator(value)
-        return value
-
-    @field_validator("method")
-    @classmethod
-    def _valid_method(cls, value: str) -> str:
-        return _choice("method", value, (*solvers(), "learned"))
-
-    @field_validator("init")
-    @classmethod
-    def _valid_init(cls, value: str) -> str:
-        return _choice("init", value, tuple(solvers()))
-
-    @field_validator("objective")
-    @classmethod
-    def _valid_objective(cls, value: str) -> str:
-        return _choice("objective", value, OBJECTIVES)
-
-    @field_validator("fold")
-    @classmethod
-    def _valid_fold(cls, value: str) -> str:
-        return _choice("fold", value, FOLD_MODES)
-
-    @field_validator("train_dtype")
-    @classmethod
-    def _valid_train_dtype(cls, value: str) -> str:
-        return _choice("train_dtype", value, TRAIN_DTYPES)
-
     @model_validator(mode="after")
-    def _consistent(self) -> LearnedPermutationModifier:
-        if self.epochs is not None and self.steps is not None:
-            raise ValueError("give epochs or steps, not both")
+    def _consistent(self) -> _ModifierBase:
+        if self.epochs is not None and self.model_fields_set & {"steps_per_layer", "end_to_end_steps"}:
+            raise ValueError("give epochs or steps_per_layer / end_to_end_steps, not both")
         if self.fold == "gather" and not self.apply_mask:
             raise ValueError(
                 "fold 'gather' needs apply_mask: true: its per-layer permutations cannot be folded, so only this "
                 "modifier can apply masks in their order (a downstream pruner would prune the original order)"
             )
-        self.permute_config(num_sequences=1)  # PermuteConfig's own checks (block_size against M, ...)
+        self.permute_config(num_sequences=1)  # the schema's own checks (choices, block_size against M, ...)
         return self
 
     # -- configuration ------------------------------------------------------------------------------
-    def learner_steps(self, num_sequences: int) -> int | None:
-        """``steps``, or ``ceil(epochs * sequences / sequences_per_step)``; None leaves the objective's default."""
-        if self.steps is not None or self.epochs is None:
-            return self.steps
+    def epoch_steps(self, num_sequences: int) -> int | None:
+        """``ceil(epochs * sequences / sequences_per_step)``; None without ``epochs``."""
+        if self.epochs is None:
+            return None
         return math.ceil(self.epochs * num_sequences / min(self.sequences_per_step, num_sequences))
 
     def permute_config(self, num_sequences: int, ignore: tuple[str, ...] = ()) -> PermuteConfig:
-        return PermuteConfig(
-            pattern=self.pattern,
-            scorer=self.scorer,
-            method=self.method,
-            objective=self.objective,
-            fold=self.fold,
-            block_size=self.block_size,
-            init=self.init,
-            seed=self.seed,
-            apply_mask=self.apply_mask,
-            ignore=ignore,
-            sequences_per_step=self.sequences_per_step,
-            select_sequences=self.select_sequences,
-            alpha=self.alpha,
-            train_dtype=self.train_dtype,
-            learn=LearnConfig(steps=self.learner_steps(num_sequences), lr=self.lr),
-        )
+        """The run's :class:`PermuteConfig`: the schema fields as given, ``epochs`` turned into steps
+        (per layer and in all), ``ignore`` as resolved module-name regexes."""
+        values = {spec.name: getattr(self, spec.name) for spec in schema("modifier")}
+        steps = self.epoch_steps(num_sequences)
+        if steps is not None:
+            values |= {"steps_per_layer": steps, "end_to_end_steps": steps}
+        return PermuteConfig(**values, ignore=ignore)
 
     @property
     def sidecar(self) -> Sidecar | None:
@@ -225,7 +134,7 @@ class LearnedPermutationModifier(Modifier):
         config = self.permute_config(len(input_ids), ignored_linears(model, self.ignore))
         logger.info(
             f"LearnedPermutationModifier: {len(input_ids)} x {input_ids.shape[1]} calibration tokens, "
-            f"{config.learn.steps} learner steps {'in all' if config.objective == 'end_to_end' else 'per layer'}"
+            f"{strategy_of(config).describe(config) if config.method == 'learned' else config.method}"
         )
         device = next(model.parameters()).device
         with _keep_requires_grad(model):
@@ -233,6 +142,24 @@ class LearnedPermutationModifier(Modifier):
         names = [type(m).__name__ for m in modifiers]
         attach(model, PermutedState(self._sidecar, self._result.pruned, self.allow_gather_checkpoint, names))
         return True
+
+
+def _schema_fields() -> dict:
+    """The configuration schema's fields as pydantic fields (validated together by PermuteConfig)."""
+    types_ = field_types()
+    return {
+        spec.name: (types_[spec.name], Field(default_of(spec, "modifier"), description=spec.metadata["help"]))
+        for spec in schema("modifier")
+    }
+
+
+LearnedPermutationModifier = create_model(
+    "LearnedPermutationModifier",
+    __base__=_ModifierBase,
+    __module__=__name__,
+    __doc__=_ModifierBase.__doc__,
+    **_schema_fields(),
+)
 
 
 def _recipe_of(modifier: Modifier) -> list[Modifier]:

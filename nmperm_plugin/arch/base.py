@@ -34,8 +34,9 @@ class Site:
 class Adapter:
     """How one model family exposes permutation sites and folds permutations into its weights.
 
-    Subclasses implement :meth:`matches`, :meth:`decoder_layers`, :meth:`sites`, :meth:`fold_exact`
-    and :meth:`apply_gather`; register them through the ``nmperm_architectures`` hook.
+    Subclasses implement :meth:`matches`, :meth:`decoder_layers`, :meth:`sites`, :meth:`fold_exact`,
+    :meth:`folds_exactly` and :meth:`apply_gather` (from the tensor operations in
+    :mod:`nmperm_plugin.ops`); register them through the ``nmperm_architectures`` hook.
     """
 
     name: str = "base"
@@ -52,6 +53,11 @@ class Adapter:
 
     def fold_exact(self, model: nn.Module, site: Site, perm: torch.Tensor) -> None:
         """Reorder the weights so the model computes the same function with ``site``'s input permuted."""
+        raise NotImplementedError
+
+    def folds_exactly(self, site: Site, fold: str) -> bool:
+        """Whether ``site``'s permutation is folded into the weights in mode ``fold`` (else it stays a
+        run-time gather, recorded in the sidecar's frames)."""
         raise NotImplementedError
 
     def apply_gather(self, model: nn.Module, site: Site, perm: torch.Tensor) -> None:

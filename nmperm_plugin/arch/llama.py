@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..fold import GatherLinear, GatherNorm, permute_embedding_, permute_inputs_, permute_outputs_
+from ..ops import GatherLinear, GatherNorm, permute_embedding_, permute_inputs_, permute_outputs_
 from .base import Adapter, Site
 
 
@@ -97,6 +97,10 @@ class LlamaAdapter(Adapter):
         lm_head = model.get_output_embeddings()
         if lm_head.weight is not model.model.embed_tokens.weight:  # tied: already permuted with the embedding
             permute_inputs_(lm_head, perm)
+
+    def folds_exactly(self, site: Site, fold: str) -> bool:
+        """Exact: every site. Gather: only ``mlp_out`` (the others are per-layer gathers)."""
+        return fold == "exact" or site.kind == "mlp_out"
 
     def apply_gather(self, model: nn.Module, site: Site, perm: torch.Tensor) -> None:
         layer = self.decoder_layers(model)[site.layer] if site.layer is not None else None

@@ -1,0 +1,159 @@
+"""The one configuration schema of a permutation run.
+
+Every field is declared once here, with its default, help text, allowed values and lower bound.
+The ``nmperm`` flags (:mod:`nmperm_plugin.cli_options`), the llm-compressor modifier's fields
+(:mod:`nmperm_plugin.modifier`) and the table in ``docs/configuration.md`` are built from it, so a
+new field appears everywhere at once (``tests/test_config.py`` checks that it does).
+
+Step counts are two fields, resolved by the objective when it runs and never written back:
+``steps_per_layer`` (layer-wise objectives) and ``end_to_end_steps`` (whole-model objectives).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .arch import FOLD_MODES
+from .learn import LearnConfig
+from .nm import NMPattern
+from .objectives import TRAIN_DTYPES
+from .registry import mask_generators, objectives, solvers
+
+FRONT_ENDS = ("cli", "modifier")
+# end_to_end steps in all, by fold, when end_to_end_steps is unset (gather learns twice the sites;
+# both measured in docs/benchmarks.md)
+END_TO_END_STEPS = {"exact": 80, "gather": 120}
+
+
+def option(
+    default,
+    help: str,
+    choices: Callable[[], tuple[str, ...]] | None = None,
+    minimum: float | None = None,
+    front_ends: tuple[str, ...] = FRONT_ENDS,
+    modifier_default=dataclasses.MISSING,
+):
+    """A schema field: ``choices`` is called when validating (plugins may add values), ``minimum``
+    is an inclusive lower bound, ``front_ends`` where the field is exposed, ``modifier_default`` a
+    different default for the llm-compressor modifier (it then runs between pipeline stages)."""
+    metadata = dict(help=help, choices=choices, minimum=minimum, front_ends=front_ends)
+    if modifier_default is not dataclasses.MISSING:
+        metadata["modifier_default"] = modifier_default
+    return field(default=default, metadata=metadata)
+
+
+def _learned_methods() -> tuple[str, ...]:
+    return (*solvers(), "learned")
+
+
+@dataclass(frozen=True)
+class PermuteConfig:
+    """What to permute and prune, and how. ``method="learned"`` starts from ``init`` (a heuristic)."""
+
+    pattern: str = option("2:4", "N:M pattern: keep N of every M consecutive input weights (2:4, 4:8, 1:4)")
+    scorer: str = option("wanda", "mask generator whose masks are optimised", choices=lambda: tuple(mask_generators()))
+    method: str = option("learned", "learned, or a heuristic solver used alone", choices=_learned_methods)
+    objective: str = option("layerwise", "what method 'learned' optimises", choices=lambda: tuple(objectives()))
+    fold: str = option("exact", "exact: standard checkpoint; gather: per-layer run-time gathers", lambda: FOLD_MODES)
+    block_size: int = option(64, "channels per learnable block (a multiple of M)", minimum=1)
+    init: str = option("ria", "heuristic permutation the learner starts from", choices=lambda: tuple(solvers()))
+    seed: int = option(0, "random seed of calibration sampling and the learner")
+    apply_mask: bool = option(
+        True, "apply the final N:M masks (false: permute only, leave masking to a pruner)", modifier_default=False
+    )
+    unstructured: bool = option(False, "per-row mask of the same density instead of N:M (the bound; method identity)")
+    ignore: tuple[str, ...] = option(
+        (), "regexes of linear names left dense (still permuted)", front_ends=("cli",)
+    )  # the modifier has its own, in llm-compressor's syntax
+    steps_per_layer: int = option(20, "learner steps per decoder layer (layerwise, retained: per site)", minimum=0)
+    end_to_end_steps: int | None = option(
+        None, "learner steps in all for end_to_end (default: 80 with fold exact, 120 with gather)", minimum=0
+    )
+    sequences_per_step: int = option(2, "calibration sequences in one learning step", minimum=1)
+    select_sequences: int = option(4, "calibration sequences that rank candidate permutations", minimum=1)
+    learn_hidden: bool = option(False, "exact: also learn the global hidden permutation (else the heuristic's)")
+    layers_per_step: int = option(4, "decoder layers per step when learning the global hidden site", minimum=1)
+    alpha: float = option(0.1, "end_to_end distillation weight", minimum=0)
+    train_dtype: str = option(
+        "auto", "precision of end_to_end's learning passes (auto: bfloat16 where fast)", lambda: TRAIN_DTYPES
+    )
+    lr: float = option(0.1, "learning rate of the cost matrices", minimum=0)
+    tau_start: float = option(1.0, "Sinkhorn temperature at the first step", minimum=1e-6)
+    tau_end: float = option(0.1, "Sinkhorn temperature at the last step", minimum=1e-6)
+    mask_tau: float = option(0.5, "temperature of the soft N:M mask in backward", minimum=1e-6)
+    sinkhorn_iters: int = option(5, "Sinkhorn normalisation rounds", minimum=1)
+    select_every: int = option(2, "steps between rankings of the current hard permutation", minimum=1)
+
+    def __post_init__(self) -> None:
+        pattern = NMPattern.parse(self.pattern)
+        object.__setattr__(self, "pattern", str(pattern))
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        for spec in dataclasses.fields(self):
+            _check_field(spec, getattr(self, spec.name))
+        if self.block_size % pattern.m:
+            raise ValueError(f"block_size {self.block_size} must be a positive multiple of M in {self.pattern}")
+        if self.learn_hidden and (self.method != "learned" or self.fold != "exact" or self.objective == "retained"):
+            raise ValueError(
+                "learn_hidden applies to method='learned' with fold='exact' (gather has no global site) and a "
+                "data-driven objective (layerwise, end_to_end or staged)"
+            )
+        if self.unstructured and self.method != "identity":
+            raise ValueError("unstructured masks need no permutation: use method='identity'")
+
+    @property
+    def nm(self) -> NMPattern:
+        return NMPattern.parse(self.pattern)
+
+    @property
+    def total_steps(self) -> int:
+        """``end_to_end_steps``, or its default for this fold."""
+        return END_TO_END_STEPS[self.fold] if self.end_to_end_steps is None else self.end_to_end_steps
+
+    def learner(self, steps: int) -> LearnConfig:
+        """The learner's hyper-parameters for a run of ``steps`` steps."""
+        return LearnConfig(
+            steps, self.lr, self.tau_start, self.tau_end, self.mask_tau, self.sinkhorn_iters, self.select_every
+        )
+
+
+def _check_field(spec: dataclasses.Field, value) -> None:
+    choices, minimum = spec.metadata["choices"], spec.metadata["minimum"]
+    if choices is not None and value not in choices():
+        raise ValueError(f"unknown {spec.name} {value!r}; choose one of {', '.join(choices())}")
+    if minimum is not None and value is not None and value < minimum:
+        raise ValueError(f"{spec.name} must be at least {minimum:g}, got {value}")
+
+
+def schema(front_end: str | None = None) -> list[dataclasses.Field]:
+    """The fields of :class:`PermuteConfig` (those exposed by ``front_end``, when given)."""
+    fields = dataclasses.fields(PermuteConfig)
+    return [f for f in fields if front_end is None or front_end in f.metadata["front_ends"]]
+
+
+def field_types() -> dict[str, type]:
+    """Each field's resolved annotation (``str``, ``int | None``, ...)."""
+    return typing.get_type_hints(PermuteConfig)
+
+
+def default_of(spec: dataclasses.Field, front_end: str):
+    """The default of ``spec`` in ``front_end``."""
+    return spec.metadata.get("modifier_default", spec.default) if front_end == "modifier" else spec.default
+
+
+def markdown_table() -> str:
+    """The fields as a markdown table (``docs/configuration.md`` holds it; a test keeps it current)."""
+    rows = ["| field | CLI flag | default | allowed | meaning |", "|---|---|---|---|---|"]
+    for spec in schema():
+        flag = f"`--{spec.name.replace('_', '-')}`" if "cli" in spec.metadata["front_ends"] else "(not a flag)"
+        default = spec.default if spec.default != () else "none"
+        if "modifier_default" in spec.metadata:
+            default = f"{default} (modifier: {spec.metadata['modifier_default']})"
+        if spec.metadata["choices"] is not None:
+            allowed = ", ".join(spec.metadata["choices"]())
+        else:
+            allowed = "" if spec.metadata["minimum"] is None else f">= {spec.metadata['minimum']:g}"
+        rows.append(f"| `{spec.name}` | {flag} | `{default}` | {allowed} | {spec.metadata['help']} |")
+    return "\n".join(rows)

@@ -1,0 +1,228 @@
+"""The state of one permutation run and the steps every objective is made of: capture the first
+decoder layer's inputs, collect statistics, score, solve a site with a heuristic, build learnable
+effective weights, run a layer with its masks, apply the masks.
+
+Nothing here changes the model's weights except :meth:`Run.apply_masks`; a pruned layer's output is
+computed with its masked weights substituted (``functional_call``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from .arch import Adapter, Site
+from .learn import EffectiveWeights, Member, module_key, retained_ratio
+from .nm import hard_mask
+from .objectives import first
+from .ops import tied_head_perm
+from .permuter import BlockPermuter
+from .scores import ChannelStats
+
+if TYPE_CHECKING:
+    from .config import PermuteConfig
+
+
+class _Stop(Exception):
+    pass
+
+
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The first decoder layer's input for every sequence (``[N, T, D]``) and its keyword arguments."""
+    captured: dict = {"hidden": []}
+
+    def hook(module, args, kwargs):
+        captured["hidden"].append(args[0] if args else kwargs.pop("hidden_states"))
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for ids in input_ids:
+                try:
+                    model(ids[None], use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    kwargs = captured["kwargs"] | {"use_cache": False}
+    return torch.cat(captured["hidden"]), kwargs
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, weights: dict | None = None) -> torch.Tensor:
+    """``layer``'s output for ``hidden`` (``[N, T, D]``, 4 sequences at a time), with ``weights``
+    (parameter name -> tensor) substituted when given."""
+    weights = weights or {}
+    return torch.cat([first(functional_call(layer, weights, (h,), kwargs)) for h in hidden.split(4)])
+
+
+@torch.no_grad()
+def collect_stats(
+    layer: nn.Module, names: dict[str, nn.Linear], hidden: torch.Tensor, kwargs: dict, hessian: bool
+) -> dict[str, ChannelStats]:
+    """Input statistics of the named linears of ``layer`` over ``hidden``."""
+    stats = {name: ChannelStats.empty(lin.in_features, hessian, lin.weight.device) for name, lin in names.items()}
+    handles = [
+        lin.register_forward_hook(lambda mod, args, out, s=stats[name]: s.update(args[0]))
+        for name, lin in names.items()
+    ]
+    try:
+        run_layer(layer, hidden, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def solve_site(site: Site, scores: dict[str, torch.Tensor], solver, pattern, rng) -> torch.Tensor:
+    """One permutation for ``site`` from its linears' stacked scores (per head group when tied)."""
+    stacked = torch.cat([scores[name] for name in site.linears]).cpu()  # [rows, C]; the heuristics run on CPU
+    if site.tied_heads is None:
+        return solver(stacked, pattern, rng)
+    size = site.head_size
+    heads = torch.tensor(site.tied_heads)
+    per_group = []
+    for group in range(int(heads.max()) + 1):
+        columns = [stacked[:, h * size : (h + 1) * size] for h in (heads == group).nonzero().flatten().tolist()]
+        per_group.append(solver(torch.cat(columns), pattern, rng))
+    return tied_head_perm(site.tied_heads, torch.stack(per_group))
+
+
+def block_size_of(site: Site, wanted: int, m: int) -> int:
+    """The largest block size up to ``wanted`` that divides the site and is a multiple of M (a head when tied)."""
+    if site.tied_heads is not None:
+        return site.head_size
+    size = min(wanted, site.channels)
+    while site.channels % size or size % m:
+        size -= m
+    return size
+
+
+class Run:
+    """One run over ``model``: its sites, linears, scorer, heuristic solver, and what was found."""
+
+    def __init__(
+        self, model: nn.Module, input_ids: torch.Tensor, config: PermuteConfig, adapter: Adapter, generator, solver
+    ) -> None:
+        self.device = next(model.parameters()).device  # everything runs where the model is
+        self.model, self.input_ids, self.config = model, input_ids.to(self.device), config
+        self.pattern, self.generator, self.solver, self.adapter = config.nm, generator, solver, adapter
+        self.sites = adapter.sites(model, config.fold)
+        self.layers = adapter.decoder_layers(model)
+        self.rng = torch.Generator().manual_seed(config.seed)
+        self.site_of = {name: site for site in self.sites for name in site.linears}
+        self.linears = {name: model.get_submodule(name) for name in self.site_of}
+        names = {id(module): name for name, module in model.named_modules()}
+        self.layer_prefixes = [names[id(layer)] + "." for layer in self.layers]
+        self.pruned = [n for n in self.site_of if not any(re.search(p, n) for p in config.ignore)]
+        self.perms: dict[str, torch.Tensor] = {}
+        self.history: dict[str, list[dict]] = {}
+        self.retained: dict[str, float] = {}
+
+    def layer_linears(self, index: int) -> dict[str, nn.Linear]:
+        """The permuted linears of decoder layer ``index`` by full module name."""
+        return {n: lin for n, lin in self.linears.items() if n.startswith(self.layer_prefixes[index])}
+
+    def scores_of(self, names: dict[str, nn.Linear], stats: dict[str, ChannelStats]) -> dict[str, torch.Tensor]:
+        """Each linear's saliency scores, normalised to mean 1."""
+        scores = {n: self.generator(lin.weight, stats[n]) for n, lin in names.items()}
+        return {n: s / s.mean().clamp_min(1e-12) for n, s in scores.items()}
+
+    def layer_scores(self, index: int, hidden: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
+        """Scores of layer ``index``'s linears from its inputs ``hidden``."""
+        names = self.layer_linears(index)
+        stats = collect_stats(self.layers[index], names, hidden, kwargs, self.generator.needs_hessian)
+        return self.scores_of(names, stats)
+
+    def dense_pass(self, hidden: torch.Tensor, kwargs: dict, names: list[str], keep_outputs: bool):
+        """Scores of ``names`` from the dense model's activations, and (``keep_outputs``) every layer's
+        dense output (``[N, T, D]`` each; else an empty list)."""
+        stats, outputs = {}, []
+        for index, layer in enumerate(tqdm(self.layers, desc="dense pass", leave=False)):
+            mine = {n: lin for n, lin in self.layer_linears(index).items() if n in names}
+            stats |= collect_stats(layer, mine, hidden, kwargs, self.generator.needs_hessian)
+            hidden = run_layer(layer, hidden, kwargs)
+            if keep_outputs:
+                outputs.append(hidden)
+        return self.scores_of({n: self.linears[n] for n in names}, stats), outputs
+
+    def solve(self, site: Site, scores: dict[str, torch.Tensor]) -> None:
+        """The heuristic permutation of ``site``."""
+        self.perms[site.name] = solve_site(site, scores, self.solver, self.pattern, self.rng)
+
+    def learns(self, site: Site) -> bool:
+        """Whether a learned method learns ``site``: every per-layer site; the global ``hidden`` one
+        (exact) only with ``learn_hidden``, else it keeps the heuristic's permutation."""
+        return site.layer is not None or self.config.learn_hidden
+
+    def members(self, names: dict, scores: dict, prefix: str, weights_are_scores: bool = False) -> list[Member]:
+        """The pruned linears among ``names`` as learner members (parameter names relative to ``prefix``)."""
+        return [
+            Member(
+                n[len(prefix) :] + ".weight",
+                scores[n] if weights_are_scores else lin.weight.detach(),
+                scores[n],
+                self.site_of[n].name,
+            )
+            for n, lin in names.items()
+            if n in self.pruned
+        ]
+
+    def effective(self, members: list[Member], learned: list[Site]) -> EffectiveWeights:
+        """Effective weights of ``members`` with a learnable permuter per site of ``learned``, starting
+        from the current permutations; the other sites stay fixed."""
+        permuters = nn.ModuleDict()
+        for site in learned:
+            size = block_size_of(site, self.config.block_size, self.pattern.m)
+            permuters[module_key(site.name)] = BlockPermuter(
+                self.perms[site.name], size, site.tied_heads, generator=self.rng
+            )
+        config = self.config
+        return EffectiveWeights(
+            members, permuters.to(self.device), dict(self.perms), self.pattern, config.mask_tau, config.sinkhorn_iters
+        )
+
+    def record(self, name: str, perms: dict[str, torch.Tensor], history: list[dict]) -> None:
+        """Keep a learner's permutations and its learning curve under ``name``."""
+        self.perms |= {site: perm.cpu() for site, perm in perms.items()}
+        self.history[name] = history
+
+    def record_retained(self, index: int, scores: dict[str, torch.Tensor]) -> None:
+        prefix = self.layer_prefixes[index]
+        members = self.members(self.layer_linears(index), scores, prefix)
+        self.retained[str(index)] = retained_ratio(members, self.perms, self.pattern)
+
+    def masks(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The final mask of each pruned linear among ``scores`` (N:M in its site's permuted order)."""
+        masks = {}
+        for name, score in scores.items():
+            if name not in self.pruned:
+                continue
+            if self.config.unstructured:
+                k = score.shape[1] * self.pattern.n // self.pattern.m
+                masks[name] = torch.zeros_like(score, dtype=torch.bool).scatter_(1, score.topk(k, dim=1).indices, True)
+            else:
+                masks[name] = hard_mask(score, self.perms[self.site_of[name].name], self.pattern)
+        return masks
+
+    def pruned_layer_output(self, index: int, hidden: torch.Tensor, kwargs: dict, masks: dict) -> torch.Tensor:
+        """Layer ``index``'s output with ``masks`` applied (the weights themselves are not changed)."""
+        prefix = self.layer_prefixes[index]
+        weights = {
+            name[len(prefix) :] + ".weight": self.linears[name].weight * mask.to(self.linears[name].weight.dtype)
+            for name, mask in masks.items()
+        }
+        return run_layer(self.layers[index], hidden, kwargs, weights)
+
+    @torch.no_grad()
+    def apply_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Zero the pruned weights: ``masks`` maps linear names to their keep masks."""
+        for name, mask in masks.items():
+            self.linears[name].weight.mul_(mask.to(self.linears[name].weight.dtype))
