@@ -25,6 +25,11 @@ def allocation(scores: torch.Tensor, pattern: NMPattern, rng: torch.Generator | 
     """Sort channels by total score and deal them out so the top channels land in different groups."""
     channels = scores.shape[1]
     groups = channels // pattern.m
+    if groups == 0 or channels % pattern.m:
+        raise ValueError(
+            f"{channels} channels cannot be split into groups of M={pattern.m} (pattern {pattern}): "
+            f"choose a pattern whose M divides {channels}"
+        )
     order = scores.sum(0).argsort(descending=True, stable=True)
     rank = torch.arange(channels)
     position = (rank % groups) * pattern.m + rank // groups

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,49 +10,76 @@ import torch
 from loguru import logger
 from torch import nn
 
+from . import safety
+from .checks import check_weight_files, non_finite_tensors, weight_checksums
 from .nm import NMPattern, nm_violations
-from .sidecar import Sidecar
+from .sidecar import FORMAT, Sidecar
+
+Inputs = Iterable[tuple[str, "str | Path | None"]]
 
 
-def check_output_dir(directory: str | Path, overwrite: bool) -> Path:
-    """Refuse a non-empty output directory unless ``overwrite``; call before any long work."""
-    path = Path(directory)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"output {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {path} is not empty: pass --overwrite to replace it, or pick another")
-    return path
+class CheckpointError(RuntimeError):
+    """The checkpoint just written fails ``nmperm verify``'s checks: it is not put in place."""
 
 
-def save_checkpoint(model: nn.Module, tokenizer, directory: str | Path, sidecar: Sidecar, overwrite: bool) -> Path:
-    """Save model, tokenizer and sidecar to ``directory`` through a temporary sibling, then swap it in,
-    so a failure leaves no half-written directory and the old one is replaced only at the end."""
-    target = check_output_dir(directory, overwrite).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+def check_output_dir(directory: str | Path, overwrite: bool, inputs: Inputs = ()) -> Path:
+    """Everything about the output that can be checked before long work (:func:`safety.check_output`):
+    not a protected path or an input (``inputs``: ``(label, path)``), replaceable only if nmperm wrote
+    it, creatable. Returns the absolute path."""
+    return safety.check_output(directory, overwrite, inputs, note=logger.warning)
+
+
+def save_checkpoint(
+    model: nn.Module,
+    tokenizer,
+    directory: str | Path,
+    sidecar: Sidecar,
+    overwrite: bool,
+    inputs: Inputs = (),
+    verify: bool = True,
+) -> Path:
+    """Save model, tokenizer and sidecar (with checksums of every pruned weight) to a staging sibling
+    of ``directory``, verify it as ``nmperm verify`` does, then swap it in atomically
+    (:func:`safety.atomic_write`): a failure or a kill leaves the old output (or none) in place."""
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        sidecar.save(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        finish_sidecar(staging, sidecar, verify)
+
+    target = safety.atomic_write(directory, write, overwrite, inputs, note=logger.warning)
     logger.info(f"wrote {target}")
     return target
 
 
+def finish_sidecar(directory: Path, sidecar: Sidecar, verify: bool = True) -> Sidecar:
+    """Record the checksums of the pruned weights written in ``directory`` in ``sidecar``, save it, and
+    (``verify``) check the directory as ``nmperm verify`` does; :class:`CheckpointError` if it fails."""
+    sidecar.checksums = weight_checksums(directory, sidecar.frames)
+    sidecar.save(directory)
+    if verify:
+        report = verify_checkpoint(directory)
+        if not report.ok:
+            failed = "; ".join(f"{c['check']}: {c['detail']}" for c in report.checks if not c["ok"])
+            raise CheckpointError(f"the written checkpoint fails verification, not saving it: {failed}")
+        sidecar.verification["checks"] = report.checks
+        sidecar.save(directory)
+    return sidecar
+
+
 @dataclass
 class Verification:
-    """Result of :func:`verify_checkpoint`: one entry per check, ``ok`` only if all pass."""
+    """Result of :func:`verify_checkpoint`: one entry per check, ``ok`` only if all pass; a ``note``
+    is a check that could not be made (it does not fail the verification, it is shown)."""
 
     checks: list[dict] = field(default_factory=list)
 
-    def add(self, name: str, ok: bool, detail: str = "") -> None:
-        self.checks.append({"check": name, "ok": bool(ok), "detail": detail})
+    def add(self, name: str, ok: bool, detail: str = "", note: bool = False) -> None:
+        entry = {"check": name, "ok": bool(ok), "detail": detail}
+        if note:
+            entry["note"] = True
+        self.checks.append(entry)
 
     @property
     def ok(self) -> bool:
@@ -63,7 +89,10 @@ class Verification:
         return {"ok": self.ok, "checks": self.checks}
 
     def render(self) -> str:
-        lines = [f"{'ok ' if c['ok'] else 'FAIL'}  {c['check']}  {c['detail']}" for c in self.checks]
+        def tag(c: dict) -> str:
+            return "note" if c.get("note") else "ok  " if c["ok"] else "FAIL"
+
+        lines = [f"{tag(c)}  {c['check']}  {c['detail']}" for c in self.checks]
         return "\n".join(lines + [f"verification {'passed' if self.ok else 'FAILED'}"])
 
 
@@ -71,19 +100,37 @@ def _linear_weight(model: nn.Module, name: str) -> torch.Tensor:
     return model.get_submodule(name).weight.detach()
 
 
+def pruned_linears(sidecar: Sidecar) -> list[str]:
+    """Every linear the sidecar says is pruned: its frames and (format 2) its checksums."""
+    return sorted(set(sidecar.frames) | set(sidecar.checksums))
+
+
 def verify_model(model: nn.Module, sidecar: Sidecar, report: Verification | None = None) -> Verification:
-    """Every linear the sidecar lists is N:M (under its recorded permutation) and the permutations are valid."""
+    """Every pruned linear the sidecar lists is N:M (under its recorded permutation), the permutations
+    are valid, the frames and checksums list the same linears, and every weight is finite."""
     report = report or Verification()
     pattern = NMPattern.parse(sidecar.pattern)
     for site, perm in sidecar.permutations.items():
         valid = sorted(perm) == list(range(len(perm)))
         report.add(f"permutation {site}", valid, f"{len(perm)} channels" if valid else "not a permutation")
+    if sidecar.checksums:
+        only_frames = sorted(set(sidecar.frames) - set(sidecar.checksums))
+        only_sums = sorted(set(sidecar.checksums) - set(sidecar.frames))
+        detail = "; ".join(
+            [f"no checksum for {', '.join(only_frames[:3])}"] * bool(only_frames)
+            + [f"no frame for {', '.join(only_sums[:3])}"] * bool(only_sums)
+        )
+        report.add("frames and checksums list the same pruned linears", not detail, detail or f"{len(sidecar.frames)}")
+    names = pruned_linears(sidecar)
     bad = []
-    for name in sidecar.frames:
+    for name in names:
         try:
             weight = _linear_weight(model, name)
         except AttributeError:
             bad.append(f"{name}: missing from the model")
+            continue
+        if name not in sidecar.frames:
+            bad.append(f"{name}: no frame in the sidecar")
             continue
         frame = sidecar.frame_of(name)
         if frame is not None:
@@ -94,7 +141,10 @@ def verify_model(model: nn.Module, sidecar: Sidecar, report: Verification | None
         violations = nm_violations(weight, pattern) if weight.shape[1] % pattern.m == 0 else -1
         if violations:
             bad.append(f"{name}: {violations} groups break {pattern}" if violations > 0 else f"{name}: shape")
-    report.add(f"{len(sidecar.frames)} pruned linears are {pattern}", not bad, "; ".join(bad[:5]))
+    report.add(f"{len(names)} pruned linears are {pattern}", not bad, "; ".join(bad[:5]))
+    found = non_finite_tensors(model.named_parameters())
+    shown = "; ".join(f"{n}: {b} of {t} NaN/inf" for n, b, t in found[:5])
+    report.add("every weight is finite", not found, shown or f"{sum(1 for _ in model.parameters())} tensors")
     config = getattr(model, "config", None)
     sparsity = getattr(getattr(config, "quantization_config", None), "sparsity_config", None)
     declared = sparsity if isinstance(sparsity, dict) else getattr(sparsity, "__dict__", {})
@@ -106,24 +156,55 @@ def verify_model(model: nn.Module, sidecar: Sidecar, report: Verification | None
     return report
 
 
-def verify_checkpoint(directory: str | Path) -> Verification:
-    """Load ``directory`` with ``AutoModelForCausalLM.from_pretrained`` and check it against its sidecar."""
+def verify_checksums(directory: str | Path, sidecar: Sidecar, report: Verification) -> Verification:
+    """Compare the sha256 of every pruned weight stored in ``directory`` with the sidecar's record."""
+    if not sidecar.checksums:
+        why = "none recorded" if sidecar.format == FORMAT else f"sidecar format {sidecar.format} records none"
+        report.add("checksums of the pruned weights", True, f"not checked: {why}", note=True)
+        return report
+    written = weight_checksums(directory, sidecar.checksums)
+    absent = [n for n in sidecar.checksums if n not in written]
+    changed = [n for n, e in sidecar.checksums.items() if n in written and written[n]["sha256"] != e["sha256"]]
+    parts = []
+    if changed:
+        parts.append(f"changed since written: {', '.join(changed[:5])}")
+    if absent:
+        parts.append(f"not in the safetensors files: {', '.join(absent[:5])}")
+    report.add(f"checksums of {len(sidecar.checksums)} pruned weights match", not parts, "; ".join(parts) or "sha256")
+    return report
+
+
+def load_checkpoint_model(directory: str | Path) -> nn.Module:
+    """``AutoModelForCausalLM`` from ``directory`` in float32, never running code from it, safetensors first."""
     from transformers import AutoModelForCausalLM
 
+    files = check_weight_files(directory)
+    return AutoModelForCausalLM.from_pretrained(
+        directory,
+        dtype="float32",
+        trust_remote_code=False,
+        use_safetensors=True if files[0].suffix == ".safetensors" else None,
+    )
+
+
+def verify_checkpoint(directory: str | Path) -> Verification:
+    """Load ``directory`` with ``AutoModelForCausalLM.from_pretrained`` and check it against its sidecar:
+    every pruned linear N:M, every weight finite, the pruned weights' checksums as written."""
     report = Verification()
     sidecar = Sidecar.load(directory)
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype="float32")
+        model = load_checkpoint_model(directory)
     except Exception as error:  # noqa: BLE001 - any load failure is the finding
         report.add("loads with AutoModelForCausalLM.from_pretrained", False, f"{type(error).__name__}: {error}")
         return report
     report.add("loads with AutoModelForCausalLM.from_pretrained", True, type(model).__name__)
     model_type = getattr(model.config, "model_type", "?")
-    from .arch import get_adapter
+    from .registry import get_adapter
 
     try:
         adapter = get_adapter(model)
         report.add("architecture matches the sidecar", adapter.name == sidecar.architecture, model_type)
     except ValueError as error:
         report.add("architecture matches the sidecar", False, str(error))
-    return verify_model(model, sidecar, report)
+    verify_model(model, sidecar, report)
+    return verify_checksums(directory, sidecar, report)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from loguru import logger
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUILTIN = {
@@ -17,6 +18,31 @@ BUILTIN = {
     "wiki-evaluation": DATA_DIR / "wiki_evaluation.txt",
 }
 TEXT_SUFFIXES = (".txt", ".md", ".text")
+BINARY_SHARE = 0.3  # more undecodable (or NUL) bytes than this share: a binary file, refused
+
+
+def read_text(path: Path) -> str:
+    """``path`` decoded as UTF-8; undecodable bytes become U+FFFD with a warning, and a file that is
+    mostly undecodable (or holds NUL bytes) is refused as binary."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        if "\0" in text:
+            raise ValueError(f"dataset file {path} holds NUL bytes (UTF-16 text or a binary file?): give UTF-8 text")
+        return text
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    nul = b"\0" in data
+    if nul or bad > BINARY_SHARE * max(len(text), 1):
+        what = "NUL bytes" if nul else f"{bad} undecodable byte sequences in {len(data)} bytes"
+        raise ValueError(f"dataset file {path} looks binary ({what}): give UTF-8 text")
+    logger.warning(
+        f"dataset file {path}: {bad} byte sequences are not valid UTF-8 and were replaced by U+FFFD; is it UTF-8 text?"
+    )
+    return text
 
 
 def _from_datasets(path: Path) -> list[str]:
@@ -47,12 +73,12 @@ def load_texts(source: str | Path) -> list[str]:
     if not path.exists():
         raise FileNotFoundError(f"dataset {path} does not exist: give a text file, a directory or a datasets folder")
     if path.is_file():
-        texts = [path.read_text(encoding="utf-8", errors="replace")]
+        texts = [read_text(path)]
     elif (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         texts = _from_datasets(path)
     else:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+        texts = [read_text(p) for p in files]
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise ValueError(f"dataset {path} is empty: it holds no text to calibrate or evaluate on")
@@ -60,11 +86,17 @@ def load_texts(source: str | Path) -> list[str]:
 
 
 def token_windows(
-    tokenizer, texts: list[str], num_samples: int, seq_len: int, seed: int | None = None
+    tokenizer,
+    texts: list[str],
+    num_samples: int,
+    seq_len: int,
+    seed: int | None = None,
+    samples_option: str = "--num-samples",
 ) -> torch.LongTensor:
     """``[num_samples, seq_len]`` token windows cut from the concatenated texts.
 
     ``seed=None`` takes the first windows in order (evaluation); a seed picks random ones (calibration).
+    ``samples_option`` is the command-line option that sets ``num_samples`` (named in errors).
     """
     if num_samples <= 0 or seq_len <= 1:
         raise ValueError(f"need num_samples > 0 and seq_len > 1, got {num_samples} and {seq_len}")
@@ -74,7 +106,7 @@ def token_windows(
     if available < num_samples:
         raise ValueError(
             f"the dataset has {len(ids)} tokens, enough for {available} windows of {seq_len}, but "
-            f"{num_samples} were asked for: lower --num-samples or --seq-len, or give more text"
+            f"{num_samples} were asked for: lower {samples_option} or --seq-len, or give more text"
         )
     windows = ids[: available * seq_len].reshape(available, seq_len)
     if seed is None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 from loguru import logger
 from torch import nn
 
+from .checks import check_finite_parameters, check_weight_files
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def default_model_path() -> Path:
@@ -29,29 +33,86 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config)
+    plain = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     plain.load_state_dict(model.state_dict())
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()
     return plain.eval()
 
 
+def read_config(directory: str | Path) -> dict:
+    """``config.json`` of a transformers model directory as a dict; ``ValueError`` naming the file if it
+    is missing, not JSON, or has no ``model_type``."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has no config.json: not a transformers model directory or .gguf file")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: the model's config is damaged; restore it") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error.msg} at line {error.lineno} column {error.colno}): "
+            "the model's config is damaged; restore it or re-save the model"
+        ) from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(f"{path} has no model_type: not a transformers config; re-save the model with save_pretrained")
+    return config
+
+
+def check_model_directory(directory: str | Path, tokenizer: bool = True) -> dict:
+    """Everything about a model directory that can be checked without loading it: a valid
+    ``config.json``, intact weight files, a tokenizer (``tokenizer``). Returns the config."""
+    config = read_config(directory)
+    check_weight_files(directory)
+    if tokenizer and not any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{directory} has no tokenizer ({' or '.join(TOKENIZER_FILES[:2])}): save it beside the model with "
+            f"tokenizer.save_pretrained({str(directory)!r})"
+        )
+    return config
+
+
+def max_positions(config) -> int | None:
+    """The model's ``max_position_embeddings`` (a config object or dict), if it declares one."""
+    value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    if value is None and not isinstance(config, dict):
+        value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_seq_len(config, seq_len: int, option: str = "--seq-len") -> None:
+    """Refuse windows longer than the model's positions (a config object or dict)."""
+    limit = max_positions(config)
+    if limit is not None and seq_len > limit:
+        raise ValueError(
+            f"{option} {seq_len} is longer than the model's max_position_embeddings {limit}: "
+            f"use {option} {limit} or less"
+        )
+
+
 def load_model(path: str | Path) -> tuple[nn.Module, object]:
-    """``(model, tokenizer)`` in float32 from a transformers directory or a ``.gguf`` file."""
+    """``(model, tokenizer)`` in float32 from a transformers directory or a ``.gguf`` file.
+
+    Never runs code from the model directory (``trust_remote_code=False``), prefers safetensors,
+    checks the files first and every weight for NaN or inf after loading (``ValueError`` naming them).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist: give a transformers directory or a .gguf file")
+    safe = {"trust_remote_code": False}
     if path.suffix == ".gguf":
         logger.info(f"loading GGUF model {path} (dequantised to float32)")
-        kwargs = {"gguf_file": path.name}
+        kwargs = {"gguf_file": path.name, **safe}
         tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
         model = _plain_copy(AutoModelForCausalLM.from_pretrained(path.parent, **kwargs))
     else:
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} has no config.json: not a transformers model directory")
+        check_model_directory(path)
         logger.info(f"loading model {path}")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+        tokenizer = AutoTokenizer.from_pretrained(path, **safe)
+        use_safetensors = True if any(path.glob("*.safetensors")) else None
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", use_safetensors=use_safetensors, **safe)
+    check_finite_parameters(model, f"model {path}")
     return model.eval(), tokenizer

@@ -22,7 +22,7 @@ from .nm import hard_mask
 from .objectives import first
 from .ops import tied_head_perm
 from .permuter import BlockPermuter
-from .scores import ChannelStats
+from .scores import ChannelStats, check_finite_stats
 
 if TYPE_CHECKING:
     from .config import PermuteConfig
@@ -78,6 +78,7 @@ def collect_stats(
     finally:
         for handle in handles:
             handle.remove()
+    check_finite_stats(stats)  # NaN/inf inputs: an error naming the linear, before any solver sees them
     return stats
 
 

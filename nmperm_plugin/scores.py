@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +37,25 @@ class ChannelStats:
         """The statistics of the same inputs with their channels reordered as ``x[..., perm]``."""
         hessian = None if self.hessian is None else self.hessian[perm][:, perm]
         return ChannelStats(self.sq_norm[perm], self.tokens, hessian)
+
+
+class NonFiniteError(ValueError):
+    """A weight or activation holds NaN or infinite values."""
+
+
+def check_finite_stats(stats: Mapping[str, ChannelStats]) -> None:
+    """Raise :class:`NonFiniteError` naming the first linear whose calibration inputs held NaN or inf
+    (``||X_j||^2`` is then not finite; any score built on it would be NaN and the mask meaningless)."""
+    for name, stat in stats.items():
+        bad = int((~torch.isfinite(stat.sq_norm)).sum())
+        if stat.hessian is not None and not bad:
+            bad = int((~torch.isfinite(stat.hessian.diagonal())).sum())
+        if bad:
+            raise NonFiniteError(
+                f"calibration activations entering {name} are not finite (NaN or inf in {bad} of "
+                f"{stat.sq_norm.numel()} input channels): an earlier layer overflows float32 on this text; check the "
+                "dense model with `nmperm eval` (its perplexity is then NaN or inf) and use an intact model"
+            )
 
 
 ScoreFn = Callable[[torch.Tensor, ChannelStats], torch.Tensor]
