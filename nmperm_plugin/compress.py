@@ -19,6 +19,7 @@ import torch
 from loguru import logger
 from torch import nn
 
+from . import compat
 from .checkpoint import verify_model
 from .nm import NMPattern, is_nm
 from .sidecar import Sidecar
@@ -193,7 +194,7 @@ def install_save_hook(model: nn.Module) -> None:
             strip_sparsity_config(save_directory)
             logger.info(f"nmperm: wrote {sidecar.save(save_directory)}")
 
-    save_pretrained._overridden = getattr(save, "_overridden", False)
+    compat.copy_save_pretrained_flag(save, save_pretrained)
     save_pretrained._nmperm = True
     model.save_pretrained = save_pretrained
 

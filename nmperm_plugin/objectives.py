@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from . import compat
 from .learn import Objective
 
 
@@ -104,7 +105,7 @@ def fast_bfloat16(device: torch.device) -> bool:
     bfloat16, or a CPU with AMX tiles."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return device.type == "cpu" and compat.amx_tile_supported()
 
 
 def training_dtype(name: str, device: torch.device) -> torch.dtype | None:

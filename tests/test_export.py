@@ -291,7 +291,7 @@ def test_conversion_error_leaves_the_layer_dense(monkeypatch):
 
     model, dense, report = _convert_with(monkeypatch, refuse)
     assert report.layer("0").status == DENSE
-    assert report.layer("0").reason == "torchao refused it: Error original_tensor.shape is not supported!"
+    assert report.layer("0").reason == "conversion refused it: Error original_tensor.shape is not supported!"
     assert torch.equal(model[0].weight, dense)
 
 
@@ -375,7 +375,8 @@ def test_gather_checkpoint_gets_its_gathers_before_validation(tmp_path, monkeypa
             weight[:, perms[i]] = permuted * nm_mask(permuted.abs(), TWO_FOUR)
     frames = {name: None for name in names}
     frames |= {f"model.layers.{i}.self_attn.o_proj": f"layers.{i}.attn_out" for i in range(2)}
-    write_checkpoint(tmp_path, model, fold="gather", frames=frames)
+    permutations = {f"layers.{i}.attn_out": perms[i].tolist() for i in range(2)}  # the sites the frames name
+    write_checkpoint(tmp_path, model, fold="gather", frames=frames, permutations=permutations)
     fake, calls = _wrap_o_proj_with_gathers(perms)
     monkeypatch.setattr(fold, "apply_gather", fake)
     exported, report = export_checkpoint(tmp_path, CPU)

@@ -1,8 +1,8 @@
 """The compressed 2:4 representation on any device, via PyTorch's pure-Python semi-structured conversions.
 
-``torch.sparse._semi_structured_conversions`` turns a 2:4 fp16/bf16 matrix into the CUTLASS layout
-(kept values ``[rows, cols / 2]`` plus reordered int16 metadata) and back, without CUDA. It needs
-``rows % 32 == 0`` and, although it only checks ``cols % 16``, ``cols % 32 == 0`` (its metadata
+``torch.sparse._semi_structured_conversions`` (through :mod:`nmperm_plugin.compat`) turns a 2:4 fp16/bf16
+matrix into the CUTLASS layout (kept values ``[rows, cols / 2]`` plus reordered int16 metadata) and back,
+without CUDA. It needs ``rows % 32 == 0`` and, although it only checks ``cols % 16``, ``cols % 32 == 0`` (its metadata
 reordering interleaves pairs of metadata columns and fails on an odd count). Other shapes are padded
 with zero rows/columns (zeros keep every group 2:4) and cropped after unpacking. cuSPARSELt's own compressed format is
 produced by the cuSPARSELt library on the GPU; the values and mask it encodes are the same.
@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.sparse._semi_structured_conversions import (
-    sparse_semi_structured_from_dense_cutlass,
-    sparse_semi_structured_to_dense_cutlass,
-)
+
+from ..compat import semi_structured_conversions
 
 PACK_DTYPES = (torch.float16, torch.bfloat16)
 PACK_ROW_MULTIPLE = 32
@@ -41,12 +39,14 @@ def pack_2to4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"pack_2to4 needs in_features divisible by 4, got {weight.shape[1]}")
     rows, cols = weight.shape
     padded = F.pad(weight.detach(), (0, _padding(cols, PACK_COL_MULTIPLE), 0, _padding(rows, PACK_ROW_MULTIPLE)))
-    return sparse_semi_structured_from_dense_cutlass(padded.contiguous())
+    from_dense, _ = semi_structured_conversions()
+    return from_dense(padded.contiguous())
 
 
 def unpack_2to4(values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Rebuild the dense ``shape`` weight from :func:`pack_2to4`'s (values, metadata)."""
-    dense = sparse_semi_structured_to_dense_cutlass(values, meta)
+    _, to_dense = semi_structured_conversions()
+    dense = to_dense(values, meta)
     return dense[: shape[0], : shape[1]]
 
 

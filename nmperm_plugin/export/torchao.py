@@ -1,21 +1,20 @@
-"""Convert the N:M-pruned linears of a model to torchao's 2:4 sparse kernels (fp16/bf16 or FP8).
+"""Convert the N:M-pruned linears of a model to 2:4 sparse kernels (fp16/bf16 or FP8), validating everything first.
 
 ``to_torchao_(model, config)`` validates every linear layer (pattern, dtype, the backend's shape
 minimums), packs each valid weight into the compressed 2:4 representation and checks the round trip
-(any device), and on a supported CUDA GPU converts it in place with torchao:
+(any device), and on a supported CUDA GPU converts it in place with :func:`nmperm_plugin.export.sparsify_`:
 
-- fp16/bf16: ``torchao.sparsity.sparsify_(model, SemiSparseWeightConfig())``; cuSPARSELt by default,
-  CUTLASS with ``backend="cutlass"`` (``torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS``);
-- FP8: ``torchao.quantization.quantize_(model, Float8DynamicActivationFloat8WeightConfig(
-  granularity=PerRow(), packing_format=Float8PackingFormat.SPARSE_CUTLASS))`` (SM 9.x only).
+- fp16/bf16: ``SemiSparseWeightConfig`` -> PyTorch's ``torch.sparse.to_sparse_semi_structured``; cuSPARSELt
+  by default, CUTLASS with ``backend="cutlass"`` (no ``torchao.sparsity``, which torchao's main branch deleted);
+- FP8: ``Float8SemiSparseWeightConfig`` -> torchao's ``quantize_(model,
+  Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), packing_format=<2:4 CUTLASS>))`` (SM 9.x only).
 
-Layers that fail a requirement stay dense and the report says why; nothing is converted wrongly.
+Layers that fail a requirement stay dense and the report says why; nothing is converted wrongly. (The
+module keeps its name, and ``TorchaoExportConfig`` its, for the code written against them.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +24,11 @@ from loguru import logger
 from torch import nn
 from tqdm import tqdm
 
+from .. import compat
 from ..sidecar import SIDECAR_NAME, Sidecar
 from .pack import roundtrip_exact
 from .report import CONVERTED, DENSE, READY, ExportReport, LayerResult
+from .sparsify import Float8SemiSparseWeightConfig, SemiSparseWeightConfig, SparsifyConfig, sparsify_
 from .validate import BACKENDS, PRECISIONS, torch_dtype_name, validate_linear
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
@@ -136,6 +137,11 @@ def gpu_blocker(config: TorchaoExportConfig, device: torch.device) -> str | None
     major, minor = torch.cuda.get_device_capability(device)
     if config.fp8 and major != 9:
         return f"FP8 2:4 (torchao CUTLASS sm90 kernel) needs an SM 9.x GPU (H100/H200); this one is SM {major}.{minor}"
+    if config.fp8:
+        try:
+            compat.torchao_fp8_config(sparse=True)
+        except compat.CompatError as error:
+            return str(error)
     if (major, minor) < (8, 0):
         return f"2:4 sparse tensor cores need SM 8.0+; this GPU is SM {major}.{minor}"
     if not config.fp8 and config.backend == "cusparselt" and not torch.backends.cusparselt.is_available():
@@ -167,39 +173,20 @@ def check_layer(name: str, weight: torch.Tensor, config: TorchaoExportConfig, si
     return result
 
 
-def torchao_config(config: TorchaoExportConfig):
-    """The torchao ``AOBaseConfig`` for ``config``'s precision."""
+def torchao_config(config: TorchaoExportConfig) -> SparsifyConfig:
+    """The :func:`sparsify_` config for ``config``'s precision and backend."""
     if config.fp8:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
-        from torchao.quantization.quantize_.workflows import Float8PackingFormat
-
-        return Float8DynamicActivationFloat8WeightConfig(
-            granularity=PerRow(), packing_format=Float8PackingFormat.SPARSE_CUTLASS
-        )
-    from torchao.sparsity.sparse_api import SemiSparseWeightConfig
-
-    return SemiSparseWeightConfig()
+        return Float8SemiSparseWeightConfig()
+    return SemiSparseWeightConfig(backend=config.backend)
 
 
-@contextmanager
-def force_cutlass(enabled: bool) -> Iterator[None]:
-    """Select torch's CUTLASS semi-structured backend instead of cuSPARSELt while converting."""
-    from torch.sparse import SparseSemiStructuredTensor
-
-    previous = SparseSemiStructuredTensor._FORCE_CUTLASS
-    SparseSemiStructuredTensor._FORCE_CUTLASS = enabled
-    try:
-        yield
-    finally:
-        SparseSemiStructuredTensor._FORCE_CUTLASS = previous
+force_cutlass = compat.force_cutlass  # kept here for callers of the earlier module layout (bench/serve_speed.py)
 
 
 def is_converted(weight: torch.Tensor, fp8: bool) -> bool:
-    """True when torchao replaced ``weight`` with its 2:4 sparse tensor subclass."""
+    """True when ``weight`` is now a 2:4 sparse tensor (torch semi-structured; FP8: torchao's 2:4 class)."""
     if fp8:
-        from torchao.quantization.quantize_.workflows import Float8Sparse2x4_2DData2DMetadataTensor
-
-        return isinstance(weight, Float8Sparse2x4_2DData2DMetadataTensor)
+        return isinstance(weight, compat.torchao_fp8_sparse_types())
     return isinstance(weight, torch.sparse.SparseSemiStructuredTensor)
 
 
@@ -214,33 +201,25 @@ def converted_matches(linear: nn.Linear, reference: torch.Tensor, fp8: bool) -> 
     return bool(error < FP8_PROBE_TOLERANCE)
 
 
-def apply_torchao_(model: nn.Module, path: str, ao_config, fp8: bool) -> None:
-    """Run torchao's ``quantize_``/``sparsify_`` on the one linear at ``path``."""
-    only = lambda module, fqn: fqn == path  # noqa: E731
-    if fp8:
-        from torchao.quantization import quantize_
-
-        quantize_(model, ao_config, filter_fn=only)
-    else:
-        from torchao.sparsity import sparsify_
-
-        sparsify_(model, ao_config, filter_fn=only)
+def apply_torchao_(model: nn.Module, path: str, sparsify_config: SparsifyConfig, fp8: bool) -> None:
+    """Run :func:`sparsify_` with ``sparsify_config`` on the one linear at ``path``."""
+    sparsify_(model, sparsify_config, filter_fn=lambda module, fqn: fqn == path)
 
 
 def convert_linear_(
-    model: nn.Module, path: str, linear: nn.Linear, ao_config, config: TorchaoExportConfig
+    model: nn.Module, path: str, linear: nn.Linear, sparsify_config: SparsifyConfig, config: TorchaoExportConfig
 ) -> str | None:
     """Convert one linear in place; return why it stayed dense, or None when it was converted."""
     original = linear.weight
     linear.weight.data = linear.weight.data.contiguous()
     try:
-        apply_torchao_(model, path, ao_config, config.fp8)
+        apply_torchao_(model, path, sparsify_config, config.fp8)
     except (RuntimeError, AssertionError, NotImplementedError, ValueError) as error:
         linear.weight = original
-        return f"torchao refused it: {str(error).splitlines()[0]}"
+        return f"conversion refused it: {str(error).splitlines()[0]}"
     if not is_converted(linear.weight, config.fp8):
         linear.weight = original
-        return "torchao left it dense"
+        return "conversion left it dense"
     if config.check and not converted_matches(linear, original.detach(), config.fp8):
         linear.weight = original
         return "converted weight did not reproduce the dense weight: restored dense"
@@ -248,14 +227,13 @@ def convert_linear_(
 
 
 def convert_ready_(model: nn.Module, report: ExportReport, paths: dict[str, tuple[str, nn.Linear]], config) -> None:
-    """Convert every ``ready`` layer of ``report`` with torchao, updating its status."""
-    ao_config = torchao_config(config)
+    """Convert every ``ready`` layer of ``report`` with :func:`sparsify_`, updating its status."""
+    sparsify_config = torchao_config(config)
     ready = [layer for layer in report.layers if layer.status == READY]
-    with force_cutlass(config.backend == "cutlass" and not config.fp8):
-        for layer in tqdm(ready, desc="torchao convert", unit="layer", disable=None):
-            path, linear = paths[layer.name]
-            failure = convert_linear_(model, path, linear, ao_config, config)
-            layer.status, layer.reason = (DENSE, failure) if failure else (CONVERTED, "")
+    for layer in tqdm(ready, desc="2:4 convert", unit="layer", disable=None):
+        path, linear = paths[layer.name]
+        failure = convert_linear_(model, path, linear, sparsify_config, config)
+        layer.status, layer.reason = (DENSE, failure) if failure else (CONVERTED, "")
 
 
 def new_report(config: TorchaoExportConfig, device: torch.device, model: nn.Module) -> ExportReport:

@@ -1,7 +1,7 @@
-"""Which linear layers a torchao 2:4 backend can take: pattern, dtype and shape rules, checked on any device.
+"""Which linear layers a 2:4 backend can take: pattern, dtype and shape rules, checked on any device.
 
-Shape rules for the fp16/bf16 backends are read from torch itself
-(``torch.sparse.SparseSemiStructuredTensorCUSPARSELT`` / ``...CUTLASS``, ``_DTYPE_SHAPE_CONSTRAINTS``:
+Shape rules for the fp16/bf16 backends are read from torch itself (through :mod:`nmperm_plugin.compat`:
+``torch.sparse.SparseSemiStructuredTensorCUSPARSELT`` / ``...CUTLASS``, ``_DTYPE_SHAPE_CONSTRAINTS``;
 the weight's rows (``out_features``) and columns (``in_features``) must each be at least, and a multiple
 of, the backend's minimum). The FP8 2:4 rule is torchao's: ``_fp8_mm_compat`` leaves a weight dense
 unless both dimensions are multiples of 16, and the CUTLASS kernel
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compat import semi_structured_tile
 from ..nm import NMPattern, is_nm, nm_violations
 from .report import DENSE, READY, LayerResult
 
@@ -55,13 +56,8 @@ def shape_rule(backend: str, precision: str, dtype: torch.dtype) -> ShapeRule:
         return ShapeRule(FP8_MIN_ROWS, FP8_MIN_COLS, BACKEND_LABELS["fp8"])
     if backend not in BACKENDS:
         raise ValueError(f"unknown 2:4 backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    cls = (
-        torch.sparse.SparseSemiStructuredTensorCUTLASS
-        if backend == "cutlass"
-        else torch.sparse.SparseSemiStructuredTensorCUSPARSELT
-    )
-    constraint = cls._DTYPE_SHAPE_CONSTRAINTS.get(dtype, cls._DTYPE_SHAPE_CONSTRAINTS[torch.bfloat16])
-    return ShapeRule(constraint.sparse_min_rows, constraint.sparse_min_cols, BACKEND_LABELS[backend])
+    tile = semi_structured_tile(backend, dtype)
+    return ShapeRule(tile.sparse_min_rows, tile.sparse_min_cols, BACKEND_LABELS[backend])
 
 
 def pattern_reasons(weight: torch.Tensor, declared: NMPattern | None, gather_hint: bool) -> list[str]:
