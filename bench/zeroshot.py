@@ -17,10 +17,12 @@ of them. On a small shared CPU run one learned row per invocation::
     python bench/zeroshot.py --scorer sparsegpt --rows "2:4 no permutation" "learned (exact)" --seeds 0
     python bench/zeroshot.py --summarise                              # the table again from the JSON
 
-Headline figures per row: each task's ``acc``, their mean (± the combined lm-eval standard error),
-the mean's difference from "2:4 no permutation" with a paired standard error (same documents), and
-recovered = (mean_row - mean_2:4) / (mean_dense - mean_2:4), the share of the dense-to-2:4 loss
-of mean accuracy that the row wins back.
+Headline figures per row: each task's ``acc``; their mean (± the combined lm-eval standard error) and
+its difference from "2:4 no permutation" with a paired standard error (same documents); the same over
+the "signal" tasks, those on which the dense model beats guessing by more than two standard errors
+(for SmolLM2-135M BoolQ, WinoGrande, OBQA, ARC-c and MMLU sit at chance, where pruning cannot lose
+and a permutation cannot win anything measurable); and, on the signal tasks, recovered =
+(mean_row - mean_2:4) / (mean_dense - mean_2:4), the share of the dense-to-2:4 loss won back.
 """
 
 from __future__ import annotations
@@ -49,6 +51,17 @@ ROWS = {
 }
 BASE, DENSE = "2:4 no permutation", "dense"
 SAME_SETTINGS = ("scorer", "pattern", "limit", "tasks", "num_samples", "seq_len", "eval_samples")
+# accuracy of guessing: 1 / choices (ARC: mostly 4; BoolQ, WinoGrande, PIQA: 2)
+CHANCE = {
+    "arc_easy": 0.25,
+    "arc_challenge": 0.25,
+    "boolq": 0.5,
+    "hellaswag": 0.25,
+    "openbookqa": 0.25,
+    "winogrande": 0.5,
+    "piqa": 0.5,
+    "mmlu": 0.25,
+}
 SHORT = {
     "arc_easy": "ARC-e",
     "arc_challenge": "ARC-c",
@@ -195,14 +208,21 @@ def _paired(row: dict, base: dict, task: str) -> tuple[float, float, int]:
     return statistics.fmean(diff), sd / math.sqrt(n), n
 
 
-def summarise(rows: list[dict], tasks: list[str]) -> dict[str, dict]:
-    """Per row: mean acc per task over seeds, the task mean ± its standard error, the paired difference from
-    the 2:4 row (seed-matched, else its first seed) and the share of the dense-to-2:4 loss recovered."""
-    by_method: dict[str, list[dict]] = {}
-    for row in rows:
-        by_method.setdefault(row["method"], []).append(row)
-    for group in by_method.values():
-        group.sort(key=lambda r: r["seed"])
+def signal_tasks(dense: dict, tasks: list[str]) -> list[str]:
+    """The tasks on which the dense row beats guessing by more than two of its standard errors: only on
+    those can pruning lose accuracy that a permutation could win back (a rule on the dense row alone)."""
+    out = []
+    for t in tasks:
+        entry = dense["tasks"][t]
+        if entry["acc"] - CHANCE.get(t, 0.0) > 2 * (entry.get("acc_stderr") or 0.0):
+            out.append(t)
+    return out
+
+
+def _means(rows: list[dict], tasks: list[str], by_method: dict[str, list[dict]]) -> dict:
+    """Mean acc over ``tasks`` (over seeds), its standard error, and the paired difference from the 2:4 row."""
+    if not tasks:
+        return {}
 
     def task_mean(row: dict) -> float:
         return statistics.fmean(row["tasks"][t]["acc"] for t in tasks)
@@ -211,10 +231,40 @@ def summarise(rows: list[dict], tasks: list[str]) -> dict[str, dict]:
         errs = [row["tasks"][t].get("acc_stderr") or 0.0 for t in tasks]
         return math.sqrt(sum(e * e for e in errs)) / len(tasks)
 
+    entry = {
+        "mean_acc": statistics.fmean(task_mean(r) for r in rows),
+        "mean_acc_per_seed": [task_mean(r) for r in rows],
+        "mean_acc_stderr": statistics.fmean(mean_stderr(r) for r in rows),
+    }
+    if BASE in by_method and rows[0]["method"] != BASE:
+        deltas, errs = [], []
+        for row in rows:
+            base = next((b for b in by_method[BASE] if b["seed"] == row["seed"]), by_method[BASE][0])
+            per_task = [_paired(row, base, t) for t in tasks]
+            deltas.append(statistics.fmean(d for d, _, _ in per_task))
+            errs.append(math.sqrt(sum(e * e for _, e, _ in per_task)) / len(tasks))
+        entry["delta_vs_2of4"] = statistics.fmean(deltas)
+        # several seeds: the standard error of their mean (documents and seeds both vary), else the paired one
+        entry["delta_vs_2of4_stderr"] = (
+            statistics.stdev(deltas) / math.sqrt(len(deltas)) if len(deltas) > 2 else statistics.fmean(errs)
+        )
+    return entry
+
+
+def summarise(rows: list[dict], tasks: list[str]) -> dict[str, dict]:
+    """Per row: mean acc per task over seeds; over all tasks and over the dense row's :func:`signal_tasks`:
+    the mean ± its standard error, the paired difference from the 2:4 row (seed-matched, else its first
+    seed) and the share of the dense-to-2:4 loss recovered."""
+    by_method: dict[str, list[dict]] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], []).append(row)
+    for group in by_method.values():
+        group.sort(key=lambda r: r["seed"])
+    signal = signal_tasks(by_method[DENSE][0], tasks) if DENSE in by_method else []
     summary = {}
     for name in [n for n in ROWS if n in by_method]:
         group = by_method[name]
-        entry = {
+        summary[name] = {
             "seeds": [r["seed"] for r in group],
             "acc": {t: statistics.fmean(r["tasks"][t]["acc"] for r in group) for t in tasks},
             "acc_norm": {
@@ -222,30 +272,23 @@ def summarise(rows: list[dict], tasks: list[str]) -> dict[str, dict]:
                 for t in tasks
                 if all(r["tasks"][t].get("acc_norm") is not None for r in group)
             },
-            "mean_acc": statistics.fmean(task_mean(r) for r in group),
-            "mean_acc_per_seed": [task_mean(r) for r in group],
-            "mean_acc_stderr": statistics.fmean(mean_stderr(r) for r in group),
+            "all": _means(group, tasks, by_method),
+            "signal": _means(group, signal, by_method) | {"tasks": signal},
             "perplexity": statistics.median(r["perplexity"] for r in group),
             "prune_seconds": statistics.median(r.get("prune_seconds") or 0.0 for r in group) or None,
             "eval_seconds": statistics.median(r["eval_seconds"] for r in group),
         }
-        if BASE in by_method and name != BASE:
-            deltas, errs = [], []
-            for row in group:
-                base = next((b for b in by_method[BASE] if b["seed"] == row["seed"]), by_method[BASE][0])
-                per_task = [_paired(row, base, t) for t in tasks]
-                deltas.append(statistics.fmean(d for d, _, _ in per_task))
-                errs.append(math.sqrt(sum(e * e for _, e, _ in per_task)) / len(tasks))
-            entry["delta_vs_2of4"] = statistics.fmean(deltas)
-            # several seeds: the standard error of their mean (documents and seeds both vary) or the paired one
-            entry["delta_vs_2of4_stderr"] = (
-                statistics.stdev(deltas) / math.sqrt(len(deltas)) if len(deltas) > 2 else statistics.fmean(errs)
-            )
-        summary[name] = entry
     if BASE in summary and DENSE in summary:
-        gap = summary[DENSE]["mean_acc"] - summary[BASE]["mean_acc"]
-        for entry in summary.values():
-            entry["recovered"] = (entry["mean_acc"] - summary[BASE]["mean_acc"]) / gap if gap > 0 else None
+        for key in ("all", "signal"):
+            if not summary[DENSE][key].get("mean_acc"):
+                continue
+            gap = summary[DENSE][key]["mean_acc"] - summary[BASE][key]["mean_acc"]
+            # a gap inside the noise makes the ratio meaningless: report it only beyond two standard errors
+            noise = 2 * math.hypot(summary[DENSE][key]["mean_acc_stderr"], summary[BASE][key]["mean_acc_stderr"])
+            for entry in summary.values():
+                if gap > noise:
+                    entry[key]["recovered"] = (entry[key]["mean_acc"] - summary[BASE][key]["mean_acc"]) / gap
+                entry[key]["gap_dense_to_2of4"] = gap
     return summary
 
 
@@ -270,20 +313,36 @@ def markdown(result: dict) -> str:
         "",
         "| method | seeds | "
         + " | ".join(SHORT.get(t, t) for t in tasks)
-        + " | mean ± s.e. | Δ vs 2:4 ± s.e. | recovered | ppl | perm. s | scoring s |",
-        "|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|---|",
+        + " | mean ± s.e. | Δ vs 2:4 ± s.e. | signal mean ± s.e. | Δ signal vs 2:4 ± s.e. | recovered (signal) "
+        "| ppl | perm. s | scoring s |",
+        "|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|---|---|---|",
     ]
+
+    def stat(entry: dict, key: str) -> str:
+        return "" if entry.get(key) is None else f"{entry[key]:+.4f} ± {entry[key + '_stderr']:.4f}"
+
     for name, e in summary.items():
-        delta = (
-            f"{e['delta_vs_2of4']:+.4f} ± {e['delta_vs_2of4_stderr']:.4f}" if e.get("delta_vs_2of4") is not None else ""
-        )
-        recovered = "" if e.get("recovered") is None else f"{e['recovered']:.0%}"
+        a, g = e["all"], e["signal"]
+        signal_mean = f"{g['mean_acc']:.4f} ± {g['mean_acc_stderr']:.4f}" if g.get("mean_acc") is not None else ""
+        recovered = "" if g.get("recovered") is None else f"{g['recovered']:.0%}"
         lines.append(
             f"| {name} | {','.join(map(str, e['seeds']))} | "
             + " | ".join(f"{e['acc'][t]:.3f}" for t in tasks)
-            + f" | {e['mean_acc']:.4f} ± {e['mean_acc_stderr']:.4f} | {delta} | {recovered} | {e['perplexity']:.1f} | "
+            + f" | {a['mean_acc']:.4f} ± {a['mean_acc_stderr']:.4f} | {stat(a, 'delta_vs_2of4')} | {signal_mean} | "
+            f"{stat(g, 'delta_vs_2of4')} | {recovered} | {e['perplexity']:.1f} | "
             f"{'' if not e['prune_seconds'] else format(e['prune_seconds'], '.0f')} | {e['eval_seconds']:.0f} |"
         )
+    first = next(iter(summary.values()), {})
+    signal = first.get("signal", {}).get("tasks", [])
+    if signal:
+        gap = first["signal"].get("gap_dense_to_2of4")
+        lines += [
+            "",
+            f"Signal tasks (dense beats guessing by more than 2 s.e.): {', '.join(SHORT.get(t, t) for t in signal)}. "
+            + (f"Dense-to-2:4 loss of their mean: {gap:.4f}. " if gap is not None else "")
+            + "Recovered = (mean_row - mean_2:4) / (mean_dense - mean_2:4) on them, shown only where that loss "
+            "exceeds twice its standard error.",
+        ]
     norm_tasks = [t for t in tasks if all(t in e["acc_norm"] for e in summary.values())]
     if norm_tasks:
         lines += [
