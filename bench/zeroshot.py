@@ -92,6 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--prune-only", action="store_true", help="only learn and cache the rows' pruned models (split long rows)"
     )
+    parser.add_argument(
+        "--reuse-dense",
+        type=Path,
+        help="copy the dense row from another result file (same limit, tasks and evaluation settings)",
+    )
     parser.add_argument("--summarise", action="store_true", help="rewrite the table from --output, run nothing")
     return parser.parse_args(argv)
 
@@ -392,6 +397,18 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{output} was run with other {differ}: its rows are not comparable; choose --output")
     else:
         result = {"settings": wanted, "rows": []}
+    if args.reuse_dense:
+        other = json.loads(args.reuse_dense.read_text())
+        differ = [k for k in ("limit", "tasks", "seq_len", "eval_samples") if other["settings"].get(k) != wanted[k]]
+        if differ:
+            raise SystemExit(f"{args.reuse_dense} was scored with other {differ}: its dense row is not comparable")
+        dense = [r for r in other["rows"] if r["method"] == DENSE]
+        if not dense:
+            raise SystemExit(f"{args.reuse_dense} has no dense row")
+        result["rows"] = [r for r in result["rows"] if r["method"] != DENSE] + dense
+        result["settings"]["dense_from"] = str(args.reuse_dense.name)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write(output, result)
     if args.summarise:
         write(output, result)
         print(output.with_suffix(".md").read_text())
