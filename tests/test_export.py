@@ -530,3 +530,318 @@ def test_gpu_tiny_llama_same_greedy_tokens(tmp_path):
     torch.testing.assert_close(logits(exported, ids), logits(reference, ids), atol=0.25, rtol=5e-2)
     settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(exported.generate(ids, **settings), reference.generate(ids, **settings))
+
+
+# --- sparsify_: own configs, registry dispatch, refusals ----------------------------------------------
+
+
+def bf16_model(*shapes: tuple[int, int], pruned: bool = True) -> nn.Sequential:
+    """Linears ``(out, in)`` in bf16 on CPU, with 2:4 weights when ``pruned``."""
+    model = nn.Sequential(*[nn.Linear(i, o) for o, i in shapes]).bfloat16()
+    with torch.no_grad():
+        for seed, layer in enumerate(model):
+            layer.weight.copy_(pruned_2to4(*layer.weight.shape, seed=seed) if pruned else layer.weight)
+    return model
+
+
+def test_sparsify_configs_are_validated():
+    from nmperm_plugin.export import SemiSparseWeightConfig
+
+    assert SemiSparseWeightConfig() == SemiSparseWeightConfig(backend="cusparselt", alg_id=0)
+    with pytest.raises(ValueError, match="unknown 2:4 backend"):
+        SemiSparseWeightConfig(backend="triton")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="alg_id must be a non-negative int"):
+            SemiSparseWeightConfig(alg_id=bad)
+    with pytest.raises(ValueError, match="no meaning with backend='cutlass'"):
+        SemiSparseWeightConfig(backend="cutlass", alg_id=3)
+
+
+def test_sparsify_dispatches_on_the_config_type_through_the_registry(monkeypatch):
+    from dataclasses import dataclass
+
+    from nmperm_plugin.export import SparsifyConfig, handler_for, register_sparsify_handler, sparsify_
+    from nmperm_plugin.export import sparsify as sp
+
+    monkeypatch.setattr(sp, "HANDLERS", dict(sp.HANDLERS))
+
+    @dataclass(frozen=True)
+    class MarkConfig(SparsifyConfig):
+        tag: str = "x"
+
+    @dataclass(frozen=True)
+    class LouderMarkConfig(MarkConfig):
+        pass
+
+    calls = []
+    handler = register_sparsify_handler(
+        MarkConfig,
+        blocker=lambda config, device: None,
+        validate=lambda module, config: [],
+        convert=lambda module, config: calls.append((type(module).__name__, config.tag)),
+    )
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    assert sparsify_(model, MarkConfig("a")) == ["0", "2"]
+    assert calls == [("Linear", "a"), ("Linear", "a")]
+    assert handler_for(LouderMarkConfig()) is handler  # a subclass finds its base's handler
+    assert sparsify_(model, LouderMarkConfig("b"), filter_fn=lambda module, fqn: fqn == "2") == ["2"]
+    assert calls[-1] == ("Linear", "b")
+    with pytest.raises(ValueError, match="already has a sparsify handler"):
+        register_sparsify_handler(MarkConfig, blocker=None, validate=None, convert=None)
+    with pytest.raises(TypeError, match="no handler for object: pass one of .*SemiSparseWeightConfig"):
+        sparsify_(model, object())
+
+
+def test_sparsify_semi_sparse_on_cpu_refuses_and_leaves_the_model_alone():
+    from nmperm_plugin.export import SemiSparseWeightConfig, SparsifyError, sparsify_
+
+    model = bf16_model((32, 64), (64, 32))
+    before = [layer.weight.detach().clone() for layer in model]
+    with pytest.raises(SparsifyError, match="needs the weights on a CUDA GPU.*to_torchao_ validates every layer"):
+        sparsify_(model, SemiSparseWeightConfig())
+    for layer, weight in zip(model, before, strict=True):
+        assert type(layer.weight) is nn.Parameter and torch.equal(layer.weight, weight)
+
+
+def test_sparsify_strict_lists_every_invalid_layer_and_converts_nothing():
+    from nmperm_plugin.export import SemiSparseWeightConfig, SparsifyError, sparsify_
+
+    model = bf16_model((32, 64), (24, 32))  # layer 1: out_features 24 is not a multiple of 16
+    with torch.no_grad():
+        model.append(nn.Linear(64, 32))  # float32 and dense
+    with pytest.raises(SparsifyError) as error:
+        sparsify_(model, SemiSparseWeightConfig())
+    text = str(error.value)
+    assert "2 of 3 selected layers cannot take SemiSparseWeightConfig, so nothing was converted" in text
+    assert "1: out_features 24 not a multiple of 16 required by cuSPARSELt" in text
+    assert "2: not 2:4: " in text and "dtype float32: cast the model to bfloat16" in text
+    assert "0:" not in text
+    # not strict: the invalid layers are skipped, the valid one still needs CUDA
+    with pytest.raises(SparsifyError, match="needs the weights on a CUDA GPU"):
+        sparsify_(model, SemiSparseWeightConfig(), strict=False)
+    assert sparsify_(model, SemiSparseWeightConfig(), filter_fn=lambda m, fqn: fqn == "2", strict=False) == []
+
+
+def test_fp8_sparsify_validates_and_refuses_on_cpu():
+    from nmperm_plugin.export import Float8SemiSparseWeightConfig, SparsifyError, sparsify_
+    from nmperm_plugin.export.sparsify import fp8_validate
+
+    half = nn.Linear(48, 32).half()
+    with torch.no_grad():
+        half.weight.copy_(pruned_2to4(32, 48, torch.float16))
+    reasons = fp8_validate(half, Float8SemiSparseWeightConfig())
+    assert reasons == [
+        "dtype float16: FP8 per-row quantization needs bfloat16 weights",
+        "in_features 48 not a multiple of 32 required by FP8 2:4 CUTLASS",
+    ]
+    with pytest.raises(SparsifyError, match="Float8SemiSparseWeightConfig needs the weights on a CUDA GPU"):
+        sparsify_(bf16_model((32, 64)), Float8SemiSparseWeightConfig())
+
+
+def test_export_needs_no_torchao_sparsity(monkeypatch):
+    """torchao's main branch deleted torchao.sparsity: nothing here imports it, and the export still works."""
+    import re
+    import sys
+    from pathlib import Path
+
+    import nmperm_plugin
+    from nmperm_plugin.export import SemiSparseWeightConfig, SparsifyError, sparsify_
+
+    root = Path(nmperm_plugin.__file__).resolve().parent.parent
+    sources = list((root / "nmperm_plugin").rglob("*.py")) + list((root / "bench").glob("*.py"))
+    importing = [p.name for p in sources if re.search(r"(from|import)\s+torchao\.sparsity", p.read_text())]
+    assert importing == []
+    monkeypatch.setitem(sys.modules, "torchao.sparsity", None)  # as if removed: importing it would fail
+    model = bf16_model((32, 64))
+    report = to_torchao_(model, CPU)
+    assert report.layer("0").status == READY and report.layer("0").roundtrip is True
+    with pytest.raises(SparsifyError, match="CUDA"):
+        sparsify_(model, SemiSparseWeightConfig())
+
+
+# --- serve: configuration, refusals without CUDA ---------------------------------------------------------
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+
+
+def test_serve_config_validation():
+    from nmperm_plugin.export import ServeConfig, parse_shape
+
+    assert parse_shape("4x2048") == (4, 2048) and parse_shape((1, 8)) == (1, 8)
+    for bad in ("4by2048", "4x", "0x16", (1, 2, 3), (1.0, 8)):
+        with pytest.raises(ValueError, match="input shape"):
+            parse_shape(bad)
+    config = ServeConfig(shapes=["1x2048", (4, 2048), "1x2048", "8x1"])
+    assert config.shapes == ((1, 2048), (4, 2048), (8, 1)) and config.token_counts == [8192, 2048, 8]
+    for kwargs, match in (
+        (dict(shapes=()), "shapes is empty"),
+        (dict(shapes="1x2048"), "list of"),
+        (dict(mode="eager"), "unknown serve mode"),
+        (dict(tune="guess"), "unknown tune method"),
+        (dict(warmup=-1), "warmup must be an int >= 0"),
+        (dict(tune_repeats=0), "tune_repeats must be an int >= 1"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ServeConfig(**kwargs)
+
+
+@NO_CUDA
+def test_serve_refuses_without_cuda_naming_what_is_missing():
+    from nmperm_plugin.export import CusparseltLinear, GraphRunner, ServeError, prepare_linears_, serve
+
+    model = bf16_model((32, 64))
+    for call in (
+        lambda: serve(model),
+        lambda: prepare_linears_(model, [8]),
+        lambda: CusparseltLinear(model[0].weight),
+        lambda: GraphRunner(model, [torch.zeros(1, 64)]),
+    ):
+        with pytest.raises(ServeError, match="needs a CUDA GPU: CUDA graphs and the cuSPARSELt"):
+            call()
+
+
+def test_cusparselt_linear_lists_why_a_weight_cannot_be_served():
+    from nmperm_plugin.export import CusparseltLinear
+
+    reasons = CusparseltLinear.problems(torch.randn(24, 40))
+    assert any("needs the weights on a CUDA GPU" in reason for reason in reasons) != torch.cuda.is_available()
+    assert any(reason.startswith("not 2:4") for reason in reasons)
+    assert reasons[-1] == "dtype torch.float32: cast the model to bfloat16 or float16 first"
+    shapes = CusparseltLinear.problems(pruned_2to4(24, 48))
+    assert "out_features 24 not a multiple of 16 required by cuSPARSELt" in shapes
+    assert CusparseltLinear.problems(torch.zeros(2, 3, 4)) == ["weight must be 2-D, got shape (2, 3, 4)"]
+
+
+def test_algorithm_choice_keys_and_candidates(monkeypatch):
+    from nmperm_plugin import compat
+    from nmperm_plugin.export import serve as sv
+
+    assert sv.padded_rows(1, 8) == 8 and sv.padded_rows(64, 8) == 64 and sv.padded_rows(65, 8) == 72
+    assert sv.alg_key(2048, 8192, 64, torch.bfloat16, False) == (2048, 8192, 64, "bfloat16", False)
+    monkeypatch.setattr(compat, "cusparselt_max_alg_id", lambda: 3)
+    assert sv.alg_candidates(None) == [0, 1, 2, 3] and sv.alg_candidates(2) == [0, 1, 2, 3]
+    assert sv.alg_candidates(7) == [0, 1, 2, 3, 7]
+    monkeypatch.setattr(compat, "cusparselt_max_alg_id", lambda: None)
+    assert sv.alg_candidates(5) == [0, 5] and sv.alg_candidates(None) == [0]
+    assert sv.choose_alg_id(None, 16, 16, 8, torch.bfloat16, None, method="off") == 0
+    with pytest.raises(ValueError, match="unknown tune method"):
+        sv.choose_alg_id(None, 16, 16, 8, torch.bfloat16, None, method="fast")
+
+
+def test_logits_forward_keeps_the_last_position_of_a_causal_lm():
+    from nmperm_plugin.export.serve import logits_forward
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(7))
+    last = logits_forward(model, logits_to_keep=1)(ids)
+    assert last.shape == (2, 1, 128)
+    torch.testing.assert_close(last, logits(model, ids)[:, -1:])
+    assert logits_forward(model, logits_to_keep=0)(ids).shape == (2, 6, 128)
+    plain = nn.Embedding(128, 4)
+    assert logits_forward(plain, logits_to_keep=1)(ids).shape == (2, 6, 4)
+
+
+@NO_CUDA
+def test_cli_serve_without_cuda_exits_2_before_loading(checkpoint, capsys):
+    assert cli(["export", str(checkpoint), "--dtype", "bf16", "--serve"]) == 2
+    err = capsys.readouterr().err
+    assert "nmperm export --serve needs a CUDA GPU" in err
+    assert cli(["export", str(checkpoint), "--serve", "--serve-shapes", "4by2048"]) == 2
+    assert "is not BATCHxTOKENS" in capsys.readouterr().err
+
+
+def test_serve_speed_script_parses_and_refuses_without_cuda(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "serve_speed.py"
+    spec = importlib.util.spec_from_file_location("serve_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as done:
+        bench.main(["--help"])
+    assert done.value.code == 0 and "--prefill" in capsys.readouterr().out
+    args = bench.parse_args(["--models", "llama-3.2-1b", "--prefill", "1x2048", "--decode", "1", "8"])
+    assert args.prefill == [(1, 2048)] and args.decode == [1, 8]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--prefill", "2048"])
+    if not torch.cuda.is_available():
+        assert bench.main(["--models", "llama-3.2-1b"]) == 2
+        assert "no CUDA GPU found" in capsys.readouterr().err
+
+
+# --- GPU: sparsify_, CusparseltLinear, serve ---------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@NEEDS_CUDA
+def test_gpu_sparsify_semi_sparse_matches_dense():
+    from nmperm_plugin.export import SemiSparseWeightConfig, sparsify_
+
+    model = bf16_model((128, 256)).cuda()
+    x = torch.randn(4, 7, 256, device="cuda", dtype=torch.bfloat16)
+    expected = model(x)
+    assert sparsify_(model, SemiSparseWeightConfig()) == ["0"]
+    assert isinstance(model[0].weight, torch.sparse.SparseSemiStructuredTensor)
+    torch.testing.assert_close(model(x), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@NEEDS_CUDA
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not torch.backends.cusparselt.is_available(), reason="needs cuSPARSELt"
+)
+@pytest.mark.parametrize("tune", ["time", "search", "off"])
+def test_gpu_cusparselt_linear_matches_dense(tune):
+    from nmperm_plugin.export import CusparseltLinear
+    from nmperm_plugin.export.serve import GraphRunner
+
+    dense = bf16_model((128, 256)).cuda()[0]
+    layer = CusparseltLinear.from_linear(dense)
+    algs = layer.tune_([1, 7, 64], tune, repeats=3)
+    assert set(algs) == {8, 64}
+    for tokens in (1, 7, 64):
+        x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16)
+        torch.testing.assert_close(layer(x), dense(x), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(GraphRunner(layer, [x])(x), dense(x), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@NEEDS_CUDA
+@pytest.mark.parametrize("mode", ["cuda_graph", "compile"])
+def test_gpu_serve_tiny_llama_matches_the_dense_model(mode):
+    from nmperm_plugin.export import ServeConfig, check_served, serve
+
+    model = tiny_llama()
+    prune_model_(model, pruned_names())
+    model = model.bfloat16().cuda()
+    reference = tiny_llama()
+    prune_model_(reference, pruned_names())
+    reference = reference.bfloat16().cuda()
+    report = to_torchao_(model, TorchaoExportConfig(dtype="bf16"))
+    assert report.counts()[CONVERTED] == 14, report.to_text()
+    served = serve(model, ServeConfig(shapes=["1x16", "2x8"], mode=mode, tune="time", tune_repeats=3))
+    assert served.describe()["cusparselt_layers"] == (14 if torch.backends.cusparselt.is_available() else 0)
+    for shape in ((1, 16), (2, 8)):
+        ids = torch.randint(0, 128, shape, device="cuda")
+        torch.testing.assert_close(served(ids), logits(reference, ids)[:, -1:], atol=0.1, rtol=5e-2)
+    rows = check_served(served, repeats=3)
+    assert [row["shape"] for row in rows] == ["1x16", "2x8"] and all(row["rel_err"] < 1e-2 for row in rows)
+
+
+@pytest.mark.gpu
+@NEEDS_CUDA
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+    reason="FP8 2:4 (torchao CUTLASS sm90 kernel) needs an SM 9.x GPU",
+)
+def test_gpu_fp8_sparsify_through_torchao():
+    from nmperm_plugin import compat
+    from nmperm_plugin.export import Float8SemiSparseWeightConfig, sparsify_
+
+    model = bf16_model((128, 256)).cuda()
+    x = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16)
+    expected = model(x).float()
+    assert sparsify_(model, Float8SemiSparseWeightConfig()) == ["0"]
+    assert isinstance(model[0].weight, compat.torchao_fp8_sparse_types())
+    assert (model(x).float() - expected).norm() / expected.norm() < 0.1
