@@ -74,7 +74,8 @@ def effective_weight_rows(repeats: int) -> list[dict]:
 def end_to_end_rows(num_samples: int, repeats: int) -> dict:
     """Build the end_to_end objective as the pipeline does (gather), then time its passes."""
     import nmperm_plugin.pipeline as pipeline
-    from nmperm_plugin import LearnConfig, PermuteConfig
+    import nmperm_plugin.strategies as strategies
+    from nmperm_plugin import PermuteConfig
     from nmperm_plugin.data import load_texts, token_windows
     from nmperm_plugin.models import default_model_path, load_model
 
@@ -98,12 +99,12 @@ def end_to_end_rows(num_samples: int, repeats: int) -> dict:
             timings["select"].append(time.perf_counter() - start)
         return effective.hard_perms(), []
 
-    real_learn, pipeline.learn = pipeline.learn, timed_learn
+    real_learn, strategies.learn = strategies.learn, timed_learn
     try:
-        config = PermuteConfig(objective="end_to_end", fold="gather", learn=LearnConfig(steps=1))
+        config = PermuteConfig(objective="end_to_end", fold="gather", end_to_end_steps=1)
         pipeline.permute_and_prune_(model, calibration, config)
     finally:
-        pipeline.learn = real_learn
+        strategies.learn = real_learn
     medians = {name: statistics.median(values) for name, values in timings.items()}
     return medians | {"ratio_float32_over_bfloat16": medians["float32"] / medians["bfloat16"], "all": timings}
 

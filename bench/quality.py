@@ -91,25 +91,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _overrides(pairs: list[str]) -> tuple[dict, dict]:
-    from nmperm_plugin.learn import LearnConfig
-
-    permute, learn = {}, {}
+def _overrides(pairs: list[str], objective: str | None) -> dict:
+    """``--set FIELD=VALUE`` pairs as PermuteConfig fields. ``steps`` (the name of earlier result
+    files) is the step field the row's objective reads: ``end_to_end_steps`` or ``steps_per_layer``."""
+    fields = {}
     for pair in pairs:
         key, value = pair.split("=", 1)
         value = json.loads(value) if value[:1] in "0123456789-[{tf" else value
-        (learn if key in LearnConfig.__dataclass_fields__ else permute)[key] = value
-    return permute, learn
+        if key == "steps":
+            key = "end_to_end_steps" if objective == "end_to_end" else "steps_per_layer"
+        fields[key] = value
+    return fields
 
 
 def method_config(fields: dict, pattern: str, scorer: str, pairs: list[str], seed: int = 0):
     """The ``PermuteConfig`` a suite method's ``fields`` resolve to under ``--set`` ``pairs``."""
-    from nmperm_plugin import LearnConfig, PermuteConfig
+    from nmperm_plugin import PermuteConfig
 
-    permute, learn = _overrides(pairs)
-    return PermuteConfig(
-        **(fields | {"pattern": pattern, "scorer": scorer, "seed": seed} | permute), learn=LearnConfig(**learn)
-    )
+    overrides = _overrides(pairs, fields.get("objective"))
+    return PermuteConfig(**(fields | {"pattern": pattern, "scorer": scorer, "seed": seed} | overrides))
 
 
 def worker(job: dict) -> dict:
@@ -139,7 +139,7 @@ def worker(job: dict) -> dict:
             "retained_ratio": sidecar.figures["retained_ratio"],
             "retained_per_layer": result.retained,
             "history": result.history,
-            "fold_error": sidecar.verification["fold_max_abs_logit_diff"],
+            "fold_error": sidecar.verification["fold_relative_logit_error"],
         }
     row["perplexity"] = perplexity(model, evaluation)
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

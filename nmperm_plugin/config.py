@@ -157,3 +157,7 @@ def markdown_table() -> str:
             allowed = "" if spec.metadata["minimum"] is None else f">= {spec.metadata['minimum']:g}"
         rows.append(f"| `{spec.name}` | {flag} | `{default}` | {allowed} | {spec.metadata['help']} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m nmperm_plugin.config > the table in docs/configuration.md
+    print(markdown_table())

@@ -88,7 +88,9 @@ class _ModifierBase(Modifier):
 
     @model_validator(mode="after")
     def _consistent(self) -> _ModifierBase:
-        if self.epochs is not None and self.model_fields_set & {"steps_per_layer", "end_to_end_steps"}:
+        defaults = {spec.name: default_of(spec, "modifier") for spec in schema("modifier")}
+        stepped = any(getattr(self, name) != defaults[name] for name in ("steps_per_layer", "end_to_end_steps"))
+        if self.epochs is not None and stepped:  # compared with the defaults: a saved recipe.yaml lists them all
             raise ValueError("give epochs or steps_per_layer / end_to_end_steps, not both")
         if self.fold == "gather" and not self.apply_mask:
             raise ValueError(

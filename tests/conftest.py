@@ -44,6 +44,15 @@ def tiny_model(family: str = "llama", kv_heads: int = 2, tied: bool = False, see
     return model
 
 
+def assert_same_function(actual: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-5) -> None:
+    """Outputs agree to ``tolerance`` of their scale (``nmperm_plugin.ops.function_error``): a folded
+    model's logits differ only by rounding, which grows with the logits' magnitude and differs by host."""
+    from nmperm_plugin.ops import function_error
+
+    error = function_error(expected, actual)
+    assert error <= tolerance, f"outputs differ by {error:.3g} of their scale (> {tolerance:g})"
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Many tiny matmuls (llm-compressor's pipelines) run far faster on one thread on a shared 2-core machine."""

@@ -2,13 +2,14 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import assert_same_function, tiny_model
 from transformers import AutoModelForCausalLM
 
 from nmperm_plugin.cli import main
 from nmperm_plugin.sidecar import Sidecar
 
-FAST = ["--num-samples", "4", "--seq-len", "32", "--steps", "2", "--block-size", "16"]
+FAST = ["--num-samples", "4", "--seq-len", "32", "--block-size", "16", "--steps-per-layer", "2"]
+FAST += ["--end-to-end-steps", "2"]
 
 
 def _logits(directory, ids):
@@ -43,7 +44,7 @@ def test_permute_only_keeps_logits(saved_model, tmp_path, ids, fold):
         )
         == 0
     )
-    torch.testing.assert_close(_logits(out, ids), _logits(model_dir, ids), atol=1e-4, rtol=0)
+    assert_same_function(_logits(out, ids), _logits(model_dir, ids))
     if fold == "exact":
         before = AutoModelForCausalLM.from_pretrained(model_dir).model.layers[0].mlp.down_proj.weight
         after = AutoModelForCausalLM.from_pretrained(out).model.layers[0].mlp.down_proj.weight
@@ -103,8 +104,14 @@ def test_refuses_to_overwrite(saved_model, tmp_path, capsys):
     args = ["prune", str(model_dir), "--dataset", str(text), "--output", str(out), "--method", "identity", *FAST]
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
-    assert main([*args, "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "nmperm.json").exists()
+    # issue 19: --overwrite replaces only a directory nmperm wrote (or an empty one), never a user's folder
+    assert main([*args, "--overwrite"]) == 2
+    assert "replaces only a directory nmperm wrote" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert main(args) == 0 and (out / "nmperm.json").exists()  # an empty directory is filled
+    assert main(args) == 2 and main([*args, "--overwrite"]) == 0  # an nmperm output is replaced
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".busy")) == []
 
 
 def _nan_model(tmp_path, tokenizer):

@@ -5,7 +5,8 @@ import torch
 from conftest import tiny_model
 
 from nmperm_plugin import PermuteConfig, permute_
-from nmperm_plugin.hooks import architectures, get_mask_generator, hookimpl, mask_generators, plugin_manager, solvers
+from nmperm_plugin.hooks import hookimpl
+from nmperm_plugin.registry import architectures, get_mask_generator, mask_generators, plugin_manager, solvers
 from nmperm_plugin.scores import ChannelStats, MaskGenerator
 
 

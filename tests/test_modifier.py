@@ -6,21 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model
+from llmcompressor.core import State  # a hard dependency: never skipped
+from llmcompressor.modifiers import ModifierFactory
+from llmcompressor.recipe import Recipe
+from pydantic import ValidationError
+from torch.utils.data import DataLoader
 
 import nmperm_plugin
-from nmperm_plugin.learn import LearnConfig
+from nmperm_plugin.compress import calibration_ids, ignored_linears, sidecar_of, strip_sparsity_config
+from nmperm_plugin.modifier import LearnedPermutationModifier
 from nmperm_plugin.nm import NMPattern, is_nm
+from nmperm_plugin.pipeline import strategy_of
 from nmperm_plugin.sidecar import SIDECAR_NAME, Sidecar
-
-pytest.importorskip("llmcompressor")
-from llmcompressor.core import State  # noqa: E402
-from llmcompressor.modifiers import ModifierFactory  # noqa: E402
-from llmcompressor.recipe import Recipe  # noqa: E402
-from pydantic import ValidationError  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from nmperm_plugin.compress import calibration_ids, ignored_linears, sidecar_of, strip_sparsity_config  # noqa: E402
-from nmperm_plugin.modifier import LearnedPermutationModifier  # noqa: E402
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -56,7 +53,8 @@ def test_recipes_parse_and_round_trip(path):
         ({"block_size": 0}, "block_size"),
         ({"block_size": 6}, "block_size"),
         ({"epochs": 0}, "epochs"),
-        ({"epochs": 2, "steps": 3}, "epochs or steps"),
+        ({"epochs": 2, "steps_per_layer": 3}, "epochs or steps_per_layer"),
+        ({"end_to_end_steps": -1}, "end_to_end_steps"),
         ({"lr": -1.0}, "lr"),
         ({"apply_mask": "sometimes"}, "apply_mask"),
         ({"fold": "gather"}, "apply_mask: true"),
@@ -70,30 +68,36 @@ def test_bad_fields_are_validation_errors_that_name_the_field(fields, named):
 
 
 def test_epochs_map_onto_learner_steps():
-    assert LearnedPermutationModifier(epochs=2, sequences_per_step=4).learner_steps(8) == 4
-    assert LearnedPermutationModifier(epochs=1, sequences_per_step=4).learner_steps(10) == 3
-    assert LearnedPermutationModifier(epochs=3, sequences_per_step=4).learner_steps(2) == 3  # one step per epoch
-    assert LearnedPermutationModifier(steps=7).learner_steps(100) == 7
-    assert LearnedPermutationModifier().learner_steps(100) is None  # the objective's default
+    assert LearnedPermutationModifier(epochs=2, sequences_per_step=4).epoch_steps(8) == 4
+    assert LearnedPermutationModifier(epochs=1, sequences_per_step=4).epoch_steps(10) == 3
+    assert LearnedPermutationModifier(epochs=3, sequences_per_step=4).epoch_steps(2) == 3  # one step per epoch
+    assert LearnedPermutationModifier().epoch_steps(100) is None  # the objective's default
+    config = LearnedPermutationModifier(epochs=2, sequences_per_step=4).permute_config(num_sequences=8)
+    assert (config.steps_per_layer, config.total_steps) == (4, 4)
 
 
 @pytest.mark.parametrize(
-    ("objective", "fold", "steps"),
-    [("layerwise", "exact", 20), ("end_to_end", "exact", 80), ("end_to_end", "gather", 120), ("staged", "gather", 20)],
+    ("objective", "fold", "described"),
+    [
+        ("layerwise", "exact", "20 steps per decoder layer"),
+        ("end_to_end", "exact", "80 steps in all"),
+        ("end_to_end", "gather", "120 steps in all"),
+        ("staged", "gather", "20 steps per decoder layer, then end_to_end, 120 steps in all"),
+    ],
 )
-def test_without_steps_or_epochs_the_objective_default_applies(objective, fold, steps):
-    modifier = LearnedPermutationModifier(objective=objective, fold=fold, apply_mask=True)
-    config = modifier.permute_config(num_sequences=8)
-    assert config.learn.steps == LearnConfig().steps_for(objective, fold) == steps
+def test_without_steps_or_epochs_the_objective_default_applies(objective, fold, described):
+    config = LearnedPermutationModifier(objective=objective, fold=fold, apply_mask=True).permute_config(8)
+    assert described in strategy_of(config).describe(config)
 
 
 def test_fields_map_onto_permute_config():
     modifier = LearnedPermutationModifier(
-        pattern="4:8", scorer="ria", objective="retained", block_size=32, epochs=1, sequences_per_step=4
+        pattern="4:8", scorer="ria", objective="retained", block_size=32, epochs=1, sequences_per_step=4, lr=0.3
     )
     config = modifier.permute_config(num_sequences=8, ignore=("^lm_head$",))
     assert (config.pattern, config.scorer, config.objective, config.block_size) == ("4:8", "ria", "retained", 32)
-    assert config.apply_mask is False and config.ignore == ("^lm_head$",) and config.learn.steps == 2
+    assert config.apply_mask is False and config.ignore == ("^lm_head$",) and config.steps_per_layer == 2
+    assert config.lr == 0.3 and config.learner(2).lr == 0.3
 
 
 def test_calibration_ids_from_a_dataloader():
@@ -144,7 +148,7 @@ def test_lifecycle_without_oneshot_keeps_function_and_writes_sidecar(tmp_path):
     probe = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         before = model(probe).logits
-    modifier = LearnedPermutationModifier(steps=2, block_size=16, sequences_per_step=2, select_sequences=2)
+    modifier = LearnedPermutationModifier(steps_per_layer=2, block_size=16, sequences_per_step=2, select_sequences=2)
     modifier.initialize(_state(model))
     with torch.no_grad():
         assert float((model(probe).logits - before).abs().max()) < 1e-5
@@ -153,13 +157,13 @@ def test_lifecycle_without_oneshot_keeps_function_and_writes_sidecar(tmp_path):
     model.save_pretrained(tmp_path / "out")
     assert (tmp_path / "out" / SIDECAR_NAME).exists() and Sidecar.load(tmp_path / "out").fold == "exact"
     with pytest.raises(ValueError, match="already permuted"):
-        LearnedPermutationModifier(steps=0, block_size=16).initialize(_state(model))
+        LearnedPermutationModifier(steps_per_layer=0, block_size=16).initialize(_state(model))
 
 
 def test_apply_mask_prunes_with_its_own_scorer():
     model = tiny_model()
     modifier = LearnedPermutationModifier(
-        scorer="magnitude", apply_mask=True, steps=1, block_size=16, ignore=["lm_head"]
+        scorer="magnitude", apply_mask=True, steps_per_layer=1, block_size=16, ignore=["lm_head"]
     )
     modifier.initialize(_state(model))
     assert modifier.sidecar.frames and all(frame is None for frame in modifier.sidecar.frames.values())

@@ -3,19 +3,20 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import assert_same_function, tiny_model
 
-from nmperm_plugin import LearnConfig, PermuteConfig, permute_
+from nmperm_plugin import PermuteConfig, permute_
 from nmperm_plugin.fold import apply_gather
-from nmperm_plugin.learn import learn
+from nmperm_plugin.learn import LearnConfig, learn
 from nmperm_plugin.nm import NMPattern, is_nm
-from nmperm_plugin.pipeline import Pipeline, capture_layer_inputs
+from nmperm_plugin.pipeline import make_run
+from nmperm_plugin.run import Run, capture_layer_inputs, run_layer
 
-FAST = LearnConfig(steps=3, select_every=1)
+FAST = dict(steps_per_layer=3, end_to_end_steps=3, select_every=1)
 
 
 def _config(**kwargs) -> PermuteConfig:
-    defaults = dict(block_size=16, sequences_per_step=2, select_sequences=2, learn=FAST)
+    defaults = dict(block_size=16, sequences_per_step=2, select_sequences=2) | FAST
     return PermuteConfig(**(defaults | kwargs))
 
 
@@ -45,7 +46,7 @@ def test_every_method_gives_nm_and_permute_only_keeps_function(method, objective
 
     permuted = copy.deepcopy(model)
     permute_(permuted, input_ids, _config(method=method, objective=objective, fold=fold, apply_mask=False))
-    torch.testing.assert_close(permuted(input_ids).logits, reference, atol=1e-5, rtol=0)
+    assert_same_function(permuted(input_ids).logits, reference)
 
     pruned = copy.deepcopy(model)
     sidecar, result = permute_(pruned, input_ids, config)
@@ -59,46 +60,46 @@ def test_every_method_gives_nm_and_permute_only_keeps_function(method, objective
 
 def test_learned_beats_or_matches_its_start_and_gradients_flow(input_ids):
     model = tiny_model()
-    config = _config(method="learned", objective="layerwise", learn=LearnConfig(steps=6, select_every=1, lr=0.5))
-    pipeline = Pipeline(model, input_ids, config)
-    hidden, kwargs = capture_layer_inputs(model, pipeline.layers, input_ids)
-    prefix = pipeline._prefix(0)
-    names = {n: lin for n, lin in pipeline.linears.items() if n.startswith(prefix)}
-    stats = __import__("nmperm_plugin.pipeline", fromlist=["collect_stats"]).collect_stats(
-        pipeline.layers[0], names, hidden, kwargs, False
-    )
-    scores = pipeline.scores_of(names, stats)
-    sites = [s for s in pipeline.sites if s.layer == 0]
-    for site in sites + [s for s in pipeline.sites if s.layer is None]:
-        pipeline._solve(site, scores if site.layer == 0 else {n: torch.rand(64, 64) for n in site.linears})
-    effective = pipeline._effective(pipeline._members(names, scores, prefix), sites)
+    config = _config(method="learned", objective="layerwise", steps_per_layer=6, lr=0.5)
+    run = make_run(model, input_ids, config)
+    hidden, kwargs = capture_layer_inputs(model, run.layers, input_ids)
+    scores = run.layer_scores(0, hidden, kwargs)
+    sites = [s for s in run.sites if s.layer == 0]
+    for site in sites + [s for s in run.sites if s.layer is None]:
+        run.solve(site, scores if site.layer == 0 else {n: torch.rand(64, 64) for n in site.linears})
+    effective = run.effective(run.members(run.layer_linears(0), scores, run.layer_prefixes[0]), sites)
     from nmperm_plugin.objectives import LayerwiseObjective
-    from nmperm_plugin.pipeline import run_layer
 
-    target = run_layer(pipeline.layers[0], hidden, kwargs)
-    objective = LayerwiseObjective(pipeline.layers[0], kwargs, hidden, target, 2, 4, torch.Generator())
+    target = run_layer(run.layers[0], hidden, kwargs)
+    objective = LayerwiseObjective(run.layers[0], kwargs, hidden, target, 2, 4, torch.Generator())
     objective.loss(effective.soft(1.0), 0).backward()
     for key, permuter in effective.permuters.items():
         assert permuter.logits.grad is not None and permuter.logits.grad.abs().sum() > 0, key
     start = objective.select(effective.hard())
-    perms, history = learn(effective, objective, config.learn)
+    perms, history = learn(effective, objective, config.learner(6))
     assert objective.select(effective.hard(perms)) <= start + 1e-7
     assert len(history) == 7 and all(h["loss"] is not None for h in history[1:])
 
 
-def test_learn_refuses_unset_steps_and_configs_resolve_them():
-    with pytest.raises(ValueError, match="steps is unset"):
-        learn(None, None, LearnConfig())
-    assert PermuteConfig(objective="end_to_end").learn.steps == 80
-    assert PermuteConfig(objective="layerwise").learn.steps == 20
-    assert PermuteConfig(objective="end_to_end", learn=LearnConfig(steps=5)).learn.steps == 5
+def test_steps_are_resolved_when_used_never_written_back():
+    with pytest.raises(ValueError, match="steps must be 0 or more"):
+        learn(None, None, LearnConfig(steps=-1))
+    layerwise = PermuteConfig(objective="layerwise")
+    assert (layerwise.steps_per_layer, layerwise.end_to_end_steps) == (20, None)
+    assert replace(layerwise, objective="end_to_end").total_steps == 80  # no per-layer count carried over
+    assert replace(layerwise, objective="end_to_end", fold="gather").total_steps == 120
+    assert PermuteConfig(objective="end_to_end", end_to_end_steps=5).total_steps == 5
+    from nmperm_plugin.registry import get_objective
+
+    staged = get_objective("staged").describe(PermuteConfig(objective="staged"))
+    assert "20 steps per decoder layer" in staged and "80 steps in all" in staged
 
 
 def test_nan_weights_refused(input_ids):
     model = tiny_model()
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="up_proj has NaN"):
+    with pytest.raises(ValueError, match="NaN or infinite weights in model.layers.1.mlp.up_proj"):
         permute_(model, input_ids, _config(method="identity"))
 
 
@@ -116,7 +117,9 @@ def test_pattern_must_divide_channels(input_ids):
         ("objective", "vibes", "unknown objective"),
         ("block_size", 6, "multiple of M"),
         ("pattern", "4:2", "0 < N"),
-        ("learn", LearnConfig(steps=-1), "steps must be 0 or more"),
+        ("steps_per_layer", -1, "steps_per_layer must be at least 0"),
+        ("end_to_end_steps", -2, "end_to_end_steps must be at least 0"),
+        ("sequences_per_step", 0, "sequences_per_step must be at least 1"),
         ("train_dtype", "half", "unknown train_dtype"),
     ],
 )
@@ -130,8 +133,8 @@ def test_learned_global_hidden_site_keeps_function_and_prunes(input_ids):
     reference = model(input_ids).logits
     config = _config(method="learned", fold="exact", learn_hidden=True, apply_mask=False)
     sidecar, result = permute_(model, input_ids, config)
-    assert "hidden" in result.history and len(result.history["hidden"]) == FAST.steps + 1
-    torch.testing.assert_close(model(input_ids).logits, reference, atol=1e-5, rtol=0)
+    assert "hidden" in result.history and len(result.history["hidden"]) == FAST["steps_per_layer"] + 1
+    assert_same_function(model(input_ids).logits, reference)
     with pytest.raises(ValueError, match="with fold='exact'"):
         PermuteConfig(fold="gather", learn_hidden=True)
     with pytest.raises(ValueError, match="learn_hidden applies to method='learned'"):
@@ -142,22 +145,20 @@ def test_learned_global_hidden_site_keeps_function_and_prunes(input_ids):
 
 @pytest.mark.parametrize("learn_hidden", [False, True])
 def test_end_to_end_exact_learns_hidden_only_when_asked(learn_hidden, input_ids, monkeypatch):
-    import nmperm_plugin.pipeline as pipeline
-
     learned_sites = []
-    make_permuters = pipeline.make_permuters
+    effective = Run.effective
 
-    def recording(sites, *args, **kwargs):
+    def recording(run, members, sites):
         learned_sites.extend(site.name for site in sites)
-        return make_permuters(sites, *args, **kwargs)
+        return effective(run, members, sites)
 
-    monkeypatch.setattr(pipeline, "make_permuters", recording)
+    monkeypatch.setattr(Run, "effective", recording)
     model = tiny_model("llama", kv_heads=1, tied=True)
     reference = model(input_ids).logits
     config = _config(method="learned", objective="end_to_end", fold="exact", learn_hidden=learn_hidden)
     permuted = copy.deepcopy(model)
     _, result = permute_(permuted, input_ids, replace(config, apply_mask=False))
-    torch.testing.assert_close(permuted(input_ids).logits, reference, atol=1e-5, rtol=0)
+    assert_same_function(permuted(input_ids).logits, reference)
     assert ("hidden" in learned_sites) == learn_hidden
     assert {"model.layers.0.attn_out", "model.layers.1.mlp_out"} <= set(learned_sites)
     if not learn_hidden:  # kept at the heuristic start: RIA's own global permutation
@@ -167,12 +168,12 @@ def test_end_to_end_exact_learns_hidden_only_when_asked(learn_hidden, input_ids,
 
 @pytest.mark.parametrize("train_dtype,learning_dtype", [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
 def test_end_to_end_learns_in_train_dtype_and_selects_in_float32(train_dtype, learning_dtype, input_ids, monkeypatch):
-    import nmperm_plugin.pipeline as pipeline
+    import nmperm_plugin.strategies as strategies
 
     model = tiny_model()
     dtypes = []
     model.model.layers[0].mlp.down_proj.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
-    real_learn = pipeline.learn
+    real_learn = strategies.learn
 
     def checked_learn(effective, objective, config, description):
         dtypes.clear()  # the dense passes before learning run in float32
@@ -185,7 +186,7 @@ def test_end_to_end_learns_in_train_dtype_and_selects_in_float32(train_dtype, le
         assert set(dtypes) == {torch.float32}
         return real_learn(effective, objective, config, description)
 
-    monkeypatch.setattr(pipeline, "learn", checked_learn)
+    monkeypatch.setattr(strategies, "learn", checked_learn)
     config = _config(method="learned", objective="end_to_end", fold="gather", train_dtype=train_dtype)
     sidecar, _ = permute_(model, input_ids, config)
     apply_gather(model, sidecar)
@@ -215,7 +216,7 @@ def test_pipeline_runs_where_the_model_is_on_cuda(objective, scorer, fold, input
     sidecar, result = permute_(model, input_ids, config)  # input_ids stay on the CPU: the pipeline moves them
     with torch.no_grad():
         ids = input_ids[:2].cuda()
-        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+        assert_same_function(model(ids).logits, reference(ids).logits, 1e-4)  # TF32 matmuls
     assert all(perm.device.type == "cpu" for perm in result.perms.values())
     pruned = tiny_model("qwen2").cuda()
     permute_(pruned, input_ids, _config(method="learned", objective=objective, scorer=scorer, fold="exact"))
