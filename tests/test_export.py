@@ -409,14 +409,13 @@ def test_gather_checkpoint_without_gathers_is_reported_not_converted(tmp_path, m
 
 
 def test_real_apply_gather_makes_every_pruned_layer_2to4(tmp_path):
-    arch = pytest.importorskip("nmperm_plugin.arch")
-    if not hasattr(arch, "get_adapter"):
-        pytest.skip("nmperm_plugin.arch.get_adapter not available yet")
+    from nmperm_plugin.registry import get_adapter
+
     model = tiny_llama()
     modules = dict(model.named_modules())
     frames, permutations = {}, {}
     with torch.no_grad():
-        for site in arch.get_adapter(model).sites(model, "gather"):
+        for site in get_adapter(model).sites(model, "gather"):
             perm = torch.randperm(site.channels, generator=torch.Generator().manual_seed(len(permutations)))
             permutations[site.name] = perm.tolist()
             for name in site.linears:
@@ -649,7 +648,8 @@ def test_export_needs_no_torchao_sparsity(monkeypatch):
 
     root = Path(nmperm_plugin.__file__).resolve().parent.parent
     sources = list((root / "nmperm_plugin").rglob("*.py")) + list((root / "bench").glob("*.py"))
-    importing = [p.name for p in sources if re.search(r"(from|import)\s+torchao\.sparsity", p.read_text())]
+    code_import = re.compile(r"^\s*(from|import)\s+torchao\.sparsity", re.MULTILINE)  # not docstrings/comments
+    importing = [p.name for p in sources if code_import.search(p.read_text())]
     assert importing == []
     monkeypatch.setitem(sys.modules, "torchao.sparsity", None)  # as if removed: importing it would fail
     model = bf16_model((32, 64))
@@ -714,7 +714,7 @@ def test_cusparselt_linear_lists_why_a_weight_cannot_be_served():
 
 def test_algorithm_choice_keys_and_candidates(monkeypatch):
     from nmperm_plugin import compat
-    from nmperm_plugin.export import serve as sv
+    from nmperm_plugin.export import serving as sv
 
     assert sv.padded_rows(1, 8) == 8 and sv.padded_rows(64, 8) == 64 and sv.padded_rows(65, 8) == 72
     assert sv.alg_key(2048, 8192, 64, torch.bfloat16, False) == (2048, 8192, 64, "bfloat16", False)
@@ -729,7 +729,7 @@ def test_algorithm_choice_keys_and_candidates(monkeypatch):
 
 
 def test_logits_forward_keeps_the_last_position_of_a_causal_lm():
-    from nmperm_plugin.export.serve import logits_forward
+    from nmperm_plugin.export.serving import logits_forward
 
     model = tiny_llama()
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(7))
@@ -794,7 +794,7 @@ def test_gpu_sparsify_semi_sparse_matches_dense():
 @pytest.mark.parametrize("tune", ["time", "search", "off"])
 def test_gpu_cusparselt_linear_matches_dense(tune):
     from nmperm_plugin.export import CusparseltLinear
-    from nmperm_plugin.export.serve import GraphRunner
+    from nmperm_plugin.export.serving import GraphRunner
 
     dense = bf16_model((128, 256)).cuda()[0]
     layer = CusparseltLinear.from_linear(dense)
