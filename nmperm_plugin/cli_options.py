@@ -37,7 +37,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ..
         if spec.name in exclude:
             continue
         annotation = types_[spec.name]
-        kwargs: dict = {"dest": spec.name, "default": spec.default, "help": spec.metadata["help"]}
+        kwargs: dict = {
+            "dest": spec.name,
+            "default": spec.default,
+            "help": spec.metadata["help"] + " (default %(default)s)",
+        }
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
