@@ -161,14 +161,19 @@ class Block(nn.Module):
         k = self.k_proj(h).view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        if cache is None:
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # decode: write this position, attend to every cached one (no mask needed for one query)
+        group = self.heads // self.kv_heads
+        if cache is None:  # prefill: repeat K/V per query head (cheap next to the matmuls), causal flash attention
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # decode one token: write its K/V, then attend to every cached position (no mask for one query)
             k_cache, v_cache = cache
             k_cache[:, :, pos : pos + tokens] = k
             v_cache[:, :, pos : pos + tokens] = v
             end = pos + tokens
-            attn = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], enable_gqa=True)
+            # the query heads of one KV head act as that head's query rows: GQA without copying the cache
+            grouped = q.reshape(batch, self.kv_heads, group * tokens, self.head_dim)
+            attn = F.scaled_dot_product_attention(grouped, k_cache[:, :, :end], v_cache[:, :, :end])
+            attn = attn.reshape(batch, self.heads, tokens, self.head_dim)
         x = x + self.o_proj(attn.transpose(1, 2).reshape(batch, tokens, self.heads * self.head_dim))
         h = self.mlp_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -417,7 +422,8 @@ def linear_variants(weight: torch.Tensor, tokens: list[int], args: argparse.Name
             if sparse:
                 sparsify_(module, Float8SemiSparseWeightConfig())
             else:
-                compat.torchao_quantize_(module, compat.torchao_fp8_config(sparse=False), lambda m, f: True)
+                config = compat.torchao_fp8_config(sparse=False)
+                compat.torchao_quantize_(module, config, lambda m, fqn: isinstance(m, nn.Linear))
             return module
 
         built["fp8_dense"], built["fp8_sparse"] = (lambda: fp8(False)), (lambda: fp8(True))

@@ -11,10 +11,10 @@ Wrapped names (package, version checked against, user):
 - ``torch.sparse._semi_structured_conversions``, the CUTLASS 2:4 pack/unpack in Python (torch 2.13.0, 2.11.0;
   export.pack);
 - ``SparseSemiStructuredTensorCUSPARSELT/CUTLASS._DTYPE_SHAPE_CONSTRAINTS`` (torch 2.13.0, 2.11.0; export.validate,
-  export.sparsify, export.serve);
+  export.sparsify, export.serving);
 - ``SparseSemiStructuredTensor._FORCE_CUTLASS`` (torch 2.13.0, 2.11.0; export.sparsify);
 - ``torch._cslt_compress``, ``torch._cslt_sparse_mm``, ``torch._cslt_sparse_mm_search`` (torch 2.13.0 op schemas;
-  export.serve);
+  export.serving);
 - ``torch.cpu._is_amx_tile_supported`` (torch 2.13.0; objectives);
 - the ``save_pretrained._overridden`` flag llm-compressor's ``modify_save_pretrained`` sets and checks
   (llmcompressor 0.14.0.1; compress);

@@ -11,7 +11,7 @@ ServeConfig(...))`` prepares a converted model for serving (cuSPARSELt algorithm
 
 from .pack import pack_2to4, roundtrip_exact, unpack_2to4
 from .report import CONVERTED, DENSE, READY, ExportReport, LayerResult
-from .serve import (
+from .serving import (
     CusparseltLinear,
     GraphRunner,
     ServeConfig,

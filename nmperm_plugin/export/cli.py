@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from .serve import SERVE_MODES, TUNE_METHODS
+from .serving import SERVE_MODES, TUNE_METHODS
 from .validate import BACKENDS, PRECISIONS
 
 TARGETS = ("torchao",)
@@ -71,7 +71,7 @@ def serve_config(args: argparse.Namespace):
     """``--serve``'s ``ServeConfig`` (None without it); ``ValueError``/``ServeError`` for bad options or no CUDA."""
     if not getattr(args, "serve", False):
         return None
-    from .serve import ServeConfig, require_cuda
+    from .serving import ServeConfig, require_cuda
 
     config = ServeConfig(shapes=tuple(args.serve_shapes), mode=args.serve_mode, tune=args.tune)
     require_cuda("nmperm export --serve")
@@ -91,7 +91,7 @@ def serve_text(rows: list[dict]) -> str:
 
 def run_export(args: argparse.Namespace) -> int:
     """Run ``nmperm export``; 0 on success, 1 when ``--check`` finds a problem, 2 on bad input."""
-    from .serve import ServeError
+    from .serving import ServeError
     from .torchao import TorchaoExportConfig, check_checkpoint_dir, export_checkpoint
 
     try:
@@ -103,7 +103,7 @@ def run_export(args: argparse.Namespace) -> int:
         return _error(str(error))
     served_rows = None
     if serving is not None:
-        from .serve import check_served, serve
+        from .serving import check_served, serve
 
         try:
             served_rows = check_served(serve(model, serving))

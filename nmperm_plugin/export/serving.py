@@ -143,8 +143,8 @@ def alg_candidates(search: int | None) -> list[int]:
     return ids
 
 
-def time_graph_ms(fn: Callable[[], object], repeats: int) -> float:
-    """GPU time of one ``fn()`` in ms: ``repeats`` calls captured in one CUDA graph, timed on replay."""
+def time_graph_ms(fn: Callable[[], object], repeats: int, replays: int = 3) -> float:
+    """GPU time of one ``fn()`` in ms: ``repeats`` calls captured in one CUDA graph, median of ``replays`` replays."""
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -155,12 +155,15 @@ def time_graph_ms(fn: Callable[[], object], repeats: int) -> float:
         for _ in range(repeats):
             fn()
     graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeats
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / repeats)
+    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -203,7 +206,7 @@ def choose_alg_id(
             torch.cuda.synchronize()
         except RuntimeError:
             continue
-        timings[alg_id] = statistics.median(time_graph_ms(call, repeats) for _ in range(3))
+        timings[alg_id] = time_graph_ms(call, repeats)
     if not timings:
         raise ServeError(f"no cuSPARSELt algorithm ran for a {out_features} x {in_features} weight at {rows} rows")
     ALG_CACHE[key] = min(timings, key=timings.get)

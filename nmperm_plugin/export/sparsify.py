@@ -184,8 +184,8 @@ def pattern_problems(weight: torch.Tensor) -> list[str]:
     """Why a weight is not 2:4 along its input channels (empty when it is)."""
     if weight.shape[1] % 4:
         return [f"in_features {weight.shape[1]} not a multiple of 4, so not 2:4"]
-    if isinstance(weight, torch.sparse.SparseSemiStructuredTensor) or not weight.is_floating_point():
-        return ["already converted (not a dense floating weight)"]
+    if type(weight.detach()) is not torch.Tensor:
+        return [f"already converted ({type(weight.detach()).__name__}, not a dense weight)"]
     if not is_nm(weight.detach(), TWO_FOUR):
         return [f"not 2:4: {nm_violations(weight.detach(), TWO_FOUR)} groups of 4 hold more than 2 non-zeros"]
     return []
