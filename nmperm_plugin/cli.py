@@ -11,81 +11,59 @@ from loguru import logger
 
 from .api import permute_
 from .checkpoint import check_output_dir, save_checkpoint, verify_checkpoint
+from .cli_options import add_config_arguments, add_device_argument, config_from_args, resolve_device
 from .data import load_texts, token_windows
 from .evaluate import perplexity
-from .learn import END_TO_END_STEPS, STEPS_PER_LAYER, LearnConfig
-from .models import load_model
+from .models import check_seq_len, load_model
 from .nm import NMPattern
-from .objectives import TRAIN_DTYPES
-from .pipeline import METHODS, OBJECTIVES, PermuteConfig
 
 
-def _add_prune_options(parser: argparse.ArgumentParser, fold: bool = True) -> None:
-    parser.add_argument("--pattern", default="2:4", help="N:M pattern, e.g. 2:4, 4:8 (default 2:4)")
-    parser.add_argument("--scorer", default="wanda", help="mask generator: magnitude, wanda, ria, sparsegpt, ...")
-    parser.add_argument("--method", default="learned", choices=METHODS)
-    parser.add_argument("--objective", default="layerwise", choices=OBJECTIVES, help="for --method learned")
-    if fold:
-        parser.add_argument("--fold", default="exact", choices=("exact", "gather"))
-    parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument(
-        "--steps",
-        type=int,
-        help=f"learning steps, per decoder layer for layerwise (default {STEPS_PER_LAYER}), "
-        "in all for end_to_end (default "
-        + ", ".join(f"{steps} with --fold {fold}" for fold, steps in END_TO_END_STEPS.items())
-        + ")",
-    )
-    parser.add_argument(
-        "--train-dtype",
-        default="auto",
-        choices=TRAIN_DTYPES,
-        help="precision of end_to_end's learning passes (default auto: bfloat16 where the hardware is fast at it)",
-    )
+def _add_prune_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    add_config_arguments(parser, exclude)
     parser.add_argument("--num-samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="where the model and the learner run: cpu, cuda, cuda:1")
+    add_device_argument(parser)
     parser.add_argument("--output", required=False, help="output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
 
 def device_of(args: argparse.Namespace):
     """``--device`` as a torch device, refused early (before anything is loaded) when unusable."""
-    import torch
-
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device {args.device!r} is not a torch device: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
-    return device
+    return resolve_device(args.device)
 
 
-def _config(args: argparse.Namespace, apply_mask: bool = True) -> PermuteConfig:
-    return PermuteConfig(
-        pattern=args.pattern,
-        scorer=args.scorer,
-        method=args.method,
-        objective=args.objective,
-        fold=args.fold,
-        block_size=args.block_size,
-        seed=args.seed,
-        apply_mask=apply_mask,
-        train_dtype=args.train_dtype,
-        learn=LearnConfig(steps=args.steps),
-    )
+# options that a --recipe run uses; any other prune option the user gives is refused with --recipe
+RECIPE_OPTIONS = frozenset(
+    {"command", "model", "dataset", "recipe", "output", "overwrite", "num_samples", "seq_len", "seed"}
+    | {"debug", "verbose"}
+)
+
+
+def _inputs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """What a prune run reads: the output may never be or contain these (nmperm_plugin.safety)."""
+    return [
+        ("the input model", args.model),
+        ("the dataset", args.dataset),
+        ("the eval dataset", getattr(args, "eval_dataset", None)),
+        ("the recipe", getattr(args, "recipe", None)),
+    ]
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    pattern = NMPattern.parse(args.pattern)
     if not args.output:
         raise ValueError("--output DIR is required")
-    check_output_dir(args.output, args.overwrite)
+    inputs = _inputs(args)
     if args.recipe:
         from .recipe_cli import run_recipe
 
+        given = getattr(args, "given_options", {})
+        ignored = sorted(flag for dest, flag in given.items() if dest not in RECIPE_OPTIONS)
+        if ignored:
+            raise ValueError(
+                f"--recipe {args.recipe} sets the method, pattern, scorer and fold itself, so {', '.join(ignored)} "
+                "would be ignored: drop them, or edit the recipe (only --num-samples, --seq-len, --seed, --output and "
+                "--overwrite apply to a recipe run)"
+            )
         return run_recipe(
             args.model,
             args.dataset,
@@ -95,26 +73,34 @@ def cmd_prune(args: argparse.Namespace) -> int:
             args.seq_len,
             args.overwrite,
             args.seed,
+            inputs=inputs,
         )
-    texts = load_texts(args.dataset)
-    config = _config(args, apply_mask=not args.permute_only)
+    pattern = NMPattern.parse(args.pattern)
+    config = config_from_args(args)
+    check_output_dir(args.output, args.overwrite, inputs)
     device = device_of(args)
+    texts = load_texts(args.dataset)
+    eval_texts = load_texts(args.eval_dataset) if args.eval_dataset else None
     model, tokenizer = load_model(args.model)
-    model.to(device)
+    check_seq_len(model.config, args.seq_len)
     calibration = token_windows(tokenizer, texts, args.num_samples, args.seq_len, seed=args.seed)
+    evaluation = None
+    if eval_texts is not None:
+        evaluation = token_windows(tokenizer, eval_texts, args.eval_samples, args.seq_len, None, "--eval-samples")
+    model.to(device)
     start = time.monotonic()
     sidecar, _ = permute_(model, calibration, config)
     sidecar.figures["total_seconds"] = round(time.monotonic() - start, 1)
-    if args.eval_dataset:
-        windows = token_windows(tokenizer, load_texts(args.eval_dataset), args.eval_samples, args.seq_len)
-        sidecar.figures["perplexity"] = perplexity(model, windows)
-    if config.fold == "gather" and not args.permute_only:
+    if evaluation is not None:
+        sidecar.figures["perplexity"] = perplexity(model, evaluation)
+    if config.fold == "gather" and config.apply_mask:
         logger.warning(
             "fold 'gather': weights are stored in the original channel order (any loader computes the right "
             "function); they are N:M only under the permutations in nmperm.json, which `nmperm export` re-applies"
         )
-    save_checkpoint(model, tokenizer, args.output, sidecar, args.overwrite)
-    print(f"wrote {args.output} ({pattern}, {sidecar.method}, fold {config.fold})")
+    target = save_checkpoint(model, tokenizer, args.output, sidecar, args.overwrite, inputs)  # verified before
+    what = "permutations only, no mask" if not config.apply_mask else f"{pattern}, {sidecar.method}, fold {config.fold}"
+    print(f"wrote {target} ({what}; verified: {len(sidecar.frames)} pruned linears, checksums recorded)")
     return 0
 
 
@@ -153,10 +139,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nmperm", description="Learned channel permutations for N:M sparsity")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error and debug logging (anywhere on the line)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="SmolLM2-135M: learn permutations, Wanda 2:4, compare perplexity")
-    _add_prune_options(demo, fold=False)
+    _add_prune_options(demo, exclude=("fold",))
     demo.set_defaults(objective="end_to_end")  # the most accurate objective measured; SmolLM2 fits it easily
     demo.add_argument("--eval-samples", type=int, default=24, help="evaluation windows")
     demo.add_argument(
@@ -172,10 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("model", help="transformers model directory or .gguf file")
     prune.add_argument("--dataset", required=True, help="text file, directory of text files, datasets folder")
     _add_prune_options(prune)
-    prune.add_argument("--permute-only", action="store_true", help="learn and fold permutations, apply no mask")
     prune.add_argument("--eval-dataset", help="held-out text to measure perplexity on (recorded in the sidecar)")
     prune.add_argument("--eval-samples", type=int, default=24)
     prune.add_argument("--recipe", help="llm-compressor recipe YAML (see recipes/); it then sets pattern, scorer, ...")
+    prune.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     prune.set_defaults(func=cmd_prune)
 
     evaluate = commands.add_parser(
@@ -212,15 +201,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given_options(argv: list[str]) -> dict[str, str]:
+    """``dest -> flag`` of the options ``argv`` really gives (not their defaults), for any subcommand:
+    the same parser re-parsed with every default suppressed."""
+    parser = build_parser()
+    flags: dict[str, list[str]] = {}
+    stack = [parser]
+    while stack:
+        current = stack.pop()
+        current._defaults.clear()
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+            elif not isinstance(action, argparse._HelpAction):
+                action.default, action.required = argparse.SUPPRESS, False
+                flags.setdefault(action.dest, []).extend(action.option_strings or [action.dest])
+    given, _ = parser.parse_known_args(argv)
+    words = {a.split("=", 1)[0] for a in argv}
+    return {dest: next((f for f in flags[dest] if f in words), flags[dest][0]) for dest in vars(given) if dest in flags}
+
+
+USER_ERRORS = (ValueError, OSError, FloatingPointError)  # OSError: FileNotFound, FileExists, permissions
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``nmperm`` command. Errors are one line on stderr with exit status 2 (a traceback only with
+    ``--debug``); an unexpected error says it is one and exits 1; an interrupt exits 130."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # anywhere on the line, for every subcommand
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
+    args.given_options = given_options(argv)
     logger.remove()
-    logger.add(sys.stderr, level="DEBUG" if args.verbose else "INFO")
+    logger.add(sys.stderr, level="DEBUG" if args.verbose or debug else "INFO")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
-        print(f"nmperm: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("nmperm: interrupted (any existing output is unchanged)", file=sys.stderr)
+        return 130
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        print(f"nmperm: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except Exception as error:  # noqa: BLE001 - a bug or an unforeseen input: one line, the traceback on request
+        if debug:
+            raise
+        message = f"{type(error).__name__}: {_one_line(error)} (run with --debug for the traceback)"
+        print(f"nmperm: error: {message}", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

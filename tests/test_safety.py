@@ -1,0 +1,635 @@
+"""Issue 19, "nothing lost, nothing lied about": one test (or more) per case of the issue.
+
+Every destructive case runs against a scratch folder under ``tmp_path``; the root and home guards
+are tested with every filesystem-changing call of :mod:`nmperm_plugin.safety` replaced by a trap,
+so a regression fails the test instead of deleting anything.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TEXT, tiny_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import nmperm_plugin.cli as cli
+from nmperm_plugin import safety
+from nmperm_plugin.baselines import allocation
+from nmperm_plugin.checkpoint import save_checkpoint, verify_checkpoint
+from nmperm_plugin.cli import main
+from nmperm_plugin.nm import NMPattern
+from nmperm_plugin.sidecar import SIDECAR_NAME, Sidecar
+
+FAST = ["--num-samples", "4", "--seq-len", "32", "--block-size", "16"]
+PACKAGE = Path(safety.__file__).resolve().parent
+
+
+def _save(model, tokenizer, directory: Path) -> Path:
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _prune(model, dataset, output, *extra) -> int:
+    return main(["prune", str(model), "--dataset", str(dataset), "--output", str(output), *extra])
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("work started before the refusal")
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any model load is a test failure: refusals must come before the work."""
+    monkeypatch.setattr(cli, "load_model", _no_work)
+    monkeypatch.setattr(cli, "permute_", _no_work)
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory, tokenizer):
+    """A tiny Llama pruned 2:4 by the CLI (allocation permutations), and its source."""
+    root = tmp_path_factory.mktemp("pruned")
+    model_dir = _save(tiny_model(), tokenizer, root / "tiny-llama")
+    text = root / "calib.txt"
+    text.write_text(TEXT)
+    out = root / "out"
+    assert _prune(model_dir, text, out, "--method", "allocation", *FAST) == 0
+    return out
+
+
+@pytest.fixture
+def copy_of(pruned, tmp_path):
+    def make(name: str = "ckpt") -> Path:
+        return Path(shutil.copytree(pruned, tmp_path / name))
+
+    return make
+
+
+def _one_error_line(err: str) -> bool:
+    """Exactly one ``nmperm: error:`` line, no traceback (log lines and progress bars aside)."""
+    return sum(line.startswith("nmperm: error:") for line in err.splitlines()) == 1 and "Traceback" not in err
+
+
+def _tree(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# -- 1. --overwrite never destroys what nmperm did not write --------------------------------------
+@pytest.mark.parametrize("case", ["parent of the input", "the input model", "sibling with files", "the dataset"])
+def test_overwrite_refuses_destructive_outputs(saved_model, tmp_path, capsys, no_work, case):
+    model_dir, text = saved_model
+    (tmp_path / "unrelated.txt").write_text("keep me")
+    sibling = tmp_path / "photos"
+    sibling.mkdir()
+    (sibling / "cat.jpg").write_bytes(b"\xff\xd8 not ours")
+    before = _tree(tmp_path)
+    output = {
+        "parent of the input": tmp_path,
+        "the input model": model_dir,
+        "sibling with files": sibling,
+        "the dataset": text,
+    }[case]
+    assert _prune(model_dir, text, output, "--overwrite", "--method", "identity", *FAST) == 2
+    err = capsys.readouterr().err
+    expected = {
+        "parent of the input": "contains the input model",
+        "the input model": "is the input model",
+        "sibling with files": "replaces only a directory nmperm wrote",
+        "the dataset": "is the dataset",
+    }[case]
+    assert expected in err and _one_error_line(err)
+    assert _tree(tmp_path) == before  # nothing deleted, nothing added
+
+
+def test_output_may_not_be_or_contain_the_current_directory(saved_model, tmp_path, monkeypatch, capsys, no_work):
+    model_dir, text = saved_model
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for output in (".", "..", str(work)):
+        assert _prune(model_dir, text, output, "--overwrite", *FAST) == 2
+        assert "current directory" in capsys.readouterr().err
+    assert (work / "notes.txt").read_text() == "mine"
+
+
+@pytest.fixture
+def traps(monkeypatch):
+    """Every call of safety that changes the filesystem raises: a refusal must come before all of them."""
+    arm_traps(monkeypatch)
+
+
+def arm_traps(monkeypatch) -> None:
+    def trap(name):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"{name} called by safety on {args[:1]}")
+
+        return fail
+
+    monkeypatch.setattr(safety.shutil, "rmtree", trap("rmtree"))
+    for name in ("rename", "mkdir", "rmdir", "replace"):
+        monkeypatch.setattr(safety.os, name, trap(name))
+    monkeypatch.setattr(safety, "_exchange", trap("renameat2"))
+    monkeypatch.setattr(Path, "mkdir", trap("Path.mkdir"))
+
+
+def test_save_checkpoint_to_root_never_reaches_rmtree(tokenizer, traps):
+    model = tiny_model()
+    sidecar = Sidecar("2:4", "wanda", "identity", "exact", "llama")
+    with pytest.raises(safety.UnsafeOutputError, match="filesystem root"):
+        save_checkpoint(model, tokenizer, "/", sidecar, overwrite=True)
+    with pytest.raises(safety.UnsafeOutputError, match="filesystem root"):
+        unset = os.environ.get("NMPERM_SURELY_UNSET", "") + "/"  # what the shell makes of --output $UNSET/
+        save_checkpoint(model, tokenizer, unset, sidecar, overwrite=True)
+
+
+def test_home_directory_is_refused(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "projects").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    arm_traps(monkeypatch)
+    for output in (home, tmp_path, Path("~").expanduser()):
+        with pytest.raises(safety.UnsafeOutputError, match="home directory"):
+            safety.check_output(output, overwrite=True)
+    assert (home / "projects").is_dir()
+
+
+def test_real_home_and_root_refused_by_the_cli_before_any_work(saved_model, capsys, no_work, traps):
+    model_dir, text = saved_model
+    for output in ("/", str(Path.home())):
+        assert _prune(model_dir, text, output, "--overwrite", *FAST) == 2
+        assert "refusing output" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_an_nmperm_output_or_an_empty_dir_with_umask_modes(saved_model, tmp_path):
+    model_dir, text = saved_model
+    old_umask = os.umask(0o022)
+    try:
+        empty = tmp_path / "empty"
+        empty.mkdir(mode=0o755)
+        assert _prune(model_dir, text, empty, "--method", "identity", *FAST) == 0
+        assert stat.S_IMODE(empty.stat().st_mode) == 0o755
+        assert _prune(model_dir, text, empty, "--method", "allocation", "--overwrite", *FAST) == 0
+        assert Sidecar.load(empty).method == "allocation" and stat.S_IMODE(empty.stat().st_mode) == 0o755
+        fresh = tmp_path / "a" / "b" / "fresh"
+        assert _prune(model_dir, text, fresh, "--method", "identity", *FAST) == 0
+        assert {stat.S_IMODE(p.stat().st_mode) for p in (fresh, fresh.parent, fresh.parent.parent)} == {0o755}
+    finally:
+        os.umask(old_umask)
+    assert not [p for p in tmp_path.rglob(".*") if "nmperm" in p.name]
+
+
+# -- 2. checks that can be made before the work ---------------------------------------------------
+def test_unwritable_output_refused_before_work(saved_model, tmp_path, capsys, no_work):
+    model_dir, text = saved_model
+    blocker = tmp_path / "some_file"
+    blocker.write_text("x")
+    assert _prune(model_dir, text, blocker / "sub", *FAST) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if os.geteuid() == 0:  # root ignores mode bits: make the directory immutable instead
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(locked)]).returncode:
+            pytest.skip("running as root without chattr: cannot make a read-only directory")
+        undo = ["chattr", "-i", str(locked)]
+    else:
+        locked.chmod(0o555)
+        undo = None
+    try:
+        assert _prune(model_dir, text, locked / "out", *FAST) == 2
+        assert "is not writable" in capsys.readouterr().err
+    finally:
+        subprocess.run(undo) if undo else locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("case", ["missing", "too short"])
+def test_eval_dataset_checked_before_work(saved_model, tmp_path, monkeypatch, capsys, case):
+    model_dir, text = saved_model
+    monkeypatch.setattr(cli, "permute_", _no_work)
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    eval_path = tmp_path / "absent.txt" if case == "missing" else short
+    args = ["--eval-dataset", str(eval_path), "--eval-samples", "8", *FAST]
+    assert _prune(model_dir, text, tmp_path / "out", *args) == 2
+    err = capsys.readouterr().err
+    assert ("does not exist" in err) if case == "missing" else ("lower --eval-samples" in err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_with_conflicting_flags_is_refused_naming_them(saved_model, tmp_path, monkeypatch, capsys):
+    import nmperm_plugin.recipe_cli as recipe_cli
+
+    model_dir, text = saved_model
+    monkeypatch.setattr(recipe_cli, "run_recipe", _no_work)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "magnitude-2of4-apply-mask.yaml"
+    extra = ["--permute-only", "--pattern", "4:8", "--fold", "gather", "--device", "cuda", "--method", "identity"]
+    assert _prune(model_dir, text, tmp_path / "out", "--recipe", str(recipe), *extra) == 2
+    err = capsys.readouterr().err
+    for flag in ("--permute-only", "--pattern", "--fold", "--device", "--method"):
+        assert flag in err
+    assert "--num-samples" not in err.split("would be ignored")[0]  # defaults are not reported as given
+
+
+def test_given_options_tells_given_flags_from_defaults():
+    given = cli.given_options(["prune", "m", "--dataset", "d", "--pattern=4:8", "--seed", "0", "--permute-only"])
+    assert given["pattern"] == "--pattern" and given["seed"] == "--seed" and given["apply_mask"] == "--permute-only"
+    assert "fold" not in given and "method" not in given and "device" not in given
+
+
+# -- 3. non-finite numbers ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "where,method",
+    [
+        ("model.embed_tokens.weight", "identity"),
+        ("lm_head.weight", "allocation"),
+        ("model.layers.1.post_attention_layernorm.weight", "ria"),
+    ],
+)
+def test_non_finite_weights_are_named_before_work(tokenizer, tmp_path, capsys, where, method):
+    model = tiny_model()
+    with torch.no_grad():
+        model.get_parameter(where)[0] = float("inf") if "embed" in where else float("nan")
+    model_dir = _save(model, tokenizer, tmp_path / "bad")
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    assert _prune(model_dir, text, tmp_path / "out", "--method", method, *FAST) == 2
+    err = capsys.readouterr().err
+    assert where in err and "NaN or infinite" in err and "wrote" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["identity", "ria"])
+def test_overflowing_activations_are_named_not_scipy(tokenizer, tmp_path, capsys, method):
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight.fill_(1e37)  # finite weights, inf activations
+    model_dir = _save(model, tokenizer, tmp_path / "overflow")
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    assert _prune(model_dir, text, tmp_path / "out", "--method", method, *FAST) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"calibration activations entering model\.layers\.0\.(self_attn|mlp)\.\w+ are not finite", err)
+    assert "invalid numeric entries" not in err and not (tmp_path / "out").exists()
+
+
+def test_wrote_is_printed_only_after_the_written_model_passed_verify(saved_model, tmp_path, monkeypatch, capsys):
+    import nmperm_plugin.checkpoint as checkpoint
+
+    model_dir, text = saved_model
+    failing = checkpoint.Verification()
+    failing.add("every weight is finite", False, "lm_head.weight: 1 of 19200 NaN/inf")
+    monkeypatch.setattr(checkpoint, "verify_checkpoint", lambda directory: failing)
+    out = tmp_path / "out"
+    assert _prune(model_dir, text, out, "--method", "identity", *FAST) != 0
+    captured = capsys.readouterr()
+    assert "wrote" not in captured.out and "fails verification" in captured.err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+# -- 4. nmperm verify -----------------------------------------------------------------------------
+def test_verify_passes_and_records_checksums_of_every_pruned_weight(pruned):
+    sidecar = Sidecar.load(pruned)
+    assert sidecar.format == "nmperm-sidecar/2" and set(sidecar.checksums) == set(sidecar.frames)
+    assert len(sidecar.frames) == 14 and verify_checkpoint(pruned).ok
+
+
+def _edit_sidecar(directory: Path, change) -> None:
+    data = json.loads((directory / SIDECAR_NAME).read_text())
+    change(data)
+    (directory / SIDECAR_NAME).write_text(json.dumps(data))
+
+
+def test_verify_catches_a_deleted_frame(copy_of, capsys):
+    ckpt = copy_of()
+    _edit_sidecar(ckpt, lambda d: d["frames"].pop("model.layers.1.mlp.up_proj"))
+    assert main(["verify", str(ckpt)]) == 1
+    assert "no checksum" not in (out := capsys.readouterr().out) and "no frame for model.layers.1.mlp.up_proj" in out
+
+
+def test_verify_catches_a_changed_weight_that_keeps_2of4(copy_of, capsys):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = copy_of()
+    weights = load_file(ckpt / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    weights[name] = weights[name] * 1.01  # same zeros, so still 2:4: only the checksum can tell
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    assert main(["verify", str(ckpt)]) == 1
+    out = capsys.readouterr().out
+    assert "changed since written: model.layers.0.mlp.down_proj" in out and "pruned linears are 2:4" in out
+
+
+def test_verify_catches_non_finite_weights(copy_of, capsys):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = copy_of()
+    weights = load_file(ckpt / "model.safetensors")
+    weights["model.embed_tokens.weight"][3, 3] = float("nan")
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    assert main(["verify", str(ckpt)]) == 1
+    assert "FAIL  every weight is finite  model.embed_tokens.weight: 1 of" in capsys.readouterr().out
+
+
+def test_old_sidecar_without_checksums_verifies_with_a_note(copy_of, capsys):
+    ckpt = copy_of()
+
+    def to_format_1(data):
+        data.pop("checksums")
+        data["format"] = "nmperm-sidecar/1"
+
+    _edit_sidecar(ckpt, to_format_1)
+    assert main(["verify", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "note  checksums of the pruned weights  not checked: sidecar format nmperm-sidecar/1" in out
+
+
+# -- 5. clear one-line errors ---------------------------------------------------------------------
+def _break(case: str, root: Path, model_dir: Path) -> tuple[Path, list[str]]:
+    """Damage a copy of the model (or the run's inputs) as ``case`` says; returns (model, extra args)."""
+    model = Path(shutil.copytree(model_dir, root / "model"))
+    extra: list[str] = []
+    if case == "corrupt config.json":
+        (model / "config.json").write_text('{"model_type": "llama", ')
+    elif case == "truncated safetensors":
+        data = (model / "model.safetensors").read_bytes()
+        (model / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif case == "no weights":
+        (model / "model.safetensors").unlink()
+    elif case == "missing tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (model / name).unlink(missing_ok=True)
+    elif case == "invalid recipe YAML":
+        recipe = root / "broken.yaml"
+        recipe.write_text("sparsity_stage:\n  sparsity_modifiers:\n    Wanda: [1, 2\n")
+        extra = ["--recipe", str(recipe)]
+    elif case == "seq-len beyond positions":
+        extra = ["--seq-len", "512"]
+    elif case == "indivisible pattern":
+        extra = ["--pattern", "2:3", "--block-size", "12"]
+    return model, extra
+
+
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("corrupt config.json", "config.json is not valid JSON"),
+        ("truncated safetensors", "model.safetensors is truncated"),
+        ("no weights", "holds no weights"),
+        ("missing tokenizer", "has no tokenizer"),
+        ("invalid recipe YAML", "broken.yaml is not valid YAML"),
+        ("seq-len beyond positions", "--seq-len 512 is longer than the model's max_position_embeddings 256"),
+        ("indivisible pattern", "choose a --pattern whose M divides"),
+    ],
+)
+def test_bad_inputs_are_one_line_errors(saved_model, tmp_path, capsys, case, needle):
+    model_dir, text = saved_model
+    model, extra = _break(case, tmp_path, model_dir)
+    if "--recipe" in extra:
+        fast = ["--num-samples", "4", "--seq-len", "32"]  # a recipe run takes no method options
+    elif "--seq-len" in extra:
+        fast = ["--method", "allocation", "--num-samples", "4", "--block-size", "16"]
+    else:
+        fast = ["--method", "allocation", *FAST]
+    assert _prune(model, text, tmp_path / "out", *fast, *extra) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert _one_error_line(err) and "exclude this layer" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_shows_the_traceback(saved_model, tmp_path):
+    model_dir, text = saved_model
+    model, _ = _break("corrupt config.json", tmp_path, model_dir)
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        _prune(model, text, tmp_path / "out", *FAST, "--debug")
+
+
+@pytest.mark.parametrize(
+    "case,needle",
+    [("extra key", "unknown key(s) 'surprise'"), ("invalid JSON", "nmperm.json is not valid JSON")],
+)
+def test_damaged_sidecar_is_a_one_line_error_naming_the_file(copy_of, capsys, case, needle):
+    ckpt = copy_of()
+    if case == "extra key":
+        _edit_sidecar(ckpt, lambda d: d.update(surprise=1))
+    else:
+        (ckpt / SIDECAR_NAME).write_text('{"format": "nmperm-sidecar/2",')
+    assert main(["verify", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and str(ckpt / SIDECAR_NAME) in err and _one_error_line(err)
+
+
+def test_undecodable_dataset_bytes_warn_and_binary_files_are_refused(tmp_path):
+    from loguru import logger
+
+    from nmperm_plugin.data import load_texts
+
+    messages: list[str] = []
+    sink = logger.add(messages.append, level="WARNING")
+    try:
+        mostly_text = tmp_path / "latin1.txt"
+        mostly_text.write_bytes("caf\xe9 au lait ".encode("latin-1") * 20)
+        assert "au lait" in load_texts(mostly_text)[0]
+        assert any("not valid UTF-8" in m for m in messages)
+    finally:
+        logger.remove(sink)
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ValueError, match="looks binary"):
+        load_texts(binary)
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("plain words".encode("utf-16-le"))
+    with pytest.raises(ValueError, match="NUL bytes"):
+        load_texts(utf16)
+
+
+# -- 6. heads smaller than M ----------------------------------------------------------------------
+def test_head_smaller_than_m_is_refused_not_a_crash(tokenizer, tmp_path, capsys):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        max_position_embeddings=256,
+    )  # head_dim 8
+    model_dir = _save(LlamaForCausalLM(config), tokenizer, tmp_path / "small-heads")
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    for method in ("allocation", "learned"):
+        args = ["--pattern", "8:16", "--method", method, "--steps-per-layer", "1", *FAST]
+        assert _prune(model_dir, text, tmp_path / "out", *args) == 2
+        err = capsys.readouterr().err
+        assert "heads of 8 channels" in err and "--fold gather" in err and "ZeroDivisionError" not in err
+    with pytest.raises(ValueError, match="groups of M=16"):
+        allocation(torch.rand(4, 8), NMPattern(8, 16))
+
+
+# -- 7. no code from a model directory ------------------------------------------------------------
+@pytest.mark.parametrize("model_type", ["llama", "evilnet"])
+def test_loading_never_runs_code_from_the_model_directory(saved_model, tmp_path, capsys, model_type):
+    from nmperm_plugin.models import load_model
+
+    model_dir, text = saved_model
+    evil = Path(shutil.copytree(model_dir, tmp_path / "evil"))
+    marker = tmp_path / "code-ran"
+    (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((evil / "config.json").read_text())
+    config["model_type"] = model_type
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (evil / "config.json").write_text(json.dumps(config))
+    if model_type == "llama":  # a known type: the stock class is used, the custom code never imported
+        model, _ = load_model(evil)
+        assert type(model).__name__ == "LlamaForCausalLM"
+    else:
+        assert _prune(evil, text, tmp_path / "out", *FAST) == 2
+        assert "trust_remote_code" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+# -- 8. atomic replacement: kills at every point ----------------------------------------------------
+WRITER = textwrap.dedent(
+    """
+    import os, sys, time, types
+    package = types.ModuleType("nmperm_plugin")  # load safety.py without the package's heavy __init__
+    package.__path__ = [sys.argv[3]]
+    sys.modules["nmperm_plugin"] = package
+    from nmperm_plugin import safety
+
+    target, mode = sys.argv[1], sys.argv[2]
+
+    def write(staging):
+        (staging / "nmperm.json").write_text('{"format": "nmperm-sidecar/2", "which": "new"}')
+        (staging / "weights.bin").write_bytes(b"new" * 100000)
+        if mode in ("sigint", "sigkill"):
+            print("ready", flush=True)
+            time.sleep(60)
+
+    if mode == "between":  # the two-rename scheme, killed right after moving the old output aside
+        safety._exchange = lambda a, b: False
+        real_rename = os.rename
+
+        def rename(a, b):
+            real_rename(a, b)
+            os._exit(9)
+
+        safety.os.rename = rename
+    if mode == "after-swap":  # killed after the swap, before the old output is deleted
+        safety.shutil.rmtree = lambda *a, **k: os._exit(9)
+    safety.atomic_write(target, write, overwrite=True, note=lambda message: None)
+    print("done", flush=True)
+    """
+)
+
+
+def _old_output(path: Path) -> Path:
+    path.mkdir()
+    (path / "nmperm.json").write_text('{"format": "nmperm-sidecar/2", "which": "old"}')
+    (path / "weights.bin").write_bytes(b"old" * 100000)
+    return path
+
+
+def _which(path: Path) -> str:
+    """'old' or 'new' if ``path`` holds that complete output (raises otherwise)."""
+    which = json.loads((path / "nmperm.json").read_text())["which"]
+    assert (path / "weights.bin").read_bytes() == which.encode() * 100000
+    return which
+
+
+def _writer(tmp_path: Path, target: Path, mode: str) -> subprocess.Popen:
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    args = [sys.executable, str(script), str(target), mode, str(PACKAGE)]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_killed_during_save_the_old_output_stays(tmp_path, sig):
+    target = _old_output(tmp_path / "out")
+    process = _writer(tmp_path, target, "sigint" if sig == signal.SIGINT else "sigkill")
+    assert process.stdout.readline().strip() == "ready"
+    assert _which(target) == "old"
+    process.send_signal(sig)
+    process.wait(timeout=30)
+    assert process.returncode != 0 and _which(target) == "old"
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert bool(leftovers) == (sig == signal.SIGKILL)  # SIGINT cleans up; SIGKILL cannot
+    notes: list[str] = []
+    safety.check_output(target, overwrite=True, note=notes.append)  # the next run removes the leftover
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")] and _which(target) == "old"
+    assert bool(notes) == (sig == signal.SIGKILL)
+
+
+def test_killed_between_the_two_renames_the_next_run_restores_the_old_output(tmp_path):
+    target = _old_output(tmp_path / "out")
+    process = _writer(tmp_path, target, "between")
+    process.wait(timeout=60)
+    assert process.returncode == 9 and not target.exists()
+    aside = [p for p in tmp_path.iterdir() if ".nmperm-old-" in p.name]
+    assert len(aside) == 1 and _which(aside[0]) == "old"  # the old output is complete, aside
+    notes: list[str] = []
+    safety.check_output(target, overwrite=True, note=notes.append)
+    assert _which(target) == "old" and any("restored" in n for n in notes)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_killed_after_the_swap_the_new_output_is_in_place(tmp_path):
+    target = _old_output(tmp_path / "out")
+    process = _writer(tmp_path, target, "after-swap")
+    process.wait(timeout=60)
+    assert process.returncode == 9 and _which(target) == "new"
+    safety.check_output(target, overwrite=True, note=lambda message: None)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")] and _which(target) == "new"
+
+
+def test_the_output_path_always_holds_a_complete_output_during_the_swap(tmp_path, monkeypatch):
+    target = _old_output(tmp_path / "out")
+    seen = []
+    real = safety._remove_ours
+
+    def remove(path, owner):
+        seen.append(_which(target))  # at the moment the old output is deleted, the new one is in place
+        real(path, owner)
+
+    monkeypatch.setattr(safety, "_remove_ours", remove)
+
+    def write(staging):
+        (staging / "nmperm.json").write_text('{"format": "nmperm-sidecar/2", "which": "new"}')
+        (staging / "weights.bin").write_bytes(b"new" * 100000)
+        seen.append(_which(target))
+
+    safety.atomic_write(target, write, overwrite=True, note=lambda message: None)
+    assert seen == ["old", "new"] and _which(target) == "new"
+
+
+def test_interrupted_save_checkpoint_keeps_the_old_checkpoint(copy_of, tokenizer, monkeypatch):
+    ckpt = copy_of("out")
+    before = _tree(ckpt)
+
+    def interrupted(self, directory):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Sidecar, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tiny_model(), tokenizer, ckpt, Sidecar("2:4", "wanda", "identity", "exact", "llama"), True)
+    assert _tree(ckpt) == before and not [p for p in ckpt.parent.iterdir() if p.name.startswith(".out.")]
+
+
+def test_a_live_runs_staging_directory_is_left_alone(tmp_path):
+    target = tmp_path / "out"
+    live = tmp_path / f".out.nmperm-new-{os.getppid()}-0123abcd"
+    live.mkdir()
+    notes: list[str] = []
+    safety.recover_leftovers(target, notes.append)
+    assert live.is_dir() and "running process" in notes[0]
