@@ -227,7 +227,11 @@ def markdown(summary: dict[str, dict], header: str) -> str:
 
 
 def plots(rows: list[dict], summary: dict[str, dict], stem: str) -> list[str]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # plots are optional: the JSON and markdown tables are the results
+        print("no plots: matplotlib is not installed (pip install matplotlib)")
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
