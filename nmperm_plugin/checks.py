@@ -36,7 +36,10 @@ def non_finite_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[
     for name, tensor in named:
         if not tensor.is_floating_point() or tensor.numel() == 0:
             continue
-        bad = int((~torch.isfinite(tensor.detach())).sum())
+        values = tensor.detach()
+        if values.element_size() == 1:  # float8 (e.g. an FP8 checkpoint): isfinite is not implemented for it
+            values = values.to(torch.float16)
+        bad = int((~torch.isfinite(values)).sum())
         if bad:
             found.append((name, bad, tensor.numel()))
     return found
