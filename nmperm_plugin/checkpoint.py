@@ -13,6 +13,7 @@ from torch import nn
 from . import safety
 from .checks import check_weight_files, non_finite_tensors, weight_checksums
 from .nm import NMPattern, nm_violations
+from .registry import get_adapter
 from .sidecar import FORMAT, Sidecar
 
 Inputs = Iterable[tuple[str, "str | Path | None"]]
@@ -199,8 +200,6 @@ def verify_checkpoint(directory: str | Path) -> Verification:
         return report
     report.add("loads with AutoModelForCausalLM.from_pretrained", True, type(model).__name__)
     model_type = getattr(model.config, "model_type", "?")
-    from .registry import get_adapter
-
     try:
         adapter = get_adapter(model)
         report.add("architecture matches the sidecar", adapter.name == sidecar.architecture, model_type)

