@@ -47,3 +47,13 @@ def test_permute_only_on_smollm2_keeps_logits(tmp_path):
     changed = permuted.model.layers[3].mlp.down_proj.weight != original.model.layers[3].mlp.down_proj.weight
     assert changed.any()  # the permutation was really folded into the weights
     assert main(["verify", str(out)]) == 0
+
+
+def test_demo_runs_on_the_embedded_model_and_writes_a_verified_checkpoint(tmp_path, capsys):
+    """The quick start's `nmperm demo`, shrunk: tiny calibration, one end_to_end step."""
+    out = tmp_path / "demo"
+    args = ["demo", "--num-samples", "2", "--seq-len", "32", "--eval-samples", "2", "--end-to-end-steps", "1"]
+    assert main([*args, "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "dense" in printed and "no permutation" in printed and "learned/end_to_end (exact)" in printed
+    assert main(["verify", str(out)]) == 0
