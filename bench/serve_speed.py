@@ -32,7 +32,6 @@ import argparse
 import copy
 import json
 import re
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -106,18 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def time_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
     """Median wall time of ``fn`` on the GPU in milliseconds (CUDA events, after ``warmup`` calls)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    from nmperm_plugin.export.serving import median_cuda_ms
+
+    return median_cuda_ms(fn, repeats, warmup)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

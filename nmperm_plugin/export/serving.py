@@ -442,7 +442,12 @@ def serve(model: nn.Module, config: ServeConfig | None = None, vocab_size: int |
     return served
 
 
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+def median_cuda_ms(fn: Callable[[], object], repeats: int, warmup: int = 0) -> float:
+    """Median wall time of ``fn`` on the GPU in milliseconds (CUDA events, after ``warmup`` calls)."""
+    for _ in range(warmup):
+        fn()
+    if warmup:
+        torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -468,8 +473,8 @@ def check_served(served: ServedModel, repeats: int = 10, seed: int = 0) -> list[
         ids = torch.randint(0, vocab, (batch, tokens), device="cuda", generator=generator)
         expected, actual = served.forward(ids).float(), served(ids).float()
         error = float((actual - expected).norm() / expected.norm().clamp_min(1e-12))
-        eager_ms = _median_ms(lambda i=ids: served.forward(i), repeats)
-        served_ms = _median_ms(lambda i=ids: served(i), repeats)
+        eager_ms = median_cuda_ms(lambda i=ids: served.forward(i), repeats)
+        served_ms = median_cuda_ms(lambda i=ids: served(i), repeats)
         rows.append(
             {
                 "shape": f"{batch}x{tokens}",
