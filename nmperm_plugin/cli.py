@@ -27,11 +27,6 @@ def _add_prune_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...]
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
 
-def device_of(args: argparse.Namespace):
-    """``--device`` as a torch device, refused early (before anything is loaded) when unusable."""
-    return resolve_device(args.device)
-
-
 # options that a --recipe run uses; any other prune option the user gives is refused with --recipe
 RECIPE_OPTIONS = frozenset(
     {"command", "model", "dataset", "recipe", "output", "overwrite", "num_samples", "seq_len", "seed"}
@@ -78,7 +73,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     pattern = NMPattern.parse(args.pattern)
     config = config_from_args(args)
     check_output_dir(args.output, args.overwrite, inputs)
-    device = device_of(args)
+    device = resolve_device(args.device)
     texts = load_texts(args.dataset)
     eval_texts = load_texts(args.eval_dataset) if args.eval_dataset else None
     model, tokenizer = load_model(args.model)
@@ -116,7 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             num_samples=args.num_samples,
             seq_len=args.seq_len,
             batch_size=args.batch_size,
-            device=device_of(args),
+            device=resolve_device(args.device),
         )
     except ImportError as error:  # lm-eval missing: an install hint, not a traceback
         raise ValueError(str(error)) from error
