@@ -1,9 +1,12 @@
-"""The built-in plugin: mask generators, the Llama-family adapter, the heuristic solvers and the
-objectives, registered through the same hooks as a third-party plugin."""
+"""The built-in plugin: mask generators, the architecture adapters (Llama family, Gemma 2/3, Phi-3,
+OPT), the heuristic solvers and the objectives, registered through the same hooks as a third-party plugin."""
 
 from __future__ import annotations
 
+from .arch.gemma import GemmaAdapter
 from .arch.llama import LlamaAdapter
+from .arch.opt import OPTAdapter
+from .arch.phi3 import Phi3Adapter
 from .baselines import HEURISTICS
 from .hooks import hookimpl
 from .scores import BUILTIN_GENERATORS
@@ -17,7 +20,7 @@ def nmperm_mask_generators() -> list:
 
 @hookimpl
 def nmperm_architectures() -> list:
-    return [LlamaAdapter()]
+    return [LlamaAdapter(), GemmaAdapter(), Phi3Adapter(), OPTAdapter()]
 
 
 @hookimpl

@@ -80,7 +80,8 @@ def get_adapter(model: nn.Module) -> Adapter:
     found = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     supported = ", ".join(f"{a.name} ({', '.join(getattr(a, 'model_types', ()))})" for a in adapters)
     raise ValueError(
-        f"unsupported architecture {found!r}: supported are {supported}. To add one, implement "
-        "nmperm_plugin.arch.base.Adapter and register it with an `nmperm_architectures` hook "
-        "under the `nmperm_plugin` entry-point group (see docs/plugins.md)."
+        f"unsupported architecture {found!r}: supported are {supported}. To add one, name a decoder-only "
+        "model's modules in a nmperm_plugin.arch.decoder.DecoderAdapter subclass (or implement "
+        "nmperm_plugin.arch.base.Adapter) and register it with an `nmperm_architectures` hook under the "
+        "`nmperm_plugin` entry-point group (see docs/plugins.md and docs/architectures.md)."
     )

@@ -44,6 +44,49 @@ def tiny_model(family: str = "llama", kv_heads: int = 2, tied: bool = False, see
     return model
 
 
+FAMILIES = ("gemma2", "gemma3_text", "phi3", "opt", "opt-projected", "opt-postnorm")
+
+
+def family_config(family: str, **overrides):
+    """A tiny random config of a non-Llama family (tests/test_architectures.py, bench/architectures.py).
+
+    Gemma: head_dim 32 (heads x head_dim != hidden, as in the real models), soft-capping, a sliding
+    window shorter than the test sequences, and (Gemma 3) a sliding and a global layer. OPT: as
+    opt-125m (pre-norm, tied), with ``project_in``/``project_out`` (-projected), post-norm (-postnorm,
+    as opt-350m)."""
+    from transformers import Gemma2Config, Gemma3TextConfig, OPTConfig, Phi3Config
+
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=300)
+    decoder = dict(common, intermediate_size=128, num_key_value_heads=2, max_position_embeddings=256)
+    gemma = dict(decoder, head_dim=32, sliding_window=16, final_logit_softcapping=30.0)
+    opt = dict(common, ffn_dim=128, max_position_embeddings=256, word_embed_proj_dim=64)
+    configs = {
+        "gemma2": lambda: Gemma2Config(**gemma, attn_logit_softcapping=50.0),
+        "gemma3_text": lambda: Gemma3TextConfig(**gemma, layer_types=["sliding_attention", "full_attention"]),
+        "phi3": lambda: Phi3Config(**decoder, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        "opt": lambda: OPTConfig(**opt),
+        "opt-projected": lambda: OPTConfig(**(opt | dict(word_embed_proj_dim=32))),
+        "opt-postnorm": lambda: OPTConfig(**(opt | dict(word_embed_proj_dim=32, do_layer_norm_before=False))),
+    }
+    config = configs[family]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def family_model(family: str, seed: int = 0, **overrides):
+    """A tiny random model of ``family`` (see :func:`family_config`) in float32, with every vector
+    parameter (norm weights and biases, linear biases) randomised so that folding them is tested:
+    Gemma's norms start at zero (``x * (1 + w)``), where a missing permutation would go unnoticed."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(family_config(family, **overrides), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 1:
+                parameter.add_(torch.randn_like(parameter) * 0.2)
+    return model
+
+
 def assert_same_function(actual: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-5) -> None:
     """Outputs agree to ``tolerance`` of their scale (``nmperm_plugin.ops.function_error``): a folded
     model's logits differ only by rounding, which grows with the logits' magnitude and differs by host."""

@@ -1,0 +1,210 @@
+"""A declarative base for decoder-only Transformers: name the modules, get the sites and folds (SPEC 3).
+
+A family is described by where its modules are: the decoder layers, the linears that read the
+attention and MLP inputs, the ones that write back to the residual stream, the norms, the embeddings
+and the final norm. :class:`DecoderAdapter` derives the permutation sites, the exact folds and the
+run-time gathers from those names; a family whose layout differs (fused projections, input/output
+projections around the decoder) overrides one small method.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops import GatherLinear, GatherNorm, permute_embedding_, permute_inputs_, permute_outputs_
+from .base import Adapter, Site
+
+
+def find(root: nn.Module, path: str) -> nn.Module | None:
+    """The submodule at dotted ``path``, or None when it is absent (or set to None)."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def replace(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at dotted ``path`` of ``root``."""
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def permute_norm_(norm: nn.Module | None, perm: torch.Tensor) -> None:
+    """Reorder a norm's weight and bias (a norm without affine parameters has nothing to reorder).
+
+    Exact for RMSNorm (``x * w`` and Gemma's ``x * (1 + w)``) and LayerNorm: the statistic is order-independent."""
+    if norm is not None and getattr(norm, "weight", None) is not None:
+        permute_outputs_(norm, perm)
+
+
+class DecoderAdapter(Adapter):
+    """Sites and folds of a decoder-only Transformer from the names of its modules.
+
+    Layer-relative paths: ``attn_in`` (the linears reading the attention input), ``value`` (the
+    linear holding the value rows, at :meth:`value_offset` when fused with q and k), ``attn_out``,
+    ``mlp_in`` (reading the MLP input, rows combined elementwise), ``mlp_out``, ``attn_norm`` and
+    ``mlp_norm`` (the norms feeding ``attn_in`` and ``mlp_in``: gathers in ``fold: gather``),
+    ``residual_norms`` (other norms on the residual stream, e.g. Gemma's post-norms). Model-relative:
+    ``layers``, ``embeddings`` (columns carry the residual stream) and ``final_norms``.
+
+    Sites (SPEC 3): exact has one global ``hidden`` site plus per layer ``attn_out`` (tied per KV
+    head) and ``mlp_out``; gather has per layer ``attn_in``, untied ``attn_out``, ``mlp_in`` and
+    ``mlp_out``.
+    """
+
+    model_types: tuple[str, ...] = ()
+    layers = "model.layers"
+    attn_in: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    value = "self_attn.v_proj"
+    attn_out = "self_attn.o_proj"
+    mlp_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    mlp_out = "mlp.down_proj"
+    attn_norm = "input_layernorm"
+    mlp_norm = "post_attention_layernorm"
+    residual_norms: tuple[str, ...] = ()
+    embeddings: tuple[str, ...] = ("model.embed_tokens",)
+    final_norms: tuple[str, ...] = ("model.norm",)
+    rope_per_layer_type: tuple[str, ...] = ()  # model types whose layer types have their own rotary embeddings
+
+    # -- what the model is ------------------------------------------------------------------------
+    def matches(self, model: nn.Module) -> bool:
+        config = getattr(model, "config", None)
+        return getattr(config, "model_type", None) in self.model_types and find(model, self.layers) is not None
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.layers)
+
+    def _head_layout(self, model: nn.Module) -> tuple[int, int, int]:
+        config = model.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return heads, kv_heads, head_dim
+
+    def value_offset(self, model: nn.Module) -> int:
+        """The first value row of :attr:`value` (0 unless q, k and v are one fused linear)."""
+        return 0
+
+    def mlp_in_rows(self, perm: torch.Tensor) -> torch.Tensor:
+        """The row permutation of each ``mlp_in`` linear for an ``mlp_out`` permutation ``perm``
+        (fused gate and up halves override this)."""
+        return perm
+
+    def check_calibration(self, model: nn.Module, input_ids: torch.Tensor) -> None:
+        """Refuse what the layer-by-layer walk would compute wrongly: it runs every decoder layer with
+        the first layer's attention mask and position embeddings, which differ between layer types
+        (sliding-window against full attention) beyond the window, and always where each type has its
+        own rotary embedding (Gemma 3)."""
+        config = model.config
+        types = sorted(set(getattr(config, "layer_types", None) or ()))
+        if len(types) < 2:
+            return
+        window = getattr(config, "sliding_window", None)
+        seq_len = input_ids.shape[-1]
+        per_type_rope = config.model_type in self.rope_per_layer_type
+        if per_type_rope:
+            why = "each layer type has its own rotary position embedding"
+        elif window is not None and seq_len > window:
+            why = f"calibration sequences of {seq_len} tokens exceed the sliding window of {window}"
+        else:
+            return
+        raise ValueError(
+            f"{self.name} ({config.model_type}): decoder layers of types {', '.join(types)} get different attention "
+            f"inputs ({why}), and the layer-by-layer walk runs every layer with the first layer's, so it would "
+            "score and learn on wrong activations. Not supported yet"
+            + (f"; use --seq-len {window} or less" if not per_type_rope else "")
+        )
+
+    # -- sites ------------------------------------------------------------------------------------
+    def sites(self, model: nn.Module, fold: str) -> list[Site]:
+        heads, kv_heads, head_dim = self._head_layout(model)
+        hidden = model.config.hidden_size
+        layers = self.decoder_layers(model)
+        sites: list[Site] = []
+        if fold == "exact":
+            readers = [f"{self.layers}.{i}.{name}" for i in range(len(layers)) for name in self.attn_in + self.mlp_in]
+            sites.append(Site("hidden", "hidden", tuple(readers), hidden, None))
+        for i, layer in enumerate(layers):
+            p = f"{self.layers}.{i}"
+            if fold == "gather":
+                sites.append(Site(f"{p}.attn_in", "attn_in", tuple(f"{p}.{n}" for n in self.attn_in), hidden, i))
+            tied = tuple(h // (heads // kv_heads) for h in range(heads)) if fold == "exact" else None
+            sites.append(Site(f"{p}.attn_out", "attn_out", (f"{p}.{self.attn_out}",), heads * head_dim, i, tied))
+            if fold == "gather":
+                sites.append(Site(f"{p}.mlp_in", "mlp_in", tuple(f"{p}.{n}" for n in self.mlp_in), hidden, i))
+            inter = layer.get_submodule(self.mlp_out).in_features
+            sites.append(Site(f"{p}.mlp_out", "mlp_out", (f"{p}.{self.mlp_out}",), inter, i))
+        return sites
+
+    # -- exact folds ------------------------------------------------------------------------------
+    def fold_exact(self, model: nn.Module, site: Site, perm: torch.Tensor) -> None:
+        if site.kind == "mlp_out":
+            layer = self.decoder_layers(model)[site.layer]
+            rows = self.mlp_in_rows(perm)
+            for name in self.mlp_in:
+                permute_outputs_(layer.get_submodule(name), rows)
+            permute_inputs_(layer.get_submodule(self.mlp_out), perm)
+        elif site.kind == "attn_out":
+            self._fold_attn_out(model, site, perm)
+        elif site.kind == "hidden":
+            self._fold_hidden(model, perm)
+        else:
+            raise ValueError(f"site {site.name} ({site.kind}) cannot be folded exactly; use fold='gather'")
+
+    def _fold_attn_out(self, model: nn.Module, site: Site, perm: torch.Tensor) -> None:
+        heads, kv_heads, head_dim = self._head_layout(model)
+        if site.tied_heads is None:
+            raise ValueError(f"{site.name}: an untied attn_out permutation needs fold='gather'")
+        within = perm.reshape(heads, head_dim) - torch.arange(heads)[:, None] * head_dim  # [heads, head_dim]
+        group = heads // kv_heads
+        v_perm = (within[::group] + torch.arange(kv_heads)[:, None] * head_dim).flatten()
+        layer = self.decoder_layers(model)[site.layer]
+        value = layer.get_submodule(self.value)
+        offset = self.value_offset(model)
+        if offset or value.out_features != len(v_perm):  # fused: q and k rows stay, the value rows move
+            rows = torch.arange(value.out_features)
+            rows[offset : offset + len(v_perm)] = offset + v_perm
+            v_perm = rows
+        permute_outputs_(value, v_perm)
+        permute_inputs_(layer.get_submodule(self.attn_out), perm)
+
+    def _fold_hidden(self, model: nn.Module, perm: torch.Tensor) -> None:
+        for layer in self.decoder_layers(model):
+            for norm in (self.attn_norm, self.mlp_norm, *self.residual_norms):
+                permute_norm_(layer.get_submodule(norm), perm)
+            for name in self.attn_in + self.mlp_in:
+                permute_inputs_(layer.get_submodule(name), perm)
+            permute_outputs_(layer.get_submodule(self.attn_out), perm)
+            permute_outputs_(layer.get_submodule(self.mlp_out), perm)
+        self.fold_residual_ends(model, perm)
+
+    def fold_residual_ends(self, model: nn.Module, perm: torch.Tensor) -> None:
+        """Where the residual stream starts and ends: embedding columns, final norms, the head's columns."""
+        embeddings = [e for e in (find(model, n) for n in self.embeddings) if e is not None]
+        for embedding in embeddings:
+            permute_embedding_(embedding, perm)
+        for name in self.final_norms:
+            permute_norm_(find(model, name), perm)
+        head = model.get_output_embeddings()
+        if head is not None and not any(head.weight is e.weight for e in embeddings):  # tied: already permuted
+            permute_inputs_(head, perm)
+
+    def folds_exactly(self, site: Site, fold: str) -> bool:
+        """Exact: every site. Gather: only ``mlp_out`` (the others are per-layer gathers)."""
+        return fold == "exact" or site.kind == "mlp_out"
+
+    # -- run-time gathers -------------------------------------------------------------------------
+    def apply_gather(self, model: nn.Module, site: Site, perm: torch.Tensor) -> None:
+        layer = self.decoder_layers(model)[site.layer] if site.layer is not None else None
+        if site.kind in ("attn_in", "mlp_in"):
+            norm, readers = (self.attn_norm, self.attn_in) if site.kind == "attn_in" else (self.mlp_norm, self.mlp_in)
+            replace(layer, norm, GatherNorm(layer.get_submodule(norm), perm))
+            for name in readers:
+                permute_inputs_(layer.get_submodule(name), perm)
+        elif site.kind == "attn_out" and site.tied_heads is None:
+            out = layer.get_submodule(self.attn_out)
+            permute_inputs_(out, perm)
+            replace(layer, self.attn_out, GatherLinear(out, perm))
+        else:
+            self.fold_exact(model, site, perm)
