@@ -52,6 +52,7 @@ WANDA_SUITE = {
     "learned end_to_end (exact)": {"method": "learned", "objective": "end_to_end", "fold": "exact"},
     "learned staged (gather)": {"method": "learned", "objective": "staged", "fold": "gather"},
     "learned staged (exact)": {"method": "learned", "objective": "staged", "fold": "exact"},
+    "learned window (exact)": {"method": "learned", "objective": "window", "fold": "exact"},  # --set window_layers=K
 }
 OBJECTIVE_SUITE = {
     "2:4 no permutation": {"method": "identity", "fold": "gather"},

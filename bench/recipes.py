@@ -4,6 +4,7 @@ On SmolLM2-135M (the embedded GGUF, rebuilt as a plain model and saved to a temp
 because ``oneshot`` needs a saved model) it runs through ``llmcompressor.oneshot``:
 
 - ``wanda``: Wanda 2:4 (recipes/wanda-2of4-learned.yaml without the permutation modifier);
+- ``wanda-unstructured``: Wanda at 50% without the 2:4 structure (the far end of the structural gap);
 - ``wanda+learned``: recipes/wanda-2of4-learned.yaml;
 - ``sparsegpt``: SparseGPT 2:4 (recipes/sparsegpt-2of4-learned.yaml without the modifier);
 - ``sparsegpt+learned``: recipes/sparsegpt-2of4-learned.yaml;
@@ -38,7 +39,8 @@ RECIPES = {
     "wanda": ROOT / "recipes" / "wanda-2of4-learned.yaml",
     "sparsegpt": ROOT / "recipes" / "sparsegpt-2of4-learned.yaml",
 }
-VARIANTS = ("wanda", "wanda+learned", "sparsegpt", "sparsegpt+learned")
+VARIANTS = ("wanda", "wanda-unstructured", "wanda+learned", "sparsegpt", "sparsegpt+learned")
+UNSTRUCTURED = "-unstructured"  # the recipe's pruner at the same sparsity without the N:M structure (the gap's far end)
 MODIFIER = "LearnedPermutationModifier"
 
 
@@ -96,9 +98,13 @@ def saved_model(directory: Path, tiny: bool, texts: list[str]) -> tuple[Path, ob
 def recipe_for(variant: str, overrides: dict) -> str:
     """The recipe of ``variant`` as YAML: the file, without the permutation modifier for the baselines."""
     base, _, learned = variant.partition("+")
-    recipe = yaml.safe_load(RECIPES[base].read_text())
+    unstructured = base.endswith(UNSTRUCTURED)
+    recipe = yaml.safe_load(RECIPES[base.removesuffix(UNSTRUCTURED)].read_text())
     for stage in recipe.values():
         for group in stage.values():
+            for args in group.values():
+                if unstructured and "mask_structure" in args:
+                    args["mask_structure"] = "0:0"
             if learned and MODIFIER in group:
                 args = group[MODIFIER]
                 for pair in (("steps", "epochs"), ("epochs", "steps")):  # one replaces the other

@@ -83,6 +83,28 @@ def check_pattern_fits(pattern: NMPattern, linears: Mapping[str, nn.Module], sit
 
 
 # -- weight files ------------------------------------------------------------------------------------
+def available_memory(device: torch.device) -> int:
+    """Bytes free on ``device``: CUDA's free memory, or the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil  # a dependency of llm-compressor and accelerate
+
+    return psutil.virtual_memory().available
+
+
+def check_fits_in_memory(hidden: torch.Tensor, layers: int, device: torch.device) -> None:
+    """Refuse before the dense pass when keeping every layer's dense output of the calibration
+    sequences (``hidden``: ``[N, T, D]``) would take more than 80% of what ``device`` has free."""
+    needed = hidden.numel() * hidden.element_size() * layers
+    free = available_memory(device)
+    if needed > 0.8 * free:
+        raise MemoryError(
+            f"the dense targets of {len(hidden)} calibration sequences x {layers} decoder layers need "
+            f"{needed / 2**30:.1f} GiB on {device} and {free / 2**30:.1f} GiB are free: use fewer or shorter "
+            f"calibration sequences (--num-samples, --seq-len) or a layer-wise objective"
+        )
+
+
 def safetensors_header(path: Path) -> tuple[dict, int]:
     """The JSON header of a safetensors file and the offset where its data starts.
 

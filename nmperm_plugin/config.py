@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from .arch import FOLD_MODES
 from .learn import LearnConfig
 from .nm import NMPattern
-from .objectives import TRAIN_DTYPES
+from .objectives import CHECKPOINTING, TRAIN_DTYPES
 from .registry import mask_generators, objectives, solvers
 
 FRONT_ENDS = ("cli", "modifier")
@@ -56,7 +56,7 @@ class PermuteConfig:
     pattern: str = option("2:4", "N:M pattern: keep N of every M consecutive input weights (2:4, 4:8, 1:4)")
     scorer: str = option("wanda", "mask generator whose masks are optimised", choices=lambda: tuple(mask_generators()))
     method: str = option("learned", "learned, or a heuristic solver used alone", choices=_learned_methods)
-    objective: str = option("layerwise", "what method 'learned' optimises", choices=lambda: tuple(objectives()))
+    objective: str = option("end_to_end", "what method 'learned' optimises", choices=lambda: tuple(objectives()))
     fold: str = option("exact", "exact: standard checkpoint; gather: per-layer run-time gathers", lambda: FOLD_MODES)
     block_size: int = option(64, "channels per learnable block (a multiple of M)", minimum=1)
     init: str = option("ria", "heuristic permutation the learner starts from", choices=lambda: tuple(solvers()))
@@ -70,12 +70,18 @@ class PermuteConfig:
     )  # the modifier has its own, in llm-compressor's syntax
     steps_per_layer: int = option(20, "learner steps per decoder layer (layerwise, retained: per site)", minimum=0)
     end_to_end_steps: int | None = option(
-        None, "learner steps in all for end_to_end (default: 80 with fold exact, 120 with gather)", minimum=0
+        None,
+        "learner steps in all for end_to_end, per window for window (default: 80 with fold exact, 120 with gather)",
+        minimum=0,
     )
-    sequences_per_step: int = option(2, "calibration sequences in one learning step", minimum=1)
+    sequences_per_step: int = option(1, "calibration sequences in one learning step", minimum=1)
     select_sequences: int = option(4, "calibration sequences that rank candidate permutations", minimum=1)
     learn_hidden: bool = option(False, "exact: also learn the global hidden permutation (else the heuristic's)")
     layers_per_step: int = option(4, "decoder layers per step when learning the global hidden site", minimum=1)
+    window_layers: int = option(4, "decoder layers in one window of the window objective", minimum=1)
+    layer_checkpointing: str = option(
+        "auto", "recompute each decoder layer in backward (end_to_end, window; auto: on GPUs)", lambda: CHECKPOINTING
+    )
     alpha: float = option(0.1, "end_to_end distillation weight", minimum=0)
     train_dtype: str = option(
         "auto", "precision of end_to_end's learning passes (auto: bfloat16 where fast)", lambda: TRAIN_DTYPES
@@ -85,7 +91,7 @@ class PermuteConfig:
     tau_end: float = option(0.1, "Sinkhorn temperature at the last step", minimum=1e-6)
     mask_tau: float = option(0.5, "temperature of the soft N:M mask in backward", minimum=1e-6)
     sinkhorn_iters: int = option(5, "Sinkhorn normalisation rounds", minimum=1)
-    select_every: int = option(2, "steps between rankings of the current hard permutation", minimum=1)
+    select_every: int = option(4, "steps between rankings of the current hard permutation", minimum=1)
 
     def __post_init__(self) -> None:
         pattern = NMPattern.parse(self.pattern)

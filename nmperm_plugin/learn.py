@@ -15,6 +15,7 @@ from loguru import logger
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed, resume
 from .nm import NMPattern, hard_mask, retained_score, unstructured_bound
 from .sinkhorn import anneal
 
@@ -92,8 +93,12 @@ class LazyWeights(Mapping):
 
     def __getitem__(self, param: str) -> torch.Tensor:
         if param not in self._cache:
-            self._cache[param] = self._compute(self._members[param])
+            self._cache[param] = self.compute(param)
         return self._cache[param]
+
+    def compute(self, param: str) -> torch.Tensor:
+        """The effective weight of ``param``, not kept (an objective that frees it after use)."""
+        return self._compute(self._members[param])
 
     def __iter__(self):
         return iter(self._members)
@@ -123,7 +128,12 @@ class RetainedObjective(Objective):
         self.bound = sum(float(unstructured_bound(m.scores, pattern)) for m in members)
 
     def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
-        return -sum(w.sum() for w in weights.values()) / self.bound
+        # every rank computes the same loss and the ranks' gradients are summed: count it once
+        return -sum(w.sum() for w in weights.values()) / (self.bound * distributed.world_size())
+
+    @torch.no_grad()
+    def select(self, weights: Mapping[str, torch.Tensor]) -> float:
+        return float(-sum(w.sum() for w in weights.values()) / self.bound)
 
 
 def learn(
@@ -133,26 +143,71 @@ def learn(
     description: str = "learn",
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Train the permuters of ``effective`` on ``objective``; return the best hard permutations and
-    the learning curve (``step``, ``tau``, ``loss``, ``select``)."""
+    the learning curve (``step``, ``tau``, ``loss``, ``select``).
+
+    With a :mod:`~nmperm_plugin.resume` store active, this call is one phase of a resumable run: a
+    phase the interrupted run finished returns its saved result (and restores the random states it
+    left), a phase it was in continues from its last saved step, and progress is saved as it goes.
+    Under ``torch.distributed`` the ranks must start from the same permuters (checked)."""
     if config.steps < 0:
         raise ValueError(f"learner steps must be 0 or more, got {config.steps}")
-    best_perms = effective.hard_perms()
-    best = objective.select(effective.hard(best_perms))
-    history = [{"step": 0, "tau": config.tau_start, "loss": None, "select": best}]
+    generator = getattr(objective, "generator", None)  # the run's rng, which the objectives draw from
+    store = resume.active()
+    phase = store.begin(description) if store is not None else None
+    if phase is not None and (done := phase.finished()) is not None:
+        resume.restore_generators(generator, done["generators"])
+        logger.debug(f"{description}: finished before the interruption, its saved result is used")
+        current = effective.hard_perms()
+        return {site: perm.to(current[site].device) for site, perm in done["perms"].items()}, done["history"]
+    if distributed.world_size() > 1:
+        state = [t for _, t in sorted(effective.permuters.state_dict().items())] + list(effective.fixed.values())
+        distributed.check_same(f"the starting permutations of {description!r}", distributed.digest(state))
     optimizer = torch.optim.Adam(effective.permuters.parameters(), lr=config.lr)
-    for step in tqdm(range(config.steps), desc=description, leave=False, disable=config.steps == 0):
+    snapshot = phase.progress() if phase is not None else None
+    if snapshot is None:
+        best_perms = effective.hard_perms()
+        best = objective.select(effective.hard(best_perms))
+        history = [{"step": 0, "tau": config.tau_start, "loss": None, "select": best}]
+        first = 0
+    else:
+        effective.permuters.load_state_dict(snapshot["permuters"])
+        optimizer.load_state_dict(snapshot["optimizer"])
+        current = effective.hard_perms()
+        best_perms = {site: perm.to(current[site].device) for site, perm in snapshot["best_perms"].items()}
+        best, history, first = snapshot["best"], snapshot["history"], snapshot["step"]
+        resume.restore_generators(generator, snapshot["generators"])
+        logger.info(f"nmperm: {description}: resuming at step {first} of {config.steps}")
+    quiet = config.steps == 0 or not distributed.is_main()
+    for step in tqdm(
+        range(first, config.steps), desc=description, leave=False, disable=quiet, initial=first, total=config.steps
+    ):
         tau = anneal(step, config.steps, config.tau_start, config.tau_end)
         loss = objective.loss(effective.soft(tau), step)
         optimizer.zero_grad()
         loss.backward()
+        distributed.sum_gradients(effective.permuters.parameters())
         optimizer.step()
-        record = {"step": step + 1, "tau": tau, "loss": float(loss.detach()), "select": None}
+        record = {"step": step + 1, "tau": tau, "loss": distributed.sum_float(float(loss.detach())), "select": None}
         if (step + 1) % config.select_every == 0 or step + 1 == config.steps:
             perms = effective.hard_perms()
             record["select"] = objective.select(effective.hard(perms))
             if record["select"] < best:
                 best, best_perms = record["select"], perms
         history.append(record)
+        if phase is not None and step + 1 < config.steps and phase.due(step + 1):
+            phase.save_progress(
+                {
+                    "step": step + 1,
+                    "permuters": effective.permuters.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "best": best,
+                    "best_perms": best_perms,
+                    "history": history,
+                    "generators": resume.generator_states(generator),
+                }
+            )
+    if phase is not None:
+        phase.finish({"perms": best_perms, "history": history, "generators": resume.generator_states(generator)})
     start = history[0]["select"]
     logger.debug(f"{description}: select {start:.5g} -> {best:.5g}")
     return best_perms, history

@@ -1,17 +1,21 @@
-"""Data-driven objectives (SPEC 2): sequential layer-wise reconstruction and the paper's end-to-end loss."""
+"""Data-driven objectives (SPEC 2): sequential layer-wise reconstruction and the paper's end-to-end
+loss, over the whole model or a window of consecutive decoder layers."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
-from . import compat
-from .learn import Objective
+from . import compat, distributed
+from .learn import LazyWeights, Objective
 
 
 def first(output):
@@ -42,6 +46,7 @@ class LayerwiseObjective(Objective):
         self.per_step, self.generator = min(per_step, len(inputs)), generator
         self.select_index = torch.arange(min(select_count, len(inputs)))
         self.scale = targets.square().mean()
+        distributed.check_shares(self.per_step)
 
     def _error(self, weights: Mapping[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
         output = first(functional_call(self.layer, dict(weights), (self.inputs[index],), self.kwargs))
@@ -49,12 +54,14 @@ class LayerwiseObjective(Objective):
 
     def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
         index = torch.randperm(len(self.inputs), generator=self.generator)[: self.per_step]
-        return self._error(weights, index)
+        mine = distributed.share(index)
+        return self._error(weights, mine) * (len(mine) / len(index))  # ranks' gradients are summed (learn)
 
     @torch.no_grad()
     def select(self, weights: Mapping[str, torch.Tensor]) -> float:
-        chunks = self.select_index.split(max(self.per_step, 1))
-        return sum(float(self._error(weights, c)) * len(c) for c in chunks) / len(self.select_index)
+        chunks = distributed.share(self.select_index).split(max(self.per_step, 1))
+        total = sum(float(self._error(weights, c)) * len(c) for c in chunks)
+        return distributed.sum_float(total) / len(self.select_index)
 
 
 class JointLayerwiseObjective(Objective):
@@ -78,6 +85,7 @@ class JointLayerwiseObjective(Objective):
         self.per_step, self.layers_per_step, self.generator = per_step, layers_per_step, generator
         self.select_index = torch.arange(min(select_count, len(inputs[0])))
         self.scales = [t.square().mean() for t in targets]
+        distributed.check_shares(min(per_step, len(inputs[0])))
 
     def _error(self, weights: Mapping[str, torch.Tensor], layer: int, index: torch.Tensor) -> torch.Tensor:
         prefix, module = self.layers[layer]
@@ -88,13 +96,15 @@ class JointLayerwiseObjective(Objective):
     def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
         chosen = torch.randperm(len(self.layers), generator=self.generator)[: self.layers_per_step]
         index = torch.randperm(len(self.inputs[0]), generator=self.generator)[: self.per_step]
-        return sum(self._error(weights, int(layer), index) for layer in chosen) / len(chosen)
+        mine = distributed.share(index)
+        error = sum(self._error(weights, int(layer), mine) for layer in chosen) / len(chosen)
+        return error * (len(mine) / len(index))  # ranks' gradients are summed (learn)
 
     @torch.no_grad()
     def select(self, weights: Mapping[str, torch.Tensor]) -> float:
-        return sum(float(self._error(weights, layer, self.select_index)) for layer in range(len(self.layers))) / len(
-            self.layers
-        )
+        mine = distributed.share(self.select_index)
+        total = sum(float(self._error(weights, layer, mine)) * len(mine) for layer in range(len(self.layers)))
+        return distributed.sum_float(total) / (len(self.layers) * len(self.select_index))
 
 
 TRAIN_DTYPES = ("auto", "float32", "bfloat16")
@@ -116,50 +126,98 @@ def training_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-class EndToEndObjective(Objective):
-    """The paper's loss: cross-entropy of the pruned model plus ``alpha`` times the smooth-L1
-    distance of every layer's hidden states to the dense model's (``dense_hidden[l]``: ``[N, T, D]``).
+CHECKPOINTING = ("auto", "on", "off")
 
-    With ``autocast`` (e.g. ``torch.bfloat16``) the learning passes run under autocast; selection
-    always runs in the model's own precision, so the permutation kept is judged as it will be served.
+
+def layer_checkpointing(config_value: str, device: torch.device) -> bool:
+    """Whether to recompute each decoder layer in backward (``on``/``off``; ``auto``: on a GPU,
+    where memory binds, not on a CPU, where it would cost a third more time for memory it has)."""
+    return config_value == "on" or (config_value == "auto" and device.type == "cuda")
+
+
+@dataclass
+class LayerStack:
+    """A decoder-only model run one decoder layer at a time: the layers, their parameter-name
+    prefixes (``model.layers.3.``), the keyword arguments every layer takes (position embeddings,
+    mask), and ``head`` (last hidden state ``[B, T, D]`` -> logits ``[B, T, V]``)."""
+
+    layers: list[nn.Module]
+    prefixes: list[str]
+    kwargs: dict
+    head: Callable[[torch.Tensor], torch.Tensor]
+
+
+class WindowObjective(Objective):
+    """The paper's loss on decoder layers ``[start, stop)`` (all of them: ``end_to_end``).
+
+    The window runs on ``inputs`` (``[N, T, D]``: the output of the already pruned earlier layers,
+    or the embeddings), one decoder layer at a time. Loss: the smooth-L1 distance of each layer's
+    output to the dense model's (``targets[l]``, ``[N, T, D]`` each, kept on any device), plus, when
+    the window ends at the last layer, the cross-entropy of the next token (``loss = CE + alpha *
+    distillation``; a window before the end has only the distillation). ``select`` ranks hard
+    permutations by the cross-entropy (the distillation before the end), in the model's precision.
+
+    Memory: an effective weight exists only while its layer runs; with ``checkpoint`` each layer is
+    recomputed in backward (``torch.utils.checkpoint``), so a step keeps only the layer-boundary
+    activations of its sequences. A step's sequences are split across ``torch.distributed`` ranks.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        stack: LayerStack,
+        window: range,
+        inputs: torch.Tensor,  # [N, T, D]
+        targets: list[torch.Tensor],  # per layer of the window, [N, T, D]
         input_ids: torch.Tensor,  # [N, T]
-        dense_hidden: list[torch.Tensor],
         alpha: float,
         per_step: int,
         select_count: int,
         generator: torch.Generator,
         autocast: torch.dtype | None = None,
+        checkpoint: bool = False,
     ) -> None:
-        self.model, self.input_ids, self.dense_hidden, self.alpha = model, input_ids, dense_hidden, alpha
-        self.per_step, self.generator, self.autocast = min(per_step, len(input_ids)), generator, autocast
+        if len(targets) != len(window):
+            raise ValueError(f"{len(targets)} dense targets for a window of {len(window)} layers")
+        self.stack, self.window, self.inputs, self.targets, self.input_ids = stack, window, inputs, targets, input_ids
+        self.alpha, self.autocast, self.checkpoint = alpha, autocast, checkpoint
+        self.per_step, self.generator = min(per_step, len(input_ids)), generator
         self.select_index = torch.arange(min(select_count, len(input_ids)))
+        self.device = input_ids.device
+        self.ends_model = window.stop == len(stack.layers)
+        distributed.check_shares(self.per_step)
 
-    def _forward(self, weights: Mapping[str, torch.Tensor], index: torch.Tensor, hidden: bool):
+    def _layer(self, index: int, weights: LazyWeights, hidden: torch.Tensor) -> torch.Tensor:
+        prefix = self.stack.prefixes[index]
+        mine = {name[len(prefix) :]: weights.compute(name) for name in weights if name.startswith(prefix)}
+        return first(functional_call(self.stack.layers[index], mine, (hidden,), self.stack.kwargs))
+
+    def _terms(self, weights: LazyWeights, index: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross-entropy or 0, summed distillation) of the sequences ``index``."""
+        hidden = self.inputs[index].to(self.device)
+        distill = torch.zeros((), device=self.device)
+        for layer in self.window:
+            run = partial(self._layer, layer, weights)
+            hidden = checkpoint(run, hidden, use_reentrant=False) if train and self.checkpoint else run(hidden)
+            target = self.targets[layer - self.window.start][index].to(self.device)
+            distill = distill + F.smooth_l1_loss(hidden.float(), target.float())
+        if not self.ends_model:
+            return torch.zeros((), device=self.device), distill
         ids = self.input_ids[index]
-        kwargs = {"labels": ids, "output_hidden_states": hidden, "use_cache": False}
-        return functional_call(self.model, dict(weights), (ids,), kwargs)
+        logits = self.stack.head(hidden)[:, :-1].float()  # [B, T-1, V]
+        return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()), distill
 
     def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
         index = torch.randperm(len(self.input_ids), generator=self.generator)[: self.per_step]
-        device = self.input_ids.device.type
-        with torch.autocast(device, self.autocast) if self.autocast else contextlib.nullcontext():
-            out = self._forward(weights, index, hidden=self.alpha > 0)
-        if self.alpha == 0:
-            return out.loss
-        distill = sum(
-            F.smooth_l1_loss(h, dense[index])
-            for h, dense in zip(out.hidden_states[1:], self.dense_hidden[1:], strict=True)
-        )
-        return out.loss + self.alpha * distill
+        mine = distributed.share(index)
+        with torch.autocast(self.device.type, self.autocast) if self.autocast else contextlib.nullcontext():
+            cross_entropy, distill = self._terms(weights, mine, train=True)
+        loss = cross_entropy + self.alpha * distill if self.ends_model else distill
+        return loss * (len(mine) / len(index))  # ranks' gradients are summed (learn)
 
     @torch.no_grad()
     def select(self, weights: Mapping[str, torch.Tensor]) -> float:
-        chunks = self.select_index.split(max(self.per_step, 1))
-        return sum(float(self._forward(weights, c, hidden=False).loss) * len(c) for c in chunks) / len(
-            self.select_index
-        )
+        total = 0.0
+        for chunk in distributed.share(self.select_index).split(max(self.per_step, 1)):
+            cross_entropy, distill = self._terms(weights, chunk, train=False)
+            total += float(cross_entropy if self.ends_model else distill) * len(chunk)
+        return distributed.sum_float(total) / len(self.select_index)

@@ -17,6 +17,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .arch import Adapter, Site
+from .checks import check_fits_in_memory
 from .learn import EffectiveWeights, Member, module_key, retained_ratio
 from .nm import hard_mask
 from .objectives import first
@@ -142,16 +143,20 @@ class Run:
         stats = collect_stats(self.layers[index], names, hidden, kwargs, self.generator.needs_hessian)
         return self.scores_of(names, stats)
 
-    def dense_pass(self, hidden: torch.Tensor, kwargs: dict, names: list[str], keep_outputs: bool):
+    def dense_pass(
+        self, hidden: torch.Tensor, kwargs: dict, names: list[str], keep_outputs: bool, on: torch.device | None = None
+    ):
         """Scores of ``names`` from the dense model's activations, and (``keep_outputs``) every layer's
-        dense output (``[N, T, D]`` each; else an empty list)."""
+        dense output (``[N, T, D]`` each, kept ``on`` a device, by default the model's; else an empty list)."""
         stats, outputs = {}, []
+        if keep_outputs:
+            check_fits_in_memory(hidden, len(self.layers), on or self.device)
         for index, layer in enumerate(tqdm(self.layers, desc="dense pass", leave=False)):
             mine = {n: lin for n, lin in self.layer_linears(index).items() if n in names}
             stats |= collect_stats(layer, mine, hidden, kwargs, self.generator.needs_hessian)
             hidden = run_layer(layer, hidden, kwargs)
             if keep_outputs:
-                outputs.append(hidden)
+                outputs.append(hidden if on is None else hidden.to(on))
         return self.scores_of({n: self.linears[n] for n in names}, stats), outputs
 
     def solve(self, site: Site, scores: dict[str, torch.Tensor]) -> None:

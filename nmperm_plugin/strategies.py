@@ -1,8 +1,9 @@
 """Objectives as strategies: how a run finds its permutations (what ``objective:`` names).
 
 Built-ins are registered through the ``nmperm_objectives`` hook like a third party's:
-``retained``, ``layerwise``, ``end_to_end`` and ``staged`` (layerwise, then end_to_end from its
-result). A strategy sets ``run.perms`` for every site and, with ``apply_masks``, prunes the model.
+``retained``, ``layerwise``, ``end_to_end``, ``window`` (end_to_end's loss on a moving window of
+decoder layers) and ``staged`` (layerwise, then end_to_end from its result). A strategy sets
+``run.perms`` for every site and, with ``apply_masks``, prunes the model.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from tqdm.auto import tqdm
 
 from .arch import Site
 from .learn import EffectiveWeights, Objective, RetainedObjective, learn
-from .objectives import EndToEndObjective, JointLayerwiseObjective, LayerwiseObjective, training_dtype
+from .objectives import (
+    JointLayerwiseObjective,
+    LayerStack,
+    LayerwiseObjective,
+    WindowObjective,
+    layer_checkpointing,
+    training_dtype,
+)
 from .run import Run, solve_site
 
 if TYPE_CHECKING:
@@ -163,37 +171,67 @@ def best_candidate(run: Run, site: Site, scores, members, objective: Objective) 
     return candidates[best]
 
 
-class EndToEnd(ObjectiveStrategy):
-    """The paper's loss over the whole model: cross-entropy of the pruned model plus ``alpha`` times
-    the distillation of every layer's hidden states, all learned sites jointly, from the heuristic
-    start (or the permutations an earlier stage left in ``run.perms``)."""
+class Window(ObjectiveStrategy):
+    """end_to_end's loss on a moving window of ``window_layers`` consecutive decoder layers
+    (:class:`~nmperm_plugin.objectives.WindowObjective`): the window's inputs come from the already
+    pruned earlier layers, its targets are the dense model's outputs of its layers; the last window
+    adds the cross-entropy. Each window learns its own sites, ``end_to_end_steps`` steps; memory is
+    that of ``window_layers`` layers. A site shared by all layers (exact ``hidden``) is learned only
+    by a window over all of them; a shorter window keeps its heuristic permutation."""
 
-    name = "end_to_end"
+    name = "window"
+
+    def window_layers(self, config: PermuteConfig, num_layers: int) -> int:
+        return min(config.window_layers, num_layers)
 
     def solve(self, run: Run, hidden: torch.Tensor, kwargs: dict, apply_masks: bool) -> None:
-        config = run.config
-        scores, _ = run.dense_pass(hidden, kwargs, list(run.linears), keep_outputs=False)
+        config, num_layers = run.config, len(run.layers)
+        size = self.window_layers(config, num_layers)
+        windows = [range(start, min(start + size, num_layers)) for start in range(0, num_layers, size)]
+        scores, dense = run.dense_pass(hidden, kwargs, list(run.linears), keep_outputs=True, on=torch.device("cpu"))
         for site in run.sites:
             if site.name not in run.perms:
                 run.solve(site, scores)
-        with torch.no_grad():
-            dense = run.model(run.input_ids, output_hidden_states=True, use_cache=False).hidden_states
-        effective = run.effective(run.members(run.linears, scores, ""), [s for s in run.sites if run.learns(s)])
-        objective = EndToEndObjective(
-            run.model,
-            run.input_ids,
-            [h.detach() for h in dense],
-            config.alpha,
-            config.sequences_per_step,
-            config.select_sequences,
-            run.rng,
-            training_dtype(config.train_dtype, run.device),
+        stack = LayerStack(list(run.layers), run.layer_prefixes, kwargs, run.adapter.head(run.model))
+        autocast = training_dtype(config.train_dtype, run.device)
+        checkpointed = layer_checkpointing(config.layer_checkpointing, run.device)
+        logger.info(
+            f"nmperm: {len(windows)} window(s) of up to {size} decoder layers, {config.total_steps} steps each, "
+            f"train dtype {autocast or 'float32'}, layer checkpointing {'on' if checkpointed else 'off'}"
         )
-        run.record("model", *learn(effective, objective, config.learner(config.total_steps), "end to end"))
-        for index in range(len(run.layers)):
+        for window in windows:
+            everything = len(window) == num_layers
+            learned = [s for s in run.sites if run.learns(s) and (s.layer in window or everything)]
+            names = {n: lin for index in window for n, lin in run.layer_linears(index).items()}
+            effective = run.effective(run.members(names, scores, ""), learned)
+            objective = WindowObjective(
+                stack, window, hidden, dense[window.start : window.stop], run.input_ids, config.alpha,
+                config.sequences_per_step, config.select_sequences, run.rng, autocast, checkpointed,
+            )  # fmt: skip
+            label = "model" if everything else f"layers {window.start}-{window.stop - 1}"
+            run.record(label, *learn(effective, objective, config.learner(config.total_steps), label))
+            if window.stop < num_layers:  # the next window's inputs: these layers, pruned
+                for index in window:
+                    masks = run.masks({n: scores[n] for n in run.layer_linears(index)})
+                    hidden = run.pruned_layer_output(index, hidden, kwargs, masks)
+        for index in range(num_layers):
             run.record_retained(index, scores)
         if apply_masks:
             run.apply_masks(run.masks(scores))
+
+    def describe(self, config: PermuteConfig) -> str:
+        return f"{self.name} of {config.window_layers} decoder layers, {config.total_steps} steps per window"
+
+
+class EndToEnd(Window):
+    """The paper's loss over the whole model: cross-entropy of the pruned model plus ``alpha`` times
+    the distillation of every layer's hidden states, all learned sites jointly, from the heuristic
+    start (or the permutations an earlier stage left in ``run.perms``): one window of every layer."""
+
+    name = "end_to_end"
+
+    def window_layers(self, config: PermuteConfig, num_layers: int) -> int:
+        return num_layers
 
     def describe(self, config: PermuteConfig) -> str:
         return f"{self.name}, {config.total_steps} steps in all"
@@ -214,4 +252,4 @@ class Staged(ObjectiveStrategy):
 
 
 HEURISTIC = Sequential()
-BUILTIN_OBJECTIVES = (Retained(), Layerwise(), EndToEnd(), Staged("staged", Layerwise(), EndToEnd()))
+BUILTIN_OBJECTIVES = (Retained(), Layerwise(), EndToEnd(), Window(), Staged("staged", Layerwise(), EndToEnd()))

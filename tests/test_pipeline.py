@@ -131,7 +131,7 @@ def test_config_validation(field, value, needle):
 def test_learned_global_hidden_site_keeps_function_and_prunes(input_ids):
     model = tiny_model("llama", kv_heads=1, tied=True)
     reference = model(input_ids).logits
-    config = _config(method="learned", fold="exact", learn_hidden=True, apply_mask=False)
+    config = _config(method="learned", objective="layerwise", fold="exact", learn_hidden=True, apply_mask=False)
     sidecar, result = permute_(model, input_ids, config)
     assert "hidden" in result.history and len(result.history["hidden"]) == FAST["steps_per_layer"] + 1
     assert_same_function(model(input_ids).logits, reference)
