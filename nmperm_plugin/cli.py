@@ -6,9 +6,11 @@ import argparse
 import json
 import sys
 import time
+from functools import partialmethod
 
 from loguru import logger
 
+from . import distributed, resume
 from .api import permute_
 from .checkpoint import check_output_dir, save_checkpoint, verify_checkpoint
 from .cli_options import add_config_arguments, add_device_argument, config_from_args, resolve_device
@@ -16,6 +18,7 @@ from .data import load_texts, token_windows
 from .evaluate import perplexity
 from .models import check_seq_len, load_model
 from .nm import NMPattern
+from .safety import guard_output
 
 
 def _add_prune_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
@@ -72,7 +75,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         )
     pattern = NMPattern.parse(args.pattern)
     config = config_from_args(args)
-    check_output_dir(args.output, args.overwrite, inputs)
+    if config.method == "learned":  # every rank needs a sequence of each step: refused before any work
+        distributed.check_shares(min(config.sequences_per_step, args.num_samples))
+    target = distributed.on_main(lambda: check_output_dir(args.output, args.overwrite, inputs))
+    args.state_dir = state_dir = resume.state_dir_of(target)
+    distributed.on_main(lambda: guard_output(state_dir, inputs))
     device = resolve_device(args.device)
     texts = load_texts(args.dataset)
     eval_texts = load_texts(args.eval_dataset) if args.eval_dataset else None
@@ -82,20 +89,31 @@ def cmd_prune(args: argparse.Namespace) -> int:
     evaluation = None
     if eval_texts is not None:
         evaluation = token_windows(tokenizer, eval_texts, args.eval_samples, args.seq_len, None, "--eval-samples")
+    fingerprint = resume.fingerprint(model, calibration, config, device)
+    distributed.check_same("the model, the calibration data or the configuration", json.dumps(fingerprint))
+    store = resume.ResumeStore(state_dir, fingerprint, restart_hint="add --no-resume").open(args.resume)
     model.to(device)
     start = time.monotonic()
-    sidecar, _ = permute_(model, calibration, config)
+    with resume.using(store):
+        sidecar, _ = permute_(model, calibration, config)
     sidecar.figures["total_seconds"] = round(time.monotonic() - start, 1)
-    if evaluation is not None:
-        sidecar.figures["perplexity"] = perplexity(model, evaluation)
-    if config.fold == "gather" and config.apply_mask:
-        logger.warning(
-            "fold 'gather': weights are stored in the original channel order (any loader computes the right "
-            "function); they are N:M only under the permutations in nmperm.json, which `nmperm export` re-applies"
-        )
-    target = save_checkpoint(model, tokenizer, args.output, sidecar, args.overwrite, inputs)  # verified before
+
+    def finish():  # rank 0 alone evaluates and writes; the state goes once the output is verified
+        if evaluation is not None:
+            sidecar.figures["perplexity"] = perplexity(model, evaluation)
+        if config.fold == "gather" and config.apply_mask:
+            logger.warning(
+                "fold 'gather': weights are stored in the original channel order (any loader computes the right "
+                "function); they are N:M only under the permutations in nmperm.json, which `nmperm export` re-applies"
+            )
+        written = save_checkpoint(model, tokenizer, args.output, sidecar, args.overwrite, inputs)  # verified before
+        store.remove()
+        return written
+
+    target = distributed.on_main(finish)
     what = "permutations only, no mask" if not config.apply_mask else f"{pattern}, {sidecar.method}, fold {config.fold}"
-    print(f"wrote {target} ({what}; verified: {len(sidecar.frames)} pruned linears, checksums recorded)")
+    if distributed.is_main():
+        print(f"wrote {target} ({what}; verified: {len(sidecar.frames)} pruned linears, checksums recorded)")
     return 0
 
 
@@ -158,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_options(prune)
     prune.add_argument("--eval-dataset", help="held-out text to measure perplexity on (recorded in the sidecar)")
     prune.add_argument("--eval-samples", type=int, default=24)
+    prune.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue the learning of an interrupted run of the same command from OUTPUT.nmperm-state/ (default); "
+        "--no-resume discards that state and starts over (docs/safety.md)",
+    )
     prune.add_argument("--recipe", help="llm-compressor recipe YAML (see recipes/); it then sets pattern, scorer, ...")
     prune.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     prune.set_defaults(func=cmd_prune)
@@ -219,34 +244,76 @@ def given_options(argv: list[str]) -> dict[str, str]:
 USER_ERRORS = (ValueError, OSError, FloatingPointError)  # OSError: FileNotFound, FileExists, permissions
 
 
+def _launch(args: argparse.Namespace) -> None:
+    """Under a launcher (``torchrun``, ``WORLD_SIZE`` > 1): join the process group on this rank's
+    device; only rank 0 logs at INFO and shows progress bars (docs/distributed.md)."""
+    if args.command != "prune" or getattr(args, "recipe", None):
+        what = "--recipe" if args.command == "prune" else args.command
+        raise ValueError(
+            f"nmperm {what} does not run on several ranks (WORLD_SIZE={distributed.launched_world_size()}): only "
+            "nmperm prune without --recipe does; run this one without torchrun"
+        )
+    args.device = str(distributed.init_from_env(args.device))
+    if not distributed.is_main():
+        from tqdm import std
+
+        std.tqdm.__init__ = partialmethod(std.tqdm.__init__, disable=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``nmperm`` command. Errors are one line on stderr with exit status 2 (a traceback only with
-    ``--debug``); an unexpected error says it is one and exits 1; an interrupt exits 130."""
+    ``--debug``); an unexpected error says it is one and exits 1; an interrupt exits 130.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) ``prune`` runs on every rank, rank 0 writes; the ranks
+    meet at a barrier before they exit and leave the process group."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv  # anywhere on the line, for every subcommand
     argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     args.given_options = given_options(argv)
-    logger.remove()
-    logger.add(sys.stderr, level="DEBUG" if args.verbose or debug else "INFO")
+    launched = distributed.launched_world_size() > 1
+    completed = False
     try:
-        return args.func(args)
+        if launched:
+            _launch(args)
+        logger.remove()
+        level = "DEBUG" if args.verbose or debug else "INFO"
+        logger.add(sys.stderr, level=level if distributed.is_main() else "WARNING")
+        status = args.func(args)
+        completed = True
+        return status
     except KeyboardInterrupt:
         if debug:
             raise
-        print("nmperm: interrupted (any existing output is unchanged)", file=sys.stderr)
+        print(f"{_prefix()}: interrupted (any existing output is unchanged){_kept(args)}", file=sys.stderr)
         return 130
     except USER_ERRORS as error:
         if debug:
             raise
-        print(f"nmperm: error: {_one_line(error)}", file=sys.stderr)
+        print(f"{_prefix()}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except Exception as error:  # noqa: BLE001 - a bug or an unforeseen input: one line, the traceback on request
         if debug:
             raise
         message = f"{type(error).__name__}: {_one_line(error)} (run with --debug for the traceback)"
-        print(f"nmperm: error: {message}", file=sys.stderr)
+        print(f"{_prefix()}: error: {message}{_kept(args)}", file=sys.stderr)
         return 1
+    finally:
+        if launched:
+            distributed.shutdown(barrier=completed)
+
+
+def _prefix() -> str:
+    """``nmperm``, with the rank on the other ranks of a launched run."""
+    return "nmperm" if distributed.is_main() else f"nmperm (rank {distributed.rank()})"
+
+
+def _kept(args: argparse.Namespace) -> str:
+    """A note on the learning state an interrupted prune leaves, when it left one."""
+    state = getattr(args, "state_dir", None)
+    if state is None or not resume.is_state_dir(state):
+        return ""
+    return f"; its learning state is kept in {state}: rerun the same command to resume, or add --no-resume"
 
 
 def _one_line(error: BaseException) -> str:

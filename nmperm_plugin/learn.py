@@ -63,6 +63,8 @@ class EffectiveWeights:
     pattern: NMPattern = NMPattern(2, 4)
     mask_tau: float = 0.5
     sinkhorn_iters: int = 5
+    cache_fixed: bool = False  # keep the (constant) effective weights of fixed sites: one masked copy of them
+    _fixed_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def soft(self, tau: float) -> LazyWeights:
         sampled = {site_name(key): p.sample(tau, self.sinkhorn_iters) for key, p in self.permuters.items()}
@@ -73,14 +75,23 @@ class EffectiveWeights:
             matrices, perm = sampled[member.site]
             permuter = self.permuters[module_key(member.site)]
             return permuter.effective_weight(member.weight, member.scores, matrices, perm, self.pattern, self.mask_tau)
-        return member.weight * hard_mask(member.scores, self.fixed[member.site], self.pattern)
+        return self._masked(member, self.fixed[member.site])
+
+    def _masked(self, member: Member, perm: torch.Tensor) -> torch.Tensor:
+        """``member``'s weight with its N:M mask in the order ``perm`` (cached for a fixed site)."""
+        fixed = perm is self.fixed.get(member.site) and module_key(member.site) not in self.permuters
+        if not (self.cache_fixed and fixed):
+            return member.weight * hard_mask(member.scores, perm, self.pattern)
+        if member.param not in self._fixed_weights:
+            self._fixed_weights[member.param] = member.weight * hard_mask(member.scores, perm, self.pattern)
+        return self._fixed_weights[member.param]
 
     def hard_perms(self) -> dict[str, torch.Tensor]:
         return self.fixed | {site_name(key): p.hard()[1] for key, p in self.permuters.items()}
 
     def hard(self, perms: dict[str, torch.Tensor] | None = None) -> LazyWeights:
         perms = self.hard_perms() if perms is None else perms
-        return LazyWeights(self.members, lambda m: m.weight * hard_mask(m.scores, perms[m.site], self.pattern))
+        return LazyWeights(self.members, lambda m: self._masked(m, perms[m.site]))
 
 
 class LazyWeights(Mapping):
@@ -157,8 +168,7 @@ def learn(
     if phase is not None and (done := phase.finished()) is not None:
         resume.restore_generators(generator, done["generators"])
         logger.debug(f"{description}: finished before the interruption, its saved result is used")
-        current = effective.hard_perms()
-        return {site: perm.to(current[site].device) for site, perm in done["perms"].items()}, done["history"]
+        return _placed(done["perms"], effective), done["history"]
     if distributed.world_size() > 1:
         state = [t for _, t in sorted(effective.permuters.state_dict().items())] + list(effective.fixed.values())
         distributed.check_same(f"the starting permutations of {description!r}", distributed.digest(state))
@@ -172,8 +182,7 @@ def learn(
     else:
         effective.permuters.load_state_dict(snapshot["permuters"])
         optimizer.load_state_dict(snapshot["optimizer"])
-        current = effective.hard_perms()
-        best_perms = {site: perm.to(current[site].device) for site, perm in snapshot["best_perms"].items()}
+        best_perms = _placed(snapshot["best_perms"], effective)
         best, history, first = snapshot["best"], snapshot["history"], snapshot["step"]
         resume.restore_generators(generator, snapshot["generators"])
         logger.info(f"nmperm: {description}: resuming at step {first} of {config.steps}")
@@ -211,6 +220,13 @@ def learn(
     start = history[0]["select"]
     logger.debug(f"{description}: select {start:.5g} -> {best:.5g}")
     return best_perms, history
+
+
+def _placed(perms: dict[str, torch.Tensor], effective: EffectiveWeights) -> dict[str, torch.Tensor]:
+    """Saved permutations (on the CPU) where :meth:`EffectiveWeights.hard_perms` would put them."""
+    devices = {site: perm.device for site, perm in effective.fixed.items()}
+    devices |= {site_name(key): permuter.base.device for key, permuter in effective.permuters.items()}
+    return {site: perm.to(devices.get(site, perm.device)) for site, perm in perms.items()}
 
 
 def retained_ratio(members: list[Member], perms: dict[str, torch.Tensor], pattern: NMPattern) -> float:

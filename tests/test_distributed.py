@@ -1,0 +1,127 @@
+"""Several ranks through torch.distributed (issue 15, item 3): 2 gloo ranks on CPU find the same
+permutations as 1 rank with the same seed and data, the CLI runs under torchrun with rank 0 alone
+writing, and a step with fewer sequences than ranks is refused on every rank."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import tiny_model
+
+from nmperm_plugin import PermuteConfig, distributed, permute_
+from nmperm_plugin.checkpoint import verify_checkpoint
+
+BIN = Path(sys.executable).parent
+CASES = {
+    "end_to_end": dict(objective="end_to_end", end_to_end_steps=4),
+    "layerwise": dict(objective="layerwise", steps_per_layer=3),
+}
+COMMON = dict(block_size=16, sequences_per_step=2, select_sequences=2, select_every=1, fold="exact", seed=3)
+CLI_FAST = ["--num-samples", "4", "--seq-len", "32", "--block-size", "16", "--end-to-end-steps", "3"]
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 300, (6, 32), generator=torch.Generator().manual_seed(1))
+
+
+def _permutations(case: str) -> dict[str, list[int]]:
+    sidecar, _ = permute_(tiny_model(), _ids(), PermuteConfig(**COMMON, **CASES[case]))
+    return sidecar.permutations
+
+
+def _worker(rank: int, world: int, rendezvous: str, results: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        found = {case: _permutations(case) for case in CASES}
+        try:
+            permute_(tiny_model(), _ids(), PermuteConfig(**(COMMON | CASES["end_to_end"] | {"sequences_per_step": 1})))
+            found["refused"] = None
+        except ValueError as error:
+            found["refused"] = str(error)
+        Path(results, f"rank{rank}.json").write_text(json.dumps(found))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """What each of 2 gloo ranks (spawned, 1 thread each) found for every case."""
+    root = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_worker, args=(2, str(root / "rendezvous"), str(root)), nprocs=2, join=True)
+    return [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_gloo_ranks_find_the_permutations_of_one(two_ranks, case, one_thread):
+    single = _permutations(case)
+    assert two_ranks[0][case] == two_ranks[1][case]  # the ranks agree with each other
+    assert two_ranks[0][case] == single  # and with one process on all the sequences
+    assert any(perm != sorted(perm) for perm in single.values())  # something was permuted
+
+
+def test_fewer_sequences_per_step_than_ranks_is_refused_on_every_rank(two_ranks):
+    messages = [found["refused"] for found in two_ranks]
+    assert messages[0] is not None and messages[0] == messages[1]
+    assert "sequences_per_step 1 is smaller than the 2 ranks" in messages[0]
+
+
+def test_functions_are_the_identity_without_a_process_group():
+    assert (distributed.world_size(), distributed.rank(), distributed.is_main()) == (1, 0, True)
+    index = torch.arange(5)
+    assert torch.equal(distributed.share(index), index) and distributed.sum_float(2.5) == 2.5
+    assert distributed.on_main(lambda: 7) == 7 and distributed.broadcast("x") == "x"
+    distributed.check_shares(1)
+    distributed.check_same("anything", "a")
+    assert distributed.digest([torch.ones(2)]) != distributed.digest([torch.ones(3)])
+
+
+def _torchrun(tmp_path: Path, logs: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--log-dir", str(tmp_path / logs)]
+    command += ["--redirects", "3", "--no-python", str(BIN / "nmperm"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env | {"OMP_NUM_THREADS": "1"})
+
+
+def _rank_logs(directory: Path) -> dict[int, str]:
+    """Each rank's stdout and stderr, from torchrun's --log-dir."""
+    found: dict[int, str] = {}
+    for path in sorted(directory.rglob("*.log")):
+        if path.parent.name.isdigit():
+            found[int(path.parent.name)] = found.get(int(path.parent.name), "") + path.read_text()
+    return found
+
+
+def test_cli_under_torchrun_writes_one_verified_output(saved_model, tmp_path):
+    model, text = saved_model
+    out = tmp_path / "out"
+    done = _torchrun(tmp_path, "logs", "prune", str(model), "--dataset", str(text), "--output", str(out), *CLI_FAST,
+                     "--sequences-per-step", "2")  # fmt: skip
+    logs = _rank_logs(tmp_path / "logs")
+    assert done.returncode == 0, done.stderr[-3000:] + str(logs)
+    assert sorted(logs) == [0, 1]
+    assert "wrote" in logs[0] and "INFO" in logs[0]
+    assert "wrote" not in logs[1] and "INFO" not in logs[1]  # rank 1 logs warnings and errors only
+    assert verify_checkpoint(out).ok
+    siblings = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out")))
+    assert siblings == ["out"]  # no staging directory, no learning state left
+    assert json.loads((out / "nmperm.json").read_text())["method"] == "learned/end_to_end"
+
+
+def test_cli_under_torchrun_refuses_on_every_rank_and_none_hangs(saved_model, tmp_path):
+    model, text = saved_model
+    out = tmp_path / "out"
+    done = _torchrun(tmp_path, "logs", "prune", str(model), "--dataset", str(text), "--output", str(out), *CLI_FAST,
+                     "--sequences-per-step", "1")  # fmt: skip
+    logs = _rank_logs(tmp_path / "logs")
+    assert done.returncode != 0 and sorted(logs) == [0, 1]
+    for rank in (0, 1):
+        assert "sequences_per_step 1 is smaller than the 2 ranks" in logs[rank], logs[rank]
+    assert not out.exists()
