@@ -9,6 +9,8 @@ projections around the decoder) overrides one small method.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -189,6 +191,20 @@ class DecoderAdapter(Adapter):
         head = model.get_output_embeddings()
         if head is not None and not any(head.weight is e.weight for e in embeddings):  # tied: already permuted
             permute_inputs_(head, perm)
+
+    def head(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Last decoder layer's output ``[B, T, D]`` -> logits: the final norms, the output embeddings,
+        then the final logit soft-capping where the config has one (Gemma: ``cap * tanh(logits / cap)``)."""
+        norms = [n for n in (find(model, name) for name in self.final_norms) if n is not None]
+        lm_head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
+
+        def head(hidden: torch.Tensor) -> torch.Tensor:
+            for norm in norms:
+                hidden = norm(hidden)
+            logits = lm_head(hidden)
+            return logits if cap is None else torch.tanh(logits / cap) * cap
+
+        return head
 
     def folds_exactly(self, site: Site, fold: str) -> bool:
         """Exact: every site. Gather: only ``mlp_out`` (the others are per-layer gathers)."""

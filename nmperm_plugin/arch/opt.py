@@ -12,6 +12,8 @@ alone. The exact fold works for both.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -51,3 +53,15 @@ class OPTAdapter(DecoderAdapter):
             permute_inputs_(decoder.project_out, perm)
         elif head.weight is not decoder.embed_tokens.weight:  # tied: already permuted with the embedding
             permute_inputs_(head, perm)
+
+    def head(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The decoder's final norm (when present), ``project_out`` (when present), the head."""
+        decoder, lm_head = model.model.decoder, model.get_output_embeddings()
+        stages = [m for m in (decoder.final_layer_norm, decoder.project_out, lm_head) if m is not None]
+
+        def head(hidden: torch.Tensor) -> torch.Tensor:
+            for stage in stages:
+                hidden = stage(hidden)
+            return hidden
+
+        return head
