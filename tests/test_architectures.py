@@ -82,6 +82,19 @@ def test_gather_preserves_logits(family, ids):
     assert_same_function(gathered(ids).logits, model(ids).logits)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_head_maps_the_last_layer_output_to_the_logits(family, ids):
+    model = family_model(family)
+    adapter = get_adapter(model)
+    outputs = []
+    handle = adapter.decoder_layers(model)[-1].register_forward_hook(lambda m, a, out: outputs.append(out))
+    logits = model(ids).logits
+    handle.remove()
+    last = outputs[0][0] if isinstance(outputs[0], tuple) else outputs[0]
+    assert_same_function(adapter.head(model)(last), logits, 1e-6)  # soft-capping, final norm, project_out
+
+
 def test_post_norm_opt_refuses_gather_only():
     model = family_model("opt-postnorm")
     with pytest.raises(ValueError, match="post-norm.*use fold='exact'"):
@@ -120,17 +133,18 @@ def test_a_wrong_fold_is_caught(family, attribute, broken, ids, monkeypatch):
 
 
 def _prune_config(method, fold, **kwargs):
-    objective = {"method": "learned", "objective": "layerwise"} if method == "learned" else {"method": method}
-    return PermuteConfig(**(FAST | objective | {"fold": fold} | kwargs))
+    how = {"method": "learned", "objective": method.removeprefix("learned/")} if "/" in method else {"method": method}
+    return PermuteConfig(**(FAST | how | {"fold": fold} | kwargs))
 
 
 def _cases():
+    methods = ("learned/layerwise", "learned/end_to_end", "ria")  # end_to_end: the layer stack and the head
     return [
         (f, m, fold)
         for f in FAMILIES
-        for m in ("learned", "ria")
+        for m in methods
         for fold in ("exact", "gather")
-        if fold == "exact" or f in GATHER_FAMILIES
+        if (fold == "exact" or f in GATHER_FAMILIES) and (m != "learned/end_to_end" or fold == "exact")
     ]
 
 
