@@ -17,13 +17,19 @@ each from the same dense model and the same ``num_samples x seq_len`` calibratio
     python bench/recipes.py                          # SmolLM2-135M
     python bench/recipes.py --variants wanda wanda+learned --num-samples 16
     python bench/recipes.py --tiny                   # random tiny Llama: checks the script end to end in seconds
+    python bench/recipes.py --from-json s0.json s1.json s2.json --output merged.json   # seeds side by side
+
+The structural gap closed by ``X+learned`` is (ln ppl_X - ln ppl_X+learned) / (ln ppl_X - ln
+ppl_X-unstructured), per seed (the same seed's calibration for all three), as docs/benchmarks.md defines it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -55,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help=f"override {MODIFIER} fields")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, help="result file (default bench/results/recipes-*.json)")
+    parser.add_argument("--from-json", type=Path, nargs="+", help="merge per-seed result files (no runs)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.num_samples, args.seq_len, args.eval_samples, args.eval_seq_len = 8, 64, 4, 64
@@ -169,8 +176,53 @@ def run_variant(variant: str, model_dir: Path, calibration, evaluation, args, ov
     return result
 
 
+def gap_closed(perplexities: dict[str, float], base: str) -> float | None:
+    """Share of the structural gap (log perplexity) that ``base+learned`` closes, if all three ran."""
+    names = (base, f"{base}{UNSTRUCTURED}", f"{base}+learned")
+    if not all(n in perplexities for n in names):
+        return None
+    structured, unstructured, learned = (math.log(perplexities[n]) for n in names)
+    return (structured - learned) / (structured - unstructured)
+
+
+def merge(paths: list[Path], output: Path) -> int:
+    """Per-seed files side by side: each variant's perplexity per seed, median, min, max, and the gap closed."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    per_seed: dict[int, dict[str, dict]] = {}
+    for run, path in zip(runs, paths, strict=True):
+        seed = int(run["calibration"].rsplit("seed ", 1)[1].rstrip(")"))
+        rows = per_seed.setdefault(seed, {})  # a later file's variant replaces an earlier one's
+        rows.update({v["variant"]: v | {"file": path.name, "overrides": run["overrides"]} for v in run["variants"]})
+    variants = sorted({v for rows in per_seed.values() for v in rows}, key=lambda v: VARIANTS.index(v))
+    lines = ["| variant | " + " | ".join(f"seed {s}" for s in sorted(per_seed)) + " | median | gap closed (median) |"]
+    lines.append("|---" * (len(per_seed) + 3) + "|")
+    summary = {}
+    for variant in variants:
+        values = [per_seed[s][variant]["perplexity"] for s in sorted(per_seed) if variant in per_seed[s]]
+        base = variant.partition("+")[0]
+        gaps = (
+            [gap_closed({k: v["perplexity"] for k, v in per_seed[s].items()}, base) for s in sorted(per_seed)]
+            if variant.endswith("+learned")
+            else []
+        )
+        gaps = [g for g in gaps if g is not None]
+        summary[variant] = {"perplexities": values, "median": statistics.median(values), "gap_closed": gaps}
+        gap = f"{statistics.median(gaps):.1%} (min {min(gaps):.1%}, max {max(gaps):.1%})" if gaps else ""
+        cells = " | ".join(
+            f"{per_seed[s][variant]['perplexity']:.2f}" if variant in per_seed[s] else "" for s in sorted(per_seed)
+        )
+        lines.append(f"| {variant} | {cells} | {statistics.median(values):.2f} | {gap} |")
+    result = {"files": [p.name for p in paths], "runs": runs, "summary": summary}
+    output.write_text(json.dumps(result, indent=1))
+    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        return merge(args.from_json, args.output or RESULTS / "recipes-merged.json")
     sys.path.insert(0, str(ROOT))
     from transformers import AutoModelForCausalLM
 

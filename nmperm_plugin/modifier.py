@@ -41,10 +41,9 @@ class _ModifierBase(Modifier):
         LearnedPermutationModifier:
           pattern: "2:4"
           scorer: wanda
-          objective: layerwise
+          objective: end_to_end
           fold: exact
           block_size: 64
-          epochs: 2
           ignore: ["re:.*lm_head"]
         WandaPruningModifier:
           sparsity: 0.5

@@ -72,7 +72,7 @@ class JointLayerwiseObjective(Objective):
     def __init__(
         self,
         layers: list[tuple[str, nn.Module]],  # (name prefix, layer)
-        layer_kwargs: dict,
+        layer_kwargs: list[dict],  # per layer
         inputs: list[torch.Tensor],  # per layer [N, T, D]
         targets: list[torch.Tensor],  # per layer [N, T, D]
         params: list[list[str]],  # per layer: the full parameter names this objective replaces
@@ -90,7 +90,7 @@ class JointLayerwiseObjective(Objective):
     def _error(self, weights: Mapping[str, torch.Tensor], layer: int, index: torch.Tensor) -> torch.Tensor:
         prefix, module = self.layers[layer]
         mine = {name[len(prefix) :]: weights[name] for name in self.params[layer]}
-        output = first(functional_call(module, mine, (self.inputs[layer][index],), self.kwargs))
+        output = first(functional_call(module, mine, (self.inputs[layer][index],), self.kwargs[layer]))
         return (output - self.targets[layer][index]).square().mean() / self.scales[layer]
 
     def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
@@ -138,12 +138,12 @@ def layer_checkpointing(config_value: str, device: torch.device) -> bool:
 @dataclass
 class LayerStack:
     """A decoder-only model run one decoder layer at a time: the layers, their parameter-name
-    prefixes (``model.layers.3.``), the keyword arguments every layer takes (position embeddings,
-    mask), and ``head`` (last hidden state ``[B, T, D]`` -> logits ``[B, T, V]``)."""
+    prefixes (``model.layers.3.``), each layer's keyword arguments (position embeddings, mask), and
+    ``head`` (last hidden state ``[B, T, D]`` -> logits ``[B, T, V]``)."""
 
     layers: list[nn.Module]
     prefixes: list[str]
-    kwargs: dict
+    kwargs: list[dict]
     head: Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -189,7 +189,7 @@ class WindowObjective(Objective):
     def _layer(self, index: int, weights: LazyWeights, hidden: torch.Tensor) -> torch.Tensor:
         prefix = self.stack.prefixes[index]
         mine = {name[len(prefix) :]: weights.compute(name) for name in weights if name.startswith(prefix)}
-        return first(functional_call(self.stack.layers[index], mine, (hidden,), self.stack.kwargs))
+        return first(functional_call(self.stack.layers[index], mine, (hidden,), self.stack.kwargs[index]))
 
     def _terms(self, weights: LazyWeights, index: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(cross-entropy or 0, summed distillation) of the sequences ``index``."""

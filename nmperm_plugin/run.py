@@ -9,6 +9,7 @@ computed with its masked weights substituted (``functional_call``).
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,16 +34,25 @@ class _Stop(Exception):
     pass
 
 
-def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """The first decoder layer's input for every sequence (``[N, T, D]``) and its keyword arguments."""
-    captured: dict = {"hidden": []}
+def capture_layer_inputs(
+    model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, list[dict]]:
+    """The first decoder layer's input for every sequence (``[N, T, D]``) and each decoder layer's
+    keyword arguments (attention mask, position embeddings: layers of different types get different
+    ones, e.g. Gemma's sliding-window and global layers), taken from the first sequence."""
+    hidden: list[torch.Tensor] = []
+    layer_kwargs: list[dict | None] = [None] * len(layers)
 
-    def hook(module, args, kwargs):
-        captured["hidden"].append(args[0] if args else kwargs.pop("hidden_states"))
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
-        raise _Stop
+    def hook(index, module, args, kwargs):
+        if index == 0:
+            hidden.append(args[0] if args else kwargs["hidden_states"])
+        if layer_kwargs[index] is None:
+            kept = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
+            layer_kwargs[index] = kept | {"use_cache": False}
+        if index + 1 == len(layers) or layer_kwargs[index + 1] is not None:
+            raise _Stop
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(partial(hook, i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         with torch.no_grad():
             for ids in input_ids:
@@ -51,9 +61,9 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: tor
                 except _Stop:
                     pass
     finally:
-        handle.remove()
-    kwargs = captured["kwargs"] | {"use_cache": False}
-    return torch.cat(captured["hidden"]), kwargs
+        for handle in handles:
+            handle.remove()
+    return torch.cat(hidden), layer_kwargs
 
 
 @torch.no_grad()
@@ -137,14 +147,19 @@ class Run:
         scores = {n: self.generator(lin.weight, stats[n]) for n, lin in names.items()}
         return {n: s / s.mean().clamp_min(1e-12) for n, s in scores.items()}
 
-    def layer_scores(self, index: int, hidden: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
-        """Scores of layer ``index``'s linears from its inputs ``hidden``."""
+    def layer_scores(self, index: int, hidden: torch.Tensor, kwargs: list[dict]) -> dict[str, torch.Tensor]:
+        """Scores of layer ``index``'s linears from its inputs ``hidden`` (``kwargs``: every layer's)."""
         names = self.layer_linears(index)
-        stats = collect_stats(self.layers[index], names, hidden, kwargs, self.generator.needs_hessian)
+        stats = collect_stats(self.layers[index], names, hidden, kwargs[index], self.generator.needs_hessian)
         return self.scores_of(names, stats)
 
     def dense_pass(
-        self, hidden: torch.Tensor, kwargs: dict, names: list[str], keep_outputs: bool, on: torch.device | None = None
+        self,
+        hidden: torch.Tensor,
+        kwargs: list[dict],
+        names: list[str],
+        keep_outputs: bool,
+        on: torch.device | None = None,
     ):
         """Scores of ``names`` from the dense model's activations, and (``keep_outputs``) every layer's
         dense output (``[N, T, D]`` each, kept ``on`` a device, by default the model's; else an empty list)."""
@@ -153,8 +168,8 @@ class Run:
             check_fits_in_memory(hidden, len(self.layers), on or self.device)
         for index, layer in enumerate(tqdm(self.layers, desc="dense pass", leave=False)):
             mine = {n: lin for n, lin in self.layer_linears(index).items() if n in names}
-            stats |= collect_stats(layer, mine, hidden, kwargs, self.generator.needs_hessian)
-            hidden = run_layer(layer, hidden, kwargs)
+            stats |= collect_stats(layer, mine, hidden, kwargs[index], self.generator.needs_hessian)
+            hidden = run_layer(layer, hidden, kwargs[index])
             if keep_outputs:
                 outputs.append(hidden if on is None else hidden.to(on))
         return self.scores_of({n: self.linears[n] for n in names}, stats), outputs
@@ -218,14 +233,14 @@ class Run:
                 masks[name] = hard_mask(score, self.perms[self.site_of[name].name], self.pattern)
         return masks
 
-    def pruned_layer_output(self, index: int, hidden: torch.Tensor, kwargs: dict, masks: dict) -> torch.Tensor:
+    def pruned_layer_output(self, index: int, hidden: torch.Tensor, kwargs: list[dict], masks: dict) -> torch.Tensor:
         """Layer ``index``'s output with ``masks`` applied (the weights themselves are not changed)."""
         prefix = self.layer_prefixes[index]
         weights = {
             name[len(prefix) :] + ".weight": self.linears[name].weight * mask.to(self.linears[name].weight.dtype)
             for name, mask in masks.items()
         }
-        return run_layer(self.layers[index], hidden, kwargs, weights)
+        return run_layer(self.layers[index], hidden, kwargs[index], weights)
 
     @torch.no_grad()
     def apply_masks(self, masks: dict[str, torch.Tensor]) -> None:

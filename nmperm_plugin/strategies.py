@@ -33,11 +33,11 @@ if TYPE_CHECKING:
 
 class ObjectiveStrategy:
     """Finds the permutations of a :class:`~nmperm_plugin.run.Run` from the first decoder layer's
-    inputs ``hidden`` (``[N, T, D]``) and their keyword arguments."""
+    inputs ``hidden`` (``[N, T, D]``) and every decoder layer's keyword arguments ``kwargs``."""
 
     name: str = "base"
 
-    def solve(self, run: Run, hidden: torch.Tensor, kwargs: dict, apply_masks: bool) -> None:
+    def solve(self, run: Run, hidden: torch.Tensor, kwargs: list[dict], apply_masks: bool) -> None:
         raise NotImplementedError
 
     def describe(self, config: PermuteConfig) -> str:
@@ -54,7 +54,7 @@ class Sequential(ObjectiveStrategy):
     keeps_dense_outputs = False  # whether learn_layer needs every layer's dense output
     learns_global = False  # whether a learned global site (learn_hidden) is learned in this walk
 
-    def solve(self, run: Run, hidden: torch.Tensor, kwargs: dict, apply_masks: bool) -> None:
+    def solve(self, run: Run, hidden: torch.Tensor, kwargs: list[dict], apply_masks: bool) -> None:
         dense_outputs = self.solve_global(run, hidden, kwargs)
         for index in tqdm(range(len(run.layers)), desc=f"{run.config.method} permutations", leave=False):
             scores = run.layer_scores(index, hidden, kwargs)
@@ -69,7 +69,7 @@ class Sequential(ObjectiveStrategy):
                 run.apply_masks(masks)
             hidden = next_hidden
 
-    def solve_global(self, run: Run, hidden: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
+    def solve_global(self, run: Run, hidden: torch.Tensor, kwargs: list[dict]) -> list[torch.Tensor]:
         """Solve the sites shared by all layers (exact ``hidden``) on the dense model's statistics;
         return every layer's dense output when this objective or a learned global site needs them."""
         global_sites = [s for s in run.sites if s.layer is None]
@@ -116,7 +116,8 @@ class Layerwise(Sequential):
     learns_global = True
 
     def layer_loss(self, run: Run, index: int, inputs: torch.Tensor, kwargs: dict, target: torch.Tensor) -> Objective:
-        """The loss of layer ``index`` on its pruned ``inputs`` against the dense ``target`` (``[N, T, D]``)."""
+        """The loss of layer ``index`` on its pruned ``inputs`` against the dense ``target`` (``[N, T, D]``);
+        ``kwargs`` are this layer's keyword arguments."""
         config = run.config
         return LayerwiseObjective(
             run.layers[index], kwargs, inputs, target, config.sequences_per_step, config.select_sequences, run.rng
@@ -124,7 +125,7 @@ class Layerwise(Sequential):
 
     def learn_layer(self, run: Run, index: int, local: list[Site], scores, hidden, kwargs, dense_outputs) -> None:
         effective = run.effective(run.members(run.layer_linears(index), scores, run.layer_prefixes[index]), local)
-        objective = self.layer_loss(run, index, hidden, kwargs, dense_outputs[index])
+        objective = self.layer_loss(run, index, hidden, kwargs[index], dense_outputs[index])
         learner = run.config.learner(run.config.steps_per_layer)
         run.record(f"layer {index}", *learn(effective, objective, learner, f"layer {index}"))
 
@@ -132,7 +133,7 @@ class Layerwise(Sequential):
         return f"{self.name}, {config.steps_per_layer} steps per decoder layer"
 
 
-def learn_global_site(run: Run, site: Site, scores, inputs: list, targets: list, kwargs: dict) -> None:
+def learn_global_site(run: Run, site: Site, scores, inputs: list, targets: list, kwargs: list[dict]) -> None:
     """Learn a site shared by all layers (exact ``hidden``) on every layer's dense input and output,
     starting from the best of the heuristic candidates."""
     members = run.members({n: run.linears[n] for n in site.linears}, scores, "")
@@ -184,7 +185,7 @@ class Window(ObjectiveStrategy):
     def window_layers(self, config: PermuteConfig, num_layers: int) -> int:
         return min(config.window_layers, num_layers)
 
-    def solve(self, run: Run, hidden: torch.Tensor, kwargs: dict, apply_masks: bool) -> None:
+    def solve(self, run: Run, hidden: torch.Tensor, kwargs: list[dict], apply_masks: bool) -> None:
         config, num_layers = run.config, len(run.layers)
         size = self.window_layers(config, num_layers)
         windows = [range(start, min(start + size, num_layers)) for start in range(0, num_layers, size)]
@@ -204,6 +205,7 @@ class Window(ObjectiveStrategy):
             learned = [s for s in run.sites if run.learns(s) and (s.layer in window or everything)]
             names = {n: lin for index in window for n, lin in run.layer_linears(index).items()}
             effective = run.effective(run.members(names, scores, ""), learned)
+            effective.cache_fixed = not checkpointed  # checkpointing: no weight kept beyond its layer
             objective = WindowObjective(
                 stack, window, hidden, dense[window.start : window.stop], run.input_ids, config.alpha,
                 config.sequences_per_step, config.select_sequences, run.rng, autocast, checkpointed,
@@ -243,7 +245,7 @@ class Staged(ObjectiveStrategy):
     def __init__(self, name: str, first: ObjectiveStrategy, then: ObjectiveStrategy) -> None:
         self.name, self.first, self.then = name, first, then
 
-    def solve(self, run: Run, hidden: torch.Tensor, kwargs: dict, apply_masks: bool) -> None:
+    def solve(self, run: Run, hidden: torch.Tensor, kwargs: list[dict], apply_masks: bool) -> None:
         self.first.solve(run, hidden, kwargs, apply_masks=False)
         self.then.solve(run, hidden, kwargs, apply_masks)
 

@@ -70,8 +70,8 @@ def test_learned_beats_or_matches_its_start_and_gradients_flow(input_ids):
     effective = run.effective(run.members(run.layer_linears(0), scores, run.layer_prefixes[0]), sites)
     from nmperm_plugin.objectives import LayerwiseObjective
 
-    target = run_layer(run.layers[0], hidden, kwargs)
-    objective = LayerwiseObjective(run.layers[0], kwargs, hidden, target, 2, 4, torch.Generator())
+    target = run_layer(run.layers[0], hidden, kwargs[0])
+    objective = LayerwiseObjective(run.layers[0], kwargs[0], hidden, target, 2, 4, torch.Generator())
     objective.loss(effective.soft(1.0), 0).backward()
     for key, permuter in effective.permuters.items():
         assert permuter.logits.grad is not None and permuter.logits.grad.abs().sum() > 0, key

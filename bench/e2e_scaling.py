@@ -1,0 +1,182 @@
+"""Time and peak memory of one ``end_to_end`` learning step against model size, with and without
+layer checkpointing, on random-weight Llama models of real shapes.
+
+Each (shape, checkpointing) runs in a fresh process, so its peak memory is its own (peak RSS on a
+CPU, ``torch.cuda.max_memory_allocated`` on a GPU). A step is the loss over ``--sequences`` x
+``--seq-len`` tokens, its backward into every site's cost matrices and the Adam update, exactly as
+the learner runs it (``WindowObjective`` over all layers, fold exact, Wanda-like scores); selection
+(a forward of ``select_sequences`` sequences) is timed apart. Medians of ``--steps`` steps after one
+warm-up step. Writes ``bench/results/e2e-scaling-<device>.json`` and a markdown table.
+
+    python bench/e2e_scaling.py                                   # CPU: 135M, 360M, 1B shapes
+    python bench/e2e_scaling.py --device cuda --shapes llama-3.2-1b llama-3-8b --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+SHAPES = {  # hidden, layers, intermediate, heads, kv heads, vocab, tied
+    "smollm2-135m": (576, 30, 1536, 9, 3, 49152, True),
+    "smollm2-360m": (960, 32, 2560, 15, 5, 49152, True),
+    "llama-3.2-1b": (2048, 16, 8192, 32, 8, 128256, True),
+    "llama-2-7b": (4096, 32, 11008, 32, 32, 32000, False),
+    "llama-3-8b": (4096, 32, 14336, 32, 8, 128256, False),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=["smollm2-135m", "smollm2-360m", "llama-3.2-1b"])
+    parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's weights")
+    parser.add_argument("--train-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--sequences", type=int, default=1, help="sequences per step (the default config's)")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    parser.add_argument("--output", type=Path)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def build_model(shape: str, dtype, device):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, inter, heads, kv_heads, vocab, tied = SHAPES[shape]
+    config = LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=inter,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        tie_word_embeddings=tied,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def worker(job: dict) -> dict:
+    import torch
+
+    from nmperm_plugin import PermuteConfig
+    from nmperm_plugin.objectives import LayerStack, WindowObjective, training_dtype
+    from nmperm_plugin.pipeline import make_run
+    from nmperm_plugin.run import capture_layer_inputs
+
+    device = torch.device(job["device"])
+    model = build_model(job["shape"], getattr(torch, job["dtype"]), device)
+    ids = torch.randint(0, model.config.vocab_size, (job["sequences"] + 1, job["seq_len"]), device=device)
+    config = PermuteConfig(method="learned", init="identity", train_dtype=job["train_dtype"])
+    run = make_run(model, ids, config)
+    hidden, kwargs = capture_layer_inputs(model, run.layers, run.input_ids)
+    # dense targets as the objective keeps them (on the CPU); scores: |W| (a step's cost does not depend on them)
+    scores = {n: lin.weight.abs().float() for n, lin in run.linears.items()}
+    _, dense = run.dense_pass(hidden, kwargs, [], keep_outputs=True, on=torch.device("cpu"))
+    for site in run.sites:
+        run.solve(site, scores)
+    learned = [s for s in run.sites if run.learns(s)]
+    effective = run.effective(run.members(run.linears, scores, ""), learned)
+    effective.cache_fixed = job["checkpointing"] == "off"  # as the learner does
+    stack = LayerStack(list(run.layers), run.layer_prefixes, kwargs, run.adapter.head(model))
+    objective = WindowObjective(
+        stack, range(len(run.layers)), hidden, dense, run.input_ids, config.alpha, job["sequences"], job["sequences"],
+        run.rng, training_dtype(job["train_dtype"], device), job["checkpointing"] == "on",
+    )  # fmt: skip
+    optimizer = torch.optim.Adam(effective.permuters.parameters(), lr=config.lr)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    steps, selects = [], []
+    for step in range(job["steps"] + 1):
+        start = time.perf_counter()
+        loss = objective.loss(effective.soft(0.5), step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        steps.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        objective.select(effective.hard())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        selects.append(time.perf_counter() - start)
+    parameters = sum(p.numel() for p in model.parameters())
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return job | {
+        "parameters": parameters,
+        "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "step_seconds": statistics.median(steps[1:]),
+        "select_seconds": statistics.median(selects[1:]),
+        "peak_bytes": peak,
+        "dense_target_bytes": sum(t.numel() * t.element_size() for t in dense),
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| shape | parameters | checkpointing | step (s) | selection (s) | peak memory (GiB) | weights (GiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['parameters'] / 1e9:.2f} B | {r['checkpointing']} | {r['step_seconds']:.2f} | "
+            f"{r['select_seconds']:.2f} | {r['peak_bytes'] / 2**30:.2f} | {r['weight_bytes'] / 2**30:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        sys.path.insert(0, str(ROOT))
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    rows = []
+    for shape in args.shapes:
+        for checkpointing in args.checkpointing:
+            job = dict(
+                shape=shape, checkpointing=checkpointing, device=args.device, dtype=args.dtype,
+                train_dtype=args.train_dtype, sequences=args.sequences, seq_len=args.seq_len, steps=args.steps,
+            )  # fmt: skip
+            done = subprocess.run(
+                [sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, cwd=ROOT
+            )
+            if done.returncode:
+                print(done.stderr[-3000:], file=sys.stderr)
+                rows.append(job | {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"})
+                continue
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+    result = {"machine": {"platform": platform.platform(), "device": args.device}, "rows": rows}
+    path = args.output or RESULTS / f"e2e-scaling-{args.device}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    path.with_suffix(".md").write_text(markdown([r for r in rows if "error" not in r]) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
