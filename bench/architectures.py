@@ -1,0 +1,170 @@
+"""The supported families on tiny random configs: fold error, N:M, verify, prune time.
+
+For every family (the tiny random models of tests/conftest.py, float32, 2 layers, hidden 64):
+
+- the largest relative logit difference (``nmperm_plugin.ops.function_error``) after folding random
+  permutations of every site, exact and gather (tolerance 1e-5 in the tests);
+- ``permute_`` with the default ``PermuteConfig`` (the learned method and its default objective) and
+  with the RIA heuristic, exact and gather (where the family has it): whether every pruned linear is 2:4
+  (gather: after ``apply_gather``), and whether the saved checkpoint passes ``nmperm verify``;
+- the prune time of each learned run (``permute_``, seconds on this host).
+
+Random weights say nothing about quality: this checks the plumbing of each adapter, end to end.
+
+Run: ``python bench/architectures.py`` (well under a minute on 2 cores); writes
+``bench/results/architectures-random-configs.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny random models live with the tests
+
+from conftest import FAMILIES, family_model, tiny_model  # noqa: E402
+from test_fold import random_perms  # noqa: E402
+
+from nmperm_plugin import PermuteConfig, permute_  # noqa: E402
+from nmperm_plugin.checkpoint import finish_sidecar, verify_checkpoint  # noqa: E402
+from nmperm_plugin.fold import apply_gather, fold_permutations_  # noqa: E402
+from nmperm_plugin.nm import NMPattern, is_nm  # noqa: E402
+from nmperm_plugin.ops import function_error  # noqa: E402
+from nmperm_plugin.registry import get_adapter  # noqa: E402
+from nmperm_plugin.sidecar import Sidecar  # noqa: E402
+
+# the layer-by-layer walk needs layers with the same mask and rotary embedding (Adapter.check_calibration)
+PIPELINE = {"gemma2": dict(sliding_window=64), "gemma3_text": dict(layer_types=["sliding_attention"] * 2)}
+NAMES = ("llama (reference)", *FAMILIES)
+
+
+def build(family: str, pipeline: bool = False):
+    if family == "llama (reference)":
+        return tiny_model("llama", 2)
+    return family_model(family, **(PIPELINE.get(family, {}) if pipeline else {}))
+
+
+@torch.no_grad()
+def fold_errors(model, ids) -> dict:
+    """Relative logit difference after folding random permutations of every site (None: mode refused)."""
+    adapter, reference = get_adapter(model), model(ids).logits
+    errors = {}
+    sites = adapter.sites(model, "exact")
+    folded = copy.deepcopy(model)
+    fold_permutations_(folded, sites, random_perms(sites, torch.Generator().manual_seed(0)), adapter)
+    errors["exact"] = function_error(reference, folded(ids).logits)
+    try:
+        sites = adapter.sites(model, "gather")
+    except ValueError as error:
+        errors["gather"], errors["gather_refused"] = None, str(error)
+        return errors
+    perms = random_perms(sites, torch.Generator().manual_seed(1))
+    frames = {name: site.name for site in sites for name in site.linears}
+    sidecar = Sidecar("2:4", "wanda", "-", "gather", adapter.name, {k: v.tolist() for k, v in perms.items()}, frames)
+    errors["gather"] = function_error(reference, apply_gather(copy.deepcopy(model), sidecar)(ids).logits)
+    return errors
+
+
+def prune(family: str, ids, method: str, fold: str) -> dict:
+    """One ``permute_`` run: time, fold error, N:M of every pruned linear, ``nmperm verify``."""
+    model = build(family, pipeline=True)
+    config = PermuteConfig(method=method, fold=fold)
+    start = time.perf_counter()
+    sidecar, _ = permute_(model, ids, config)
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        finish_sidecar(Path(directory), sidecar, verify=False)
+        report = verify_checkpoint(directory)
+    if fold == "gather":
+        apply_gather(model, sidecar)
+    pattern = NMPattern(2, 4)
+    nm = [is_nm(getattr(m, "linear", m).weight, pattern) for m in map(model.get_submodule, sidecar.frames)]
+    failed = [c["check"] for c in report.checks if not c["ok"]]
+    return {
+        "seconds": round(seconds, 2),
+        "fold_error": sidecar.verification["fold_relative_logit_error"],
+        "linears": len(nm),
+        "nm_linears": sum(nm),
+        "verify": "passed" if report.ok else f"FAILED: {', '.join(failed)}",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sequences", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "architectures-random-configs"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # many tiny matmuls: one thread is fastest on the 2-core host
+    ids = torch.randint(0, 300, (args.sequences, args.seq_len), generator=torch.Generator().manual_seed(1))
+    rows, start, default = [], time.perf_counter(), PermuteConfig()
+    for family in NAMES:
+        model = build(family)
+        row = {"family": family, "adapter": get_adapter(model).name, "model": type(model).__name__}
+        row["fold_error"] = fold_errors(model, ids)
+        row["runs"] = {}
+        for fold in ("exact", "gather"):
+            if fold == "gather" and row["fold_error"]["gather"] is None:
+                continue
+            for method in ("learned", "ria"):
+                row["runs"][f"{method}/{fold}"] = prune(family, ids, method, fold)
+        rows.append(row)
+        print(family, json.dumps(row["fold_error"]), {k: v["verify"] for k, v in row["runs"].items()}, flush=True)
+    result = {
+        "what": "tiny random configs (tests/conftest.py), float32, 2 decoder layers, hidden 64; "
+        f"{args.sequences} x {args.seq_len} random calibration tokens; learned = the default PermuteConfig "
+        f"(objective {default.objective}, {default.total_steps} steps with fold exact, block {default.block_size}), "
+        "ria = the heuristic alone",
+        "host": f"{platform.machine()}, {torch.get_num_threads()} thread, torch {torch.__version__}",
+        "seconds": round(time.perf_counter() - start, 1),
+        "rows": rows,
+    }
+    output = Path(args.output)
+    output.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    output.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {output}.json and .md in {result['seconds']} s")
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Supported families on tiny random configs",
+        "",
+        f"{result['what']}. Host: {result['host']}; {result['seconds']} s in all. Written by `bench/architectures.py`.",
+        "",
+        "Fold error: the largest logit difference relative to the logits' scale after folding random "
+        "permutations of every site (the tests allow 1e-5). N:M: pruned linears that are 2:4 (gather: after "
+        "`apply_gather`), learned and RIA runs, exact and gather. Prune time: `permute_` with the learned method. "
+        "Gemma 2's fold rows use a 16-token sliding window and Gemma 3's a sliding and a global layer; their pruning "
+        "runs use a 64-token window and two sliding layers, which the layer-by-layer walk supports "
+        "(docs/architectures.md, Limits).",
+        "",
+        "| family | adapter | fold error exact | fold error gather | 2:4 linears | nmperm verify | prune time exact | "
+        "prune time gather |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        errors, runs = row["fold_error"], row["runs"]
+        gather = "refused (post-norm)" if errors["gather"] is None else f"{errors['gather']:.1e}"
+        nm = f"{sum(r['nm_linears'] for r in runs.values())} / {sum(r['linears'] for r in runs.values())}"
+        verdicts = {r["verify"] for r in runs.values()}
+        verify = f"passed ({len(runs)} of {len(runs)})" if verdicts == {"passed"} else "; ".join(sorted(verdicts))
+        times = [f"{runs[k]['seconds']:.2f} s" if k in runs else "-" for k in ("learned/exact", "learned/gather")]
+        lines.append(
+            f"| {row['family']} | {row['adapter']} | {errors['exact']:.1e} | {gather} | {nm} | {verify} | "
+            f"{times[0]} | {times[1]} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
