@@ -42,15 +42,11 @@ from nmperm_plugin.ops import function_error  # noqa: E402
 from nmperm_plugin.registry import get_adapter  # noqa: E402
 from nmperm_plugin.sidecar import Sidecar  # noqa: E402
 
-# the layer-by-layer walk needs layers with the same mask and rotary embedding (Adapter.check_calibration)
-PIPELINE = {"gemma2": dict(sliding_window=64), "gemma3_text": dict(layer_types=["sliding_attention"] * 2)}
 NAMES = ("llama (reference)", *FAMILIES)
 
 
-def build(family: str, pipeline: bool = False):
-    if family == "llama (reference)":
-        return tiny_model("llama", 2)
-    return family_model(family, **(PIPELINE.get(family, {}) if pipeline else {}))
+def build(family: str):
+    return tiny_model("llama", 2) if family == "llama (reference)" else family_model(family)
 
 
 @torch.no_grad()
@@ -76,7 +72,7 @@ def fold_errors(model, ids) -> dict:
 
 def prune(family: str, ids, method: str, fold: str) -> dict:
     """One ``permute_`` run: time, fold error, N:M of every pruned linear, ``nmperm verify``."""
-    model = build(family, pipeline=True)
+    model = build(family)
     config = PermuteConfig(method=method, fold=fold)
     start = time.perf_counter()
     sidecar, _ = permute_(model, ids, config)
@@ -144,9 +140,7 @@ def markdown(result: dict) -> str:
         "Fold error: the largest logit difference relative to the logits' scale after folding random "
         "permutations of every site (the tests allow 1e-5). N:M: pruned linears that are 2:4 (gather: after "
         "`apply_gather`), learned and RIA runs, exact and gather. Prune time: `permute_` with the learned method. "
-        "Gemma 2's fold rows use a 16-token sliding window and Gemma 3's a sliding and a global layer; their pruning "
-        "runs use a 64-token window and two sliding layers, which the layer-by-layer walk supports "
-        "(docs/architectures.md, Limits).",
+        "Gemma 2 has a 16-token sliding window (shorter than the sequences), Gemma 3 a sliding and a global layer.",
         "",
         "| family | adapter | fold error exact | fold error gather | 2:4 linears | nmperm verify | prune time exact | "
         "prune time gather |",

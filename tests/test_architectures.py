@@ -23,8 +23,6 @@ from nmperm_plugin.sidecar import Sidecar
 GATHER_FAMILIES = [f for f in FAMILIES if f != "opt-postnorm"]
 ADAPTER = {"gemma2": "gemma", "gemma3_text": "gemma", "phi3": "phi3", "opt": "opt", "opt-projected": "opt"}
 ADAPTER["opt-postnorm"] = "opt"
-# the layer-by-layer walk runs every layer with the first one's mask and rotary embedding: uniform layers
-PIPELINE = {"gemma2": dict(sliding_window=32), "gemma3_text": dict(layer_types=["sliding_attention"] * 2)}
 FAST = dict(block_size=16, sequences_per_step=2, select_sequences=2, steps_per_layer=3, end_to_end_steps=3)
 FAST |= dict(select_every=1)
 
@@ -150,7 +148,7 @@ def _cases():
 
 @pytest.mark.parametrize("family,method,fold", _cases())
 def test_permute_prunes_to_nm_and_checkpoint_verifies(family, method, fold, ids, tmp_path, capsys):
-    model = family_model(family, **PIPELINE.get(family, {}))
+    model = family_model(family)
     reference = model(ids).logits
     permuted = copy.deepcopy(model)
     permute_(permuted, ids, _prune_config(method, fold, apply_mask=False))
@@ -183,14 +181,28 @@ def test_verify_catches_a_broken_fused_weight(ids, tmp_path):
     assert main(["verify", str(tmp_path)]) == 1
 
 
-def test_layers_with_different_attention_inputs_are_refused(ids):
-    gemma3 = family_model("gemma3_text")  # a sliding-window and a global layer, each with its own rotary embedding
-    with pytest.raises(ValueError, match="sliding_attention.*own rotary position embedding"):
-        permute_(gemma3, ids, _prune_config("ria", "exact"))
-    gemma2 = family_model("gemma2")  # window 16, sequences of 32
-    with pytest.raises(ValueError, match="exceed the sliding window of 16.*--seq-len 16"):
-        permute_(gemma2, ids, _prune_config("ria", "exact"))
-    permute_(gemma2, ids[:, :16], _prune_config("ria", "exact"))  # within the window: the same inputs
+def test_layers_with_different_attention_inputs_get_their_own(ids):
+    """Gemma 3's sliding and global layers (own masks, own rotary embeddings), Gemma 2 beyond its window:
+    the layer-by-layer walk must run each layer as the model does (run.capture_layer_inputs)."""
+    from nmperm_plugin.pipeline import make_run
+    from nmperm_plugin.run import capture_layer_inputs, run_layer
+
+    for family in ("gemma3_text", "gemma2"):
+        model = family_model(family)
+        run = make_run(model, ids, _prune_config("ria", "exact"))
+        hidden, layer_kwargs = capture_layer_inputs(model, run.layers, ids)
+        outputs = []
+        handle = run.layers[-1].register_forward_hook(lambda m, a, out, kept=outputs: kept.append(out))
+        with torch.no_grad():
+            model(ids)
+        handle.remove()
+        expected = outputs[0][0] if isinstance(outputs[0], tuple) else outputs[0]
+        first = hidden
+        for layer, kwargs in zip(run.layers, layer_kwargs, strict=True):
+            hidden = run_layer(layer, hidden, kwargs)
+            first = run_layer(layer, first, layer_kwargs[0])
+        assert_same_function(hidden, expected, 1e-6)
+        assert function_error(expected, first) > 1e-3  # the first layer's mask and rotary embedding would be wrong
 
 
 def test_unknown_architecture_names_the_families_and_the_hook():

@@ -37,9 +37,9 @@ class Adapter:
 
     Subclasses implement :meth:`matches`, :meth:`decoder_layers`, :meth:`sites`, :meth:`fold_exact`,
     :meth:`folds_exactly` and :meth:`apply_gather` (from the tensor operations in
-    :mod:`nmperm_plugin.ops`), optionally :meth:`check_calibration`; register them through the
-    ``nmperm_architectures`` hook. Decoder-only Transformers subclass
-    :class:`nmperm_plugin.arch.decoder.DecoderAdapter` instead and only name their modules.
+    :mod:`nmperm_plugin.ops`); register them through the ``nmperm_architectures`` hook. Decoder-only
+    Transformers subclass :class:`nmperm_plugin.arch.decoder.DecoderAdapter` instead and only name
+    their modules.
     """
 
     name: str = "base"
@@ -66,10 +66,6 @@ class Adapter:
     def apply_gather(self, model: nn.Module, site: Site, perm: torch.Tensor) -> None:
         """Realise ``perm`` with a gather at run time (``fold: gather`` sites) or fold it exactly."""
         raise NotImplementedError
-
-    def check_calibration(self, model: nn.Module, input_ids: torch.Tensor) -> None:
-        """Raise ``ValueError`` if the pipeline cannot prune ``model`` on ``input_ids`` correctly (for
-        example when its decoder layers need different keyword arguments); by default nothing to check."""
 
     def head(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """What follows the decoder layers: last hidden state ``[B, T, D]`` -> logits ``[B, T, V]``.

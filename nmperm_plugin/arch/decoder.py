@@ -67,7 +67,6 @@ class DecoderAdapter(Adapter):
     residual_norms: tuple[str, ...] = ()
     embeddings: tuple[str, ...] = ("model.embed_tokens",)
     final_norms: tuple[str, ...] = ("model.norm",)
-    rope_per_layer_type: tuple[str, ...] = ()  # model types whose layer types have their own rotary embeddings
 
     # -- what the model is ------------------------------------------------------------------------
     def matches(self, model: nn.Module) -> bool:
@@ -92,31 +91,6 @@ class DecoderAdapter(Adapter):
         """The row permutation of each ``mlp_in`` linear for an ``mlp_out`` permutation ``perm``
         (fused gate and up halves override this)."""
         return perm
-
-    def check_calibration(self, model: nn.Module, input_ids: torch.Tensor) -> None:
-        """Refuse what the layer-by-layer walk would compute wrongly: it runs every decoder layer with
-        the first layer's attention mask and position embeddings, which differ between layer types
-        (sliding-window against full attention) beyond the window, and always where each type has its
-        own rotary embedding (Gemma 3)."""
-        config = model.config
-        types = sorted(set(getattr(config, "layer_types", None) or ()))
-        if len(types) < 2:
-            return
-        window = getattr(config, "sliding_window", None)
-        seq_len = input_ids.shape[-1]
-        per_type_rope = config.model_type in self.rope_per_layer_type
-        if per_type_rope:
-            why = "each layer type has its own rotary position embedding"
-        elif window is not None and seq_len > window:
-            why = f"calibration sequences of {seq_len} tokens exceed the sliding window of {window}"
-        else:
-            return
-        raise ValueError(
-            f"{self.name} ({config.model_type}): decoder layers of types {', '.join(types)} get different attention "
-            f"inputs ({why}), and the layer-by-layer walk runs every layer with the first layer's, so it would "
-            "score and learn on wrong activations. Not supported yet"
-            + (f"; use --seq-len {window} or less" if not per_type_rope else "")
-        )
 
     # -- sites ------------------------------------------------------------------------------------
     def sites(self, model: nn.Module, fold: str) -> list[Site]:

@@ -21,4 +21,3 @@ class GemmaAdapter(DecoderAdapter):
     model_types = ("gemma2", "gemma3_text")
     mlp_norm = "pre_feedforward_layernorm"
     residual_norms = ("post_attention_layernorm", "post_feedforward_layernorm")
-    rope_per_layer_type = ("gemma3_text",)  # sliding-window and global layers: rotary embeddings of their own
