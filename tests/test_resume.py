@@ -147,6 +147,13 @@ SLOW_CLI = textwrap.dedent(
     sys.exit(main(sys.argv[2:]))
     """
 )
+
+
+def default_sigint() -> None:
+    """In the child: SIGINT raises KeyboardInterrupt, even if the test process inherited or set it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 CLI_FAST = ["--num-samples", "4", "--seq-len", "32", "--block-size", "16", "--end-to-end-steps", "12"]
 CLI_FAST += ["--sequences-per-step", "2", "--select-sequences", "2", "--lr", "0.5"]
 
@@ -157,7 +164,9 @@ def _cli(tmp_path: Path, model: Path, text: Path, out: Path, delay: float, *extr
     args = [sys.executable, str(script), str(delay), "prune", str(model), "--dataset", str(text), "--output", str(out)]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     pipe = subprocess.PIPE
-    return subprocess.Popen([*args, *CLI_FAST, *extra], stdout=pipe, stderr=pipe, text=True, env=env)
+    return subprocess.Popen(
+        [*args, *CLI_FAST, *extra], stdout=pipe, stderr=pipe, text=True, env=env, preexec_fn=default_sigint
+    )
 
 
 def _tree(path: Path) -> dict:

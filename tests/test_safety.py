@@ -551,7 +551,10 @@ def _writer(tmp_path: Path, target: Path, mode: str) -> subprocess.Popen:
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     args = [sys.executable, str(script), str(target), mode, str(PACKAGE)]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    # SIGINT must reach the child's Python handler even if the test process ignores it (inherited by exec)
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    return subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=restore)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
