@@ -159,7 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="SmolLM2-135M: learn permutations, Wanda 2:4, compare perplexity")
     _add_prune_options(demo, exclude=("fold",))
-    demo.set_defaults(objective="end_to_end")  # the most accurate objective measured; SmolLM2 fits it easily
     demo.add_argument("--eval-samples", type=int, default=24, help="evaluation windows")
     demo.add_argument(
         "--folds",

@@ -22,6 +22,7 @@ from torch import nn
 from . import compat
 from .checkpoint import verify_model
 from .nm import NMPattern, is_nm
+from .resume import ResumeStore
 from .sidecar import Sidecar
 
 STATE_ATTR = "_nmperm_state"
@@ -42,6 +43,7 @@ class PermutedState:
     pruned: list[str]
     allow_gather_checkpoint: bool = False
     recipe_modifiers: list[str] = field(default_factory=list)
+    learning_state: ResumeStore | None = None  # deleted once the model is saved
 
 
 def permuted_state(model: nn.Module) -> PermutedState | None:
@@ -193,6 +195,8 @@ def install_save_hook(model: nn.Module) -> None:
         if sidecar is not None:
             strip_sparsity_config(save_directory)
             logger.info(f"nmperm: wrote {sidecar.save(save_directory)}")
+            if state.learning_state is not None:
+                state.learning_state.remove()
 
     compat.copy_save_pretrained_flag(save, save_pretrained)
     save_pretrained._nmperm = True

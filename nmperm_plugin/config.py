@@ -56,7 +56,11 @@ class PermuteConfig:
     pattern: str = option("2:4", "N:M pattern: keep N of every M consecutive input weights (2:4, 4:8, 1:4)")
     scorer: str = option("wanda", "mask generator whose masks are optimised", choices=lambda: tuple(mask_generators()))
     method: str = option("learned", "learned, or a heuristic solver used alone", choices=_learned_methods)
-    objective: str = option("end_to_end", "what method 'learned' optimises", choices=lambda: tuple(objectives()))
+    objective: str = option(
+        "auto",
+        "what method 'learned' optimises (auto: end_to_end, else the widest window that fits the device)",
+        choices=lambda: tuple(objectives()),
+    )
     fold: str = option("exact", "exact: standard checkpoint; gather: per-layer run-time gathers", lambda: FOLD_MODES)
     block_size: int = option(64, "channels per learnable block (a multiple of M)", minimum=1)
     init: str = option("ria", "heuristic permutation the learner starts from", choices=lambda: tuple(solvers()))
@@ -71,7 +75,7 @@ class PermuteConfig:
     steps_per_layer: int = option(20, "learner steps per decoder layer (layerwise, retained: per site)", minimum=0)
     end_to_end_steps: int | None = option(
         None,
-        "learner steps in all for end_to_end, per window for window (default: 80 with fold exact, 120 with gather)",
+        "learner steps in all for end_to_end, per window for window and auto (default: 80 with exact, 120 with gather)",
         minimum=0,
     )
     sequences_per_step: int = option(1, "calibration sequences in one learning step", minimum=1)

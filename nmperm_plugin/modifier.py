@@ -9,7 +9,7 @@ installed. The algorithm is :func:`nmperm_plugin.api.permute_`; the glue is in
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from llmcompressor.core import State, active_session
@@ -17,6 +17,7 @@ from llmcompressor.modifiers import Modifier, ModifierFactory
 from loguru import logger
 from pydantic import Field, PositiveInt, PrivateAttr, create_model, model_validator
 
+from . import resume
 from .api import permute_
 from .compress import PermutedState, attach, calibration_ids, check_recipe, check_unpermuted, ignored_linears
 from .config import PermuteConfig, default_of, field_types, schema
@@ -41,7 +42,7 @@ class _ModifierBase(Modifier):
         LearnedPermutationModifier:
           pattern: "2:4"
           scorer: wanda
-          objective: end_to_end
+          objective: auto
           fold: exact
           block_size: 64
           ignore: ["re:.*lm_head"]
@@ -72,6 +73,10 @@ class _ModifierBase(Modifier):
         names, ``re:`` regexes, class names
     :param allow_gather_checkpoint: save a ``fold: gather`` model anyway, as a non-standard
         checkpoint (original channel order plus the sidecar) for ``nmperm export``
+    :param learning_state: a directory named ``*.nmperm-state`` where the learning state is saved
+        every few steps; running the same recipe on the same model and data again resumes from it
+        with the result of an uninterrupted run (a different setup is refused with what differs).
+        It is deleted once ``save_pretrained`` has written the model. None: not resumable
 
     The fields of the configuration schema (:class:`nmperm_plugin.config.PermuteConfig`,
     ``docs/configuration.md``), with ``apply_mask`` false by default (the next pruner masks):
@@ -81,6 +86,7 @@ class _ModifierBase(Modifier):
     max_sequences: PositiveInt | None = 32
     ignore: list[str] = Field(default_factory=list)
     allow_gather_checkpoint: bool = False
+    learning_state: str | None = None
 
     _sidecar: Sidecar | None = PrivateAttr(default=None)
     _result: PruneResult | None = PrivateAttr(default=None)
@@ -95,6 +101,11 @@ class _ModifierBase(Modifier):
             raise ValueError(
                 "fold 'gather' needs apply_mask: true: its per-layer permutations cannot be folded, so only this "
                 "modifier can apply masks in their order (a downstream pruner would prune the original order)"
+            )
+        if self.learning_state is not None and not self.learning_state.rstrip("/").endswith(resume.SUFFIX):
+            raise ValueError(
+                f"learning_state {self.learning_state!r} must name a directory ending in {resume.SUFFIX!r} (e.g. "
+                f"'out{resume.SUFFIX}' beside the output), so that it is never mistaken for, or deleted as, other data"
             )
         self.permute_config(num_sequences=1)  # the schema's own checks (choices, block_size against M, ...)
         return self
@@ -137,11 +148,13 @@ class _ModifierBase(Modifier):
             f"LearnedPermutationModifier: {len(input_ids)} x {input_ids.shape[1]} calibration tokens, "
             f"{strategy_of(config).describe(config) if config.method == 'learned' else config.method}"
         )
-        device = next(model.parameters()).device
-        with _keep_requires_grad(model):
-            self._sidecar, self._result = permute_(model, input_ids.to(device), config)
+        input_ids = input_ids.to(next(model.parameters()).device)
+        saving = resume.resumable(self.learning_state, model, input_ids, config) if self.learning_state else None
+        with _keep_requires_grad(model), saving or nullcontext() as store:
+            self._sidecar, self._result = permute_(model, input_ids, config)
         names = [type(m).__name__ for m in modifiers]
-        attach(model, PermutedState(self._sidecar, self._result.pruned, self.allow_gather_checkpoint, names))
+        state = PermutedState(self._sidecar, self._result.pruned, self.allow_gather_checkpoint, names, store)
+        attach(model, state)
         return True
 
 

@@ -1,6 +1,7 @@
 """Objectives as strategies: how a run finds its permutations (what ``objective:`` names).
 
 Built-ins are registered through the ``nmperm_objectives`` hook like a third party's:
+``auto`` (the default: ``end_to_end``, else the widest ``window`` that fits the device),
 ``retained``, ``layerwise``, ``end_to_end``, ``window`` (end_to_end's loss on a moving window of
 decoder layers) and ``staged`` (layerwise, then end_to_end from its result). A strategy sets
 ``run.perms`` for every site and, with ``apply_masks``, prunes the model.
@@ -8,6 +9,7 @@ decoder layers) and ``staged`` (layerwise, then end_to_end from its result). A s
 
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING
 
 import torch
@@ -182,8 +184,11 @@ class Window(ObjectiveStrategy):
 
     name = "window"
 
+    def __init__(self, layers: int | None = None) -> None:
+        self.layers = layers  # the window's size; None: the configuration's window_layers
+
     def window_layers(self, config: PermuteConfig, num_layers: int) -> int:
-        return min(config.window_layers, num_layers)
+        return min(self.layers or config.window_layers, num_layers)
 
     def solve(self, run: Run, hidden: torch.Tensor, kwargs: list[dict], apply_masks: bool) -> None:
         config, num_layers = run.config, len(run.layers)
@@ -222,7 +227,8 @@ class Window(ObjectiveStrategy):
             run.apply_masks(run.masks(scores))
 
     def describe(self, config: PermuteConfig) -> str:
-        return f"{self.name} of {config.window_layers} decoder layers, {config.total_steps} steps per window"
+        size = self.layers or config.window_layers
+        return f"{self.name} of {size} decoder layers, {config.total_steps} steps per window"
 
 
 class EndToEnd(Window):
@@ -237,6 +243,59 @@ class EndToEnd(Window):
 
     def describe(self, config: PermuteConfig) -> str:
         return f"{self.name}, {config.total_steps} steps in all"
+
+
+class Auto(ObjectiveStrategy):
+    """The most accurate objective that fits the device: ``end_to_end``, else ``window`` with the
+    widest window that fits (half the decoder layers, then a quarter, ... down to one), found by
+    trying: an out-of-memory error of the device in one falls back to the next, from the same
+    heuristic start. Memory on the CPU is not probed (the host's RAM is checked for the dense targets
+    only, and an exhausted host kills the process instead of raising): there it is ``end_to_end``."""
+
+    name = "auto"
+
+    def attempts(self, num_layers: int) -> list[Window]:
+        sizes, size = [], num_layers
+        while size > 1:
+            size = (size + 1) // 2
+            sizes.append(size)
+        return [EndToEnd(), *(Window(k) for k in sizes)]
+
+    def solve(self, run: Run, hidden: torch.Tensor, kwargs: list[dict], apply_masks: bool) -> None:
+        config, failed = run.config, []
+        for strategy in self.attempts(len(run.layers)):
+            if failed:
+                logger.warning(f"nmperm: objective auto: {failed[-1]}; trying {strategy.describe(config)}")
+            else:
+                logger.info(
+                    f"nmperm: objective auto: {strategy.describe(config)} (the most accurate; on {run.device.type}"
+                    + (", an out-of-memory error falls back to the window objective)" if run.device.type != "cpu"
+                       else ", where memory is not probed: use --objective window if the host runs out)")
+                )  # fmt: skip
+            try:
+                strategy.solve(run, hidden, kwargs, apply_masks)
+            except torch.OutOfMemoryError as error:
+                failed.append(f"{strategy.name} ran out of memory on {run.device} ({str(error).splitlines()[0]})")
+            else:
+                note = f" (after: {'; '.join(failed)})" if failed else ""
+                logger.info(f"nmperm: objective auto ran {strategy.describe(config)}{note}")
+                return
+            free_device_memory(run.device)
+        raise MemoryError(
+            f"objective auto: not even a window of one decoder layer fits on {run.device}: {failed[-1]}; use fewer "
+            f"tokens per step (--sequences-per-step 1, a shorter --seq-len), --layer-checkpointing on, or a "
+            f"device with more memory"
+        )
+
+    def describe(self, config: PermuteConfig) -> str:
+        return f"{self.name} (end_to_end, else the widest window that fits), {config.total_steps} steps per window"
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Return what a failed attempt held to the device (its tensors are garbage once its frames are)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class Staged(ObjectiveStrategy):
@@ -254,4 +313,4 @@ class Staged(ObjectiveStrategy):
 
 
 HEURISTIC = Sequential()
-BUILTIN_OBJECTIVES = (Retained(), Layerwise(), EndToEnd(), Window(), Staged("staged", Layerwise(), EndToEnd()))
+BUILTIN_OBJECTIVES = (Auto(), Retained(), Layerwise(), EndToEnd(), Window(), Staged("staged", Layerwise(), EndToEnd()))

@@ -248,3 +248,34 @@ def test_cli_refuses_a_changed_command_and_no_resume_starts_over(saved_model_mod
     assert main([*base, "--lr", "0.3", "--no-resume"]) == 0
     assert "discarding the learning state" in capsys.readouterr().err
     assert verify_checkpoint(out).ok and not state.exists()
+
+
+def test_the_modifier_resumes_from_its_learning_state_and_deletes_it_once_saved(tmp_path, monkeypatch, one_thread):
+    from test_modifier import _state
+
+    from nmperm_plugin.modifier import LearnedPermutationModifier
+
+    state_dir = tmp_path / "out.nmperm-state"
+    fields = dict(block_size=16, sequences_per_step=2, select_sequences=2, select_every=2, end_to_end_steps=7)
+
+    def run(learning_state=None):
+        modifier = LearnedPermutationModifier(**fields, learning_state=learning_state)
+        model = tiny_model(seed=4)
+        modifier.initialize(_state(model))
+        return model, {k: v.tolist() for k, v in modifier.result.perms.items()}
+
+    _, expected = run()
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, objectives.WindowObjective, 5)  # killed in step 6 of 7, saved after 5
+        with pytest.raises(Interrupted):
+            run(str(state_dir))
+    assert resume.is_state_dir(state_dir) and (state_dir / "current.pt").exists()
+    with monkeypatch.context() as patch:
+        counter = _interrupt_after(patch, objectives.WindowObjective, 10**6)
+        model, resumed = run(str(state_dir))
+    assert resumed == expected and counter[0] == 2  # from step 5: the steps 6 and 7 only
+    assert state_dir.exists()  # kept until the model is written
+    model.save_pretrained(tmp_path / "out")
+    assert not state_dir.exists() and (tmp_path / "out" / "nmperm.json").exists()
+    with pytest.raises(ValueError, match="must name a directory ending in '.nmperm-state'"):
+        LearnedPermutationModifier(**fields, learning_state=str(tmp_path))
