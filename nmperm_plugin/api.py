@@ -1,10 +1,11 @@
-"""The Python entry point: ``permute_(model, input_ids, PermuteConfig(...))``, torchao style."""
+"""The Python entry point: ``permute_(model, calibration, PermuteConfig(...))``, torchao style."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .calibration import CalibrationData, samples_of, to_device
 from .config import PermuteConfig
 from .fold import fold_
 from .ops import function_error, function_tolerance
@@ -13,35 +14,42 @@ from .registry import get_adapter
 from .sidecar import Sidecar
 
 
-def permute_(model: nn.Module, calibration: torch.Tensor, config: PermuteConfig) -> tuple[Sidecar, PruneResult]:
+def permute_(model: nn.Module, calibration: CalibrationData, config: PermuteConfig) -> tuple[Sidecar, PruneResult]:
     """Permute (and, with ``config.apply_mask``, prune) ``model`` in place and fold the permutations.
 
-    ``calibration`` is ``[num_sequences, seq_len]`` token ids. Returns the sidecar to save beside the
-    model (permutations, frames, figures) and the raw result (learning curves). Raises if folding
-    changed the model's function beyond its precision's tolerance (relative to the logits' scale).
+    ``calibration`` is ``[num_sequences, seq_len]`` token ids, or an iterable of batches of model
+    inputs as a processor returns them (dicts of tensors with the batch first: ``pixel_values``,
+    ``input_ids``, ``labels``, ...; :mod:`nmperm_plugin.calibration`). With labels (and always for a
+    causal LM, whose labels are its next tokens) the learned objectives use the model's own loss.
+    Returns the sidecar to save beside the model (permutations, frames, figures) and the raw result
+    (learning curves). Raises if folding changed the model's function beyond its precision's
+    tolerance (relative to the outputs' scale).
 
     Example::
 
         from nmperm_plugin import PermuteConfig, permute_
         sidecar, result = permute_(model, input_ids, PermuteConfig(pattern="2:4", scorer="wanda"))
+        sidecar, result = permute_(vit, [{"pixel_values": x, "labels": y}], PermuteConfig())
     """
-    result = permute_and_prune_(model, calibration, config)
-    probe = calibration[:1].to(next(model.parameters()).device)
+    samples = samples_of(calibration)
+    result = permute_and_prune_(model, samples, config)
+    adapter = get_adapter(model)
+    probe = to_device(adapter.model_inputs(samples[0]), next(model.parameters()).device)
     with torch.no_grad():
-        before = model(probe, use_cache=False).logits
+        before = adapter.outputs(model(**probe))
     frames = fold_(model, result, config.fold)
     with torch.no_grad():
-        fold_error = function_error(before, model(probe, use_cache=False).logits)
+        fold_error = function_error(before, adapter.outputs(model(**probe)))
     if fold_error > function_tolerance(before.dtype):
         raise RuntimeError(
-            f"folding changed the model's logits by {fold_error:.3g} of their scale: this is a bug, please report it"
+            f"folding changed the model's outputs by {fold_error:.3g} of their scale: this is a bug, please report it"
         )
     sidecar = Sidecar(
         pattern=config.pattern,
         scorer=config.scorer,
         method=config.method if config.method != "learned" else f"learned/{config.objective}",
         fold=config.fold,
-        architecture=get_adapter(model).name,
+        architecture=adapter.name,
         permutations={name: perm.tolist() for name, perm in result.perms.items()},
         frames=frames if config.apply_mask else {},
         figures={

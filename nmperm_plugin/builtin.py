@@ -1,5 +1,5 @@
 """The built-in plugin: mask generators, the architecture adapters (Llama family, Gemma 2/3, Phi-3,
-OPT), the heuristic solvers and the objectives, registered through the same hooks as a third-party plugin."""
+OPT, ViT, DeiT), the heuristic solvers and the objectives, registered through the same hooks as a third-party plugin."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from .arch.gemma import GemmaAdapter
 from .arch.llama import LlamaAdapter
 from .arch.opt import OPTAdapter
 from .arch.phi3 import Phi3Adapter
+from .arch.vit import DeiTAdapter, ViTAdapter
 from .baselines import HEURISTICS
 from .hooks import hookimpl
 from .scores import BUILTIN_GENERATORS
@@ -20,7 +21,7 @@ def nmperm_mask_generators() -> list:
 
 @hookimpl
 def nmperm_architectures() -> list:
-    return [LlamaAdapter(), GemmaAdapter(), Phi3Adapter(), OPTAdapter()]
+    return [LlamaAdapter(), GemmaAdapter(), Phi3Adapter(), OPTAdapter(), ViTAdapter(), DeiTAdapter()]
 
 
 @hookimpl

@@ -175,12 +175,22 @@ def verify_checksums(directory: str | Path, sidecar: Sidecar, report: Verificati
     return report
 
 
-def load_checkpoint_model(directory: str | Path) -> nn.Module:
-    """``AutoModelForCausalLM`` from ``directory`` in float32, never running code from it, safetensors first."""
-    from transformers import AutoModelForCausalLM
+def checkpoint_class(directory: str | Path) -> type:
+    """The ``transformers`` class that ``directory``'s config names (``architectures``: a ViT's
+    ``ViTForImageClassification``), else ``AutoModelForCausalLM``; never a class from the checkpoint."""
+    import transformers
 
+    names = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=False).architectures or []
+    found = getattr(transformers, names[0], None) if names else None
+    is_model = isinstance(found, type) and issubclass(found, transformers.PreTrainedModel)
+    return found if is_model else transformers.AutoModelForCausalLM
+
+
+def load_checkpoint_model(directory: str | Path) -> nn.Module:
+    """The model in ``directory`` (:func:`checkpoint_class`) in float32, never running code from it,
+    safetensors first."""
     files = check_weight_files(directory)
-    return AutoModelForCausalLM.from_pretrained(
+    return checkpoint_class(directory).from_pretrained(
         directory,
         dtype="float32",
         trust_remote_code=False,
@@ -189,16 +199,16 @@ def load_checkpoint_model(directory: str | Path) -> nn.Module:
 
 
 def verify_checkpoint(directory: str | Path) -> Verification:
-    """Load ``directory`` with ``AutoModelForCausalLM.from_pretrained`` and check it against its sidecar:
+    """Load ``directory`` (:func:`load_checkpoint_model`) and check it against its sidecar:
     every pruned linear N:M, every weight finite, the pruned weights' checksums as written."""
     report = Verification()
     sidecar = Sidecar.load(directory)
     try:
         model = load_checkpoint_model(directory)
     except Exception as error:  # noqa: BLE001 - any load failure is the finding
-        report.add("loads with AutoModelForCausalLM.from_pretrained", False, f"{type(error).__name__}: {error}")
+        report.add("loads with from_pretrained", False, f"{type(error).__name__}: {error}")
         return report
-    report.add("loads with AutoModelForCausalLM.from_pretrained", True, type(model).__name__)
+    report.add("loads with from_pretrained", True, type(model).__name__)
     model_type = getattr(model.config, "model_type", "?")
     try:
         adapter = get_adapter(model)

@@ -15,6 +15,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from . import compat, distributed
+from .arch.base import next_token_cross_entropy
 from .learn import LazyWeights, Objective
 
 
@@ -137,14 +138,24 @@ def layer_checkpointing(config_value: str, device: torch.device) -> bool:
 
 @dataclass
 class LayerStack:
-    """A decoder-only model run one decoder layer at a time: the layers, their parameter-name
-    prefixes (``model.layers.3.``), each layer's keyword arguments (position embeddings, mask), and
-    ``head`` (last hidden state ``[B, T, D]`` -> logits ``[B, T, V]``)."""
+    """A model run one block at a time: the layers, their parameter-name prefixes
+    (``model.layers.3.``), each layer's keyword arguments (position embeddings, mask), ``head``
+    (last hidden state ``[B, T, D]`` -> the model's output: an LM's logits ``[B, T, V]``, a
+    classifier's ``[B, C]``) and ``loss`` (output, labels -> the task's loss; the adapter's
+    ``task_loss``, by default the next token's cross-entropy)."""
 
     layers: list[nn.Module]
     prefixes: list[str]
     kwargs: list[dict]
     head: Callable[[torch.Tensor], torch.Tensor]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = next_token_cross_entropy
+
+
+def output_distillation(output: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """KL divergence of the pruned model's output distribution from the dense model's (last dimension
+    the classes or the vocabulary), averaged over positions: the task term without labels."""
+    log_p, log_q = F.log_softmax(output.float(), -1).flatten(0, -2), F.log_softmax(dense.float(), -1).flatten(0, -2)
+    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
 
 
 class WindowObjective(Objective):
@@ -153,9 +164,11 @@ class WindowObjective(Objective):
     The window runs on ``inputs`` (``[N, T, D]``: the output of the already pruned earlier layers,
     or the embeddings), one decoder layer at a time. Loss: the smooth-L1 distance of each layer's
     output to the dense model's (``targets[l]``, ``[N, T, D]`` each, kept on any device), plus, when
-    the window ends at the last layer, the cross-entropy of the next token (``loss = CE + alpha *
-    distillation``; a window before the end has only the distillation). ``select`` ranks hard
-    permutations by the cross-entropy (the distillation before the end), in the model's precision.
+    the window ends at the last layer, the task term: the model's loss on ``labels`` (``[N, ...]``,
+    ``stack.loss``: the next token of a causal LM, the class of a classifier), or without labels the
+    KL divergence from the dense model's output (:func:`output_distillation`); ``loss = task +
+    alpha * distillation``, a window before the end has only the distillation. ``select`` ranks hard
+    permutations by the task term (the distillation before the end), in the model's precision.
 
     Memory: an effective weight exists only while its layer runs; with ``checkpoint`` each layer is
     recomputed in backward (``torch.utils.checkpoint``), so a step keeps only the layer-boundary
@@ -168,7 +181,7 @@ class WindowObjective(Objective):
         window: range,
         inputs: torch.Tensor,  # [N, T, D]
         targets: list[torch.Tensor],  # per layer of the window, [N, T, D]
-        input_ids: torch.Tensor,  # [N, T]
+        labels: torch.Tensor | None,  # [N, ...]: token ids of a causal LM, class indices, or None
         alpha: float,
         per_step: int,
         select_count: int,
@@ -178,11 +191,11 @@ class WindowObjective(Objective):
     ) -> None:
         if len(targets) != len(window):
             raise ValueError(f"{len(targets)} dense targets for a window of {len(window)} layers")
-        self.stack, self.window, self.inputs, self.targets, self.input_ids = stack, window, inputs, targets, input_ids
+        self.stack, self.window, self.inputs, self.targets, self.labels = stack, window, inputs, targets, labels
         self.alpha, self.autocast, self.checkpoint = alpha, autocast, checkpoint
-        self.per_step, self.generator = min(per_step, len(input_ids)), generator
-        self.select_index = torch.arange(min(select_count, len(input_ids)))
-        self.device = input_ids.device
+        self.per_step, self.generator = min(per_step, len(inputs)), generator
+        self.select_index = torch.arange(min(select_count, len(inputs)))
+        self.device = inputs.device if labels is None else labels.device
         self.ends_model = window.stop == len(stack.layers)
         distributed.check_shares(self.per_step)
 
@@ -192,7 +205,7 @@ class WindowObjective(Objective):
         return first(functional_call(self.stack.layers[index], mine, (hidden,), self.stack.kwargs[index]))
 
     def _terms(self, weights: LazyWeights, index: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cross-entropy or 0, summed distillation) of the sequences ``index``."""
+        """(task term or 0, summed distillation) of the sequences ``index``."""
         hidden = self.inputs[index].to(self.device)
         distill = torch.zeros((), device=self.device)
         for layer in self.window:
@@ -202,12 +215,15 @@ class WindowObjective(Objective):
             distill = distill + F.smooth_l1_loss(hidden.float(), target.float())
         if not self.ends_model:
             return torch.zeros((), device=self.device), distill
-        ids = self.input_ids[index]
-        logits = self.stack.head(hidden)[:, :-1].float()  # [B, T-1, V]
-        return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()), distill
+        output = self.stack.head(hidden)
+        if self.labels is not None:
+            return self.stack.loss(output, self.labels[index]), distill
+        with torch.no_grad():
+            dense = self.stack.head(target)  # target: the dense last layer's output
+        return output_distillation(output, dense), distill
 
     def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
-        index = torch.randperm(len(self.input_ids), generator=self.generator)[: self.per_step]
+        index = torch.randperm(len(self.inputs), generator=self.generator)[: self.per_step]
         mine = distributed.share(index)
         with torch.autocast(self.device.type, self.autocast) if self.autocast else contextlib.nullcontext():
             cross_entropy, distill = self._terms(weights, mine, train=True)

@@ -62,6 +62,13 @@ def permute_embedding_(embedding: nn.Embedding, perm: torch.Tensor) -> None:
     permute_inputs_(embedding, perm)
 
 
+@torch.no_grad()
+def permute_channels_(parameter: nn.Parameter, perm: torch.Tensor) -> None:
+    """Reorder a parameter's last dimension (a class token ``[1, 1, D]``, position embeddings
+    ``[1, T, D]``, a ``[D]`` vector): ``p <- p[..., perm]``."""
+    parameter.data = parameter.data[..., perm.to(parameter.device)].contiguous()
+
+
 def tied_head_perm(tied_heads: tuple[int, ...], head_perms: torch.Tensor) -> torch.Tensor:
     """Full input permutation of heads laid side by side, head ``h`` permuted within itself by
     ``head_perms[tied_heads[h]]`` (``head_perms``: ``[groups, head_size]``)."""

@@ -1,6 +1,7 @@
 """The permutation pipeline: resolve the configuration's plugins, run the objective, fold.
 
-``permute_and_prune_(model, input_ids, PermuteConfig(...))`` finds a permutation for every site of
+``permute_and_prune_(model, calibration, PermuteConfig(...))`` (token ids ``[N, T]`` or batches of
+model inputs, :mod:`nmperm_plugin.calibration`) finds a permutation for every site of
 ``model`` with the configured objective (or heuristic method) and, with ``apply_mask``, applies the
 N:M masks; :func:`fold_` then folds what the adapter can fold exactly.
 """
@@ -15,6 +16,7 @@ from loguru import logger
 from torch import nn
 
 from .arch import Site
+from .calibration import CalibrationData
 from .checks import check_finite_parameters, check_pattern_fits
 from .config import PermuteConfig
 from .registry import get_adapter, get_mask_generator, get_objective, get_solver
@@ -39,18 +41,16 @@ def strategy_of(config: PermuteConfig) -> ObjectiveStrategy:
     return get_objective(config.objective) if config.method == "learned" else HEURISTIC
 
 
-def make_run(model: nn.Module, input_ids: torch.Tensor, config: PermuteConfig) -> Run:
+def make_run(model: nn.Module, calibration: CalibrationData, config: PermuteConfig) -> Run:
     """A :class:`Run` of ``config`` over ``model``, with its inputs checked before any work."""
     solver = get_solver(config.init if config.method == "learned" else config.method)
-    run = Run(model, input_ids, config, get_adapter(model), get_mask_generator(config.scorer), solver)
+    run = Run(model, calibration, config, get_adapter(model), get_mask_generator(config.scorer), solver)
     check_pattern_fits(run.pattern, run.linears, run.sites if config.method != "identity" else ())
     check_finite_parameters(model)
-    if run.input_ids.ndim != 2 or run.input_ids.numel() == 0:
-        raise ValueError("calibration input_ids must be a non-empty [num_sequences, seq_len] tensor")
     return run
 
 
-def permute_and_prune_(model: nn.Module, input_ids: torch.Tensor, config: PermuteConfig) -> PruneResult:
+def permute_and_prune_(model: nn.Module, calibration: CalibrationData, config: PermuteConfig) -> PruneResult:
     """Find permutations for every site of ``model`` and (with ``apply_mask``) apply the N:M masks.
 
     The model stays in its original channel order; call :func:`fold_` to fold the permutations.
@@ -58,13 +58,13 @@ def permute_and_prune_(model: nn.Module, input_ids: torch.Tensor, config: Permut
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     strategy = strategy_of(config)
-    run = make_run(model, input_ids, config)
+    run = make_run(model, calibration, config)
     how = strategy.describe(config) if config.method == "learned" else "heuristic"
     logger.info(
         f"nmperm: {config.method} permutations ({how}), scorer {config.scorer}, pattern {config.pattern}, "
-        f"fold {config.fold}, {len(input_ids)} sequences"
+        f"fold {config.fold}, {len(run.samples)} sequences"
     )
     start = time.monotonic()
-    hidden, kwargs = capture_layer_inputs(model, run.layers, run.input_ids)
+    hidden, kwargs = capture_layer_inputs(model, run.layers, run.samples)
     strategy.solve(run, hidden, kwargs, apply_masks=config.apply_mask)
     return PruneResult(run.sites, run.perms, run.pruned, run.retained, run.history, time.monotonic() - start)

@@ -8,6 +8,7 @@ computed with its masked weights substituted (``functional_call``).
 
 from __future__ import annotations
 
+import inspect
 import re
 from functools import partial
 from typing import TYPE_CHECKING
@@ -18,6 +19,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .arch import Adapter, Site
+from .calibration import CalibrationData, samples_of, stack_labels, to_device
 from .checks import check_fits_in_memory
 from .learn import EffectiveWeights, Member, module_key, retained_ratio
 from .nm import hard_mask
@@ -34,12 +36,25 @@ class _Stop(Exception):
     pass
 
 
+def _keyword_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A layer call's arguments after its hidden states, by name (positional ones too, e.g. a ViT
+    layer's ``attention_mask``), without the cache; ``use_cache`` (decoders) set to False."""
+    names = list(inspect.signature(module.forward).parameters)[1:]
+    kept = dict(zip(names, args[1:], strict=False)) | kwargs
+    kept = {k: v for k, v in kept.items() if k not in ("hidden_states", "past_key_values")}
+    return kept | {"use_cache": False} if "use_cache" in kept else kept
+
+
 def capture_layer_inputs(
-    model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor
+    model: nn.Module, layers: nn.ModuleList, calibration: torch.Tensor | list[dict]
 ) -> tuple[torch.Tensor, list[dict]]:
-    """The first decoder layer's input for every sequence (``[N, T, D]``) and each decoder layer's
+    """The first decoder layer's input for every sample (``[N, T, D]``) and each decoder layer's
     keyword arguments (attention mask, position embeddings: layers of different types get different
-    ones, e.g. Gemma's sliding-window and global layers), taken from the first sequence."""
+    ones, e.g. Gemma's sliding-window and global layers), taken from the first sample.
+
+    ``calibration``: token ids ``[N, T]``, or each sample's model inputs (:attr:`Run.samples`: the
+    adapter's :meth:`~nmperm_plugin.arch.base.Adapter.model_inputs`, batch dimension 1)."""
+    samples = samples_of(calibration) if isinstance(calibration, torch.Tensor) else calibration
     hidden: list[torch.Tensor] = []
     layer_kwargs: list[dict | None] = [None] * len(layers)
 
@@ -47,17 +62,16 @@ def capture_layer_inputs(
         if index == 0:
             hidden.append(args[0] if args else kwargs["hidden_states"])
         if layer_kwargs[index] is None:
-            kept = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
-            layer_kwargs[index] = kept | {"use_cache": False}
+            layer_kwargs[index] = _keyword_arguments(module, args, kwargs)
         if index + 1 == len(layers) or layer_kwargs[index + 1] is not None:
             raise _Stop
 
     handles = [layer.register_forward_pre_hook(partial(hook, i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         with torch.no_grad():
-            for ids in input_ids:
+            for sample in samples:
                 try:
-                    model(ids[None], use_cache=False)
+                    model(**sample)
                 except _Stop:
                     pass
     finally:
@@ -121,10 +135,14 @@ class Run:
     """One run over ``model``: its sites, linears, scorer, heuristic solver, and what was found."""
 
     def __init__(
-        self, model: nn.Module, input_ids: torch.Tensor, config: PermuteConfig, adapter: Adapter, generator, solver
+        self, model: nn.Module, calibration: CalibrationData, config: PermuteConfig, adapter: Adapter, generator, solver
     ) -> None:
         self.device = next(model.parameters()).device  # everything runs where the model is
-        self.model, self.input_ids, self.config = model, input_ids.to(self.device), config
+        self.model, self.config = model, config
+        raw = samples_of(calibration)
+        self.samples = [to_device(adapter.model_inputs(sample), self.device) for sample in raw]
+        labels = stack_labels([adapter.labels(sample) for sample in raw])
+        self.labels = None if labels is None else labels.to(self.device)  # [N, ...]: what the task loss needs
         self.pattern, self.generator, self.solver, self.adapter = config.nm, generator, solver, adapter
         self.sites = adapter.sites(model, config.fold)
         self.layers = adapter.decoder_layers(model)
@@ -137,6 +155,11 @@ class Run:
         self.perms: dict[str, torch.Tensor] = {}
         self.history: dict[str, list[dict]] = {}
         self.retained: dict[str, float] = {}
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """The calibration token ids ``[N, T]`` (samples with ``input_ids`` only)."""
+        return torch.cat([sample["input_ids"] for sample in self.samples])
 
     def layer_linears(self, index: int) -> dict[str, nn.Linear]:
         """The permuted linears of decoder layer ``index`` by full module name."""

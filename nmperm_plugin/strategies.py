@@ -198,7 +198,8 @@ class Window(ObjectiveStrategy):
         for site in run.sites:
             if site.name not in run.perms:
                 run.solve(site, scores)
-        stack = LayerStack(list(run.layers), run.layer_prefixes, kwargs, run.adapter.head(run.model))
+        adapter = run.adapter
+        stack = LayerStack(list(run.layers), run.layer_prefixes, kwargs, adapter.head(run.model), adapter.task_loss)
         autocast = training_dtype(config.train_dtype, run.device)
         checkpointed = layer_checkpointing(config.layer_checkpointing, run.device)
         logger.info(
@@ -212,7 +213,7 @@ class Window(ObjectiveStrategy):
             effective = run.effective(run.members(names, scores, ""), learned)
             effective.cache_fixed = not checkpointed  # checkpointing: no weight kept beyond its layer
             objective = WindowObjective(
-                stack, window, hidden, dense[window.start : window.stop], run.input_ids, config.alpha,
+                stack, window, hidden, dense[window.start : window.stop], run.labels, config.alpha,
                 config.sequences_per_step, config.select_sequences, run.rng, autocast, checkpointed,
             )  # fmt: skip
             label = "model" if everything else f"layers {window.start}-{window.stop - 1}"

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FOLD_MODES = ("exact", "gather")
+
+
+def next_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A causal LM's loss: logits ``[B, T, V]`` at each position against the next token of
+    ``labels`` ``[B, T]`` (``-100`` ignored)."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten())
+
+
+def class_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A classifier's loss: logits ``[B, C]`` against class indices ``labels`` ``[B]``."""
+    return F.cross_entropy(logits.float(), labels)
 
 
 @dataclass(frozen=True)
@@ -73,3 +85,22 @@ class Adapter:
         output embeddings); a family with another (soft-capping, a projection) overrides it."""
         norm, lm_head = model.model.norm, model.get_output_embeddings()
         return lambda hidden: lm_head(norm(hidden))
+
+    # -- the model's inputs and outputs (defaults: a Hugging Face model with ``.logits``) ------------
+    def model_inputs(self, sample: Mapping[str, torch.Tensor]) -> dict:
+        """The keyword arguments of the model's forward for one calibration sample: everything but
+        its ``labels`` (the objectives compute the loss themselves)."""
+        return {k: v for k, v in sample.items() if k != "labels"}
+
+    def labels(self, sample: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """What :meth:`task_loss` compares the output with for one sample, or None (no labels: the
+        objectives distil the dense model's outputs instead)."""
+        return sample.get("labels")
+
+    def outputs(self, output) -> torch.Tensor:
+        """The tensor of a forward's result that folding must leave unchanged (and :meth:`head` computes)."""
+        return output.logits
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The model's own loss of :meth:`head`'s output against :meth:`labels` (here: the next token)."""
+        return next_token_cross_entropy(logits, labels)

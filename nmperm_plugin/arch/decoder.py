@@ -9,7 +9,7 @@ projections around the decoder) overrides one small method.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -179,6 +179,14 @@ class DecoderAdapter(Adapter):
             return logits if cap is None else torch.tanh(logits / cap) * cap
 
         return head
+
+    def model_inputs(self, sample: Mapping[str, torch.Tensor]) -> dict:
+        """The sample's inputs without its labels, and no key/value cache (calibration runs whole sequences)."""
+        return super().model_inputs(sample) | {"use_cache": False}
+
+    def labels(self, sample: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """The sample's ``labels``, else its own ``input_ids``: a causal LM learns the next token."""
+        return sample.get("labels", sample.get("input_ids"))
 
     def folds_exactly(self, site: Site, fold: str) -> bool:
         """Exact: every site. Gather: only ``mlp_out`` (the others are per-layer gathers)."""
