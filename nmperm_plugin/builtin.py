@@ -1,8 +1,10 @@
 """The built-in plugin: mask generators, the architecture adapters (Llama family, Gemma 2/3, Phi-3,
-OPT, ViT, DeiT), the heuristic solvers and the objectives, registered through the same hooks as a third-party plugin."""
+OPT, ViT, DeiT, CLIP's vision tower), the heuristic solvers and the objectives, registered through the
+same hooks as a third-party plugin."""
 
 from __future__ import annotations
 
+from .arch.clip import CLIPVisionAdapter, CLIPVisionProjectionAdapter
 from .arch.gemma import GemmaAdapter
 from .arch.llama import LlamaAdapter
 from .arch.opt import OPTAdapter
@@ -21,7 +23,16 @@ def nmperm_mask_generators() -> list:
 
 @hookimpl
 def nmperm_architectures() -> list:
-    return [LlamaAdapter(), GemmaAdapter(), Phi3Adapter(), OPTAdapter(), ViTAdapter(), DeiTAdapter()]
+    return [
+        LlamaAdapter(),
+        GemmaAdapter(),
+        Phi3Adapter(),
+        OPTAdapter(),
+        ViTAdapter(),
+        DeiTAdapter(),
+        CLIPVisionAdapter(),
+        CLIPVisionProjectionAdapter(),
+    ]
 
 
 @hookimpl

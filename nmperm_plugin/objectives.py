@@ -15,7 +15,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from . import compat, distributed
-from .arch.base import next_token_cross_entropy
+from .arch.base import kl_distillation, next_token_cross_entropy
 from .learn import LazyWeights, Objective
 
 
@@ -141,21 +141,17 @@ class LayerStack:
     """A model run one block at a time: the layers, their parameter-name prefixes
     (``model.layers.3.``), each layer's keyword arguments (position embeddings, mask), ``head``
     (last hidden state ``[B, T, D]`` -> the model's output: an LM's logits ``[B, T, V]``, a
-    classifier's ``[B, C]``) and ``loss`` (output, labels -> the task's loss; the adapter's
-    ``task_loss``, by default the next token's cross-entropy)."""
+    classifier's ``[B, C]``), ``loss`` (output, labels -> the task's loss; the adapter's
+    ``task_loss``, by default the next token's cross-entropy) and ``distill`` (pruned output, dense
+    output -> the task term without labels; the adapter's ``output_distillation``, by default a KL
+    divergence)."""
 
     layers: list[nn.Module]
     prefixes: list[str]
     kwargs: list[dict]
     head: Callable[[torch.Tensor], torch.Tensor]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = next_token_cross_entropy
-
-
-def output_distillation(output: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """KL divergence of the pruned model's output distribution from the dense model's (last dimension
-    the classes or the vocabulary), averaged over positions: the task term without labels."""
-    log_p, log_q = F.log_softmax(output.float(), -1).flatten(0, -2), F.log_softmax(dense.float(), -1).flatten(0, -2)
-    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+    distill: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = kl_distillation
 
 
 class WindowObjective(Objective):
@@ -166,7 +162,7 @@ class WindowObjective(Objective):
     output to the dense model's (``targets[l]``, ``[N, T, D]`` each, kept on any device), plus, when
     the window ends at the last layer, the task term: the model's loss on ``labels`` (``[N, ...]``,
     ``stack.loss``: the next token of a causal LM, the class of a classifier), or without labels the
-    KL divergence from the dense model's output (:func:`output_distillation`); ``loss = task +
+    distance to the dense model's output (``stack.distill``: a KL divergence of logits); ``loss = task +
     alpha * distillation``, a window before the end has only the distillation. ``select`` ranks hard
     permutations by the task term (the distillation before the end), in the model's precision.
 
@@ -220,7 +216,7 @@ class WindowObjective(Objective):
             return self.stack.loss(output, self.labels[index]), distill
         with torch.no_grad():
             dense = self.stack.head(target)  # target: the dense last layer's output
-        return output_distillation(output, dense), distill
+        return self.stack.distill(output, dense), distill
 
     def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
         index = torch.randperm(len(self.inputs), generator=self.generator)[: self.per_step]

@@ -199,7 +199,10 @@ class Window(ObjectiveStrategy):
             if site.name not in run.perms:
                 run.solve(site, scores)
         adapter = run.adapter
-        stack = LayerStack(list(run.layers), run.layer_prefixes, kwargs, adapter.head(run.model), adapter.task_loss)
+        stack = LayerStack(
+            list(run.layers), run.layer_prefixes, kwargs, adapter.head(run.model), adapter.task_loss,
+            adapter.output_distillation,
+        )  # fmt: skip
         autocast = training_dtype(config.train_dtype, run.device)
         checkpointed = layer_checkpointing(config.layer_checkpointing, run.device)
         logger.info(

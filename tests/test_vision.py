@@ -1,7 +1,7 @@
-"""Vision transformers (ViT, DeiT) and calibration batches of model inputs: folding keeps the logits
-(exact and gather), pruning from image batches gives N:M linears and a checkpoint that verifies, the
-end-to-end objective computes the classifier's own loss, and token ids given as batches of dicts
-give the same run as the tensor."""
+"""Vision transformers (ViT, DeiT, CLIP's vision tower) and calibration batches of model inputs:
+folding keeps the outputs (exact and gather), pruning from image batches gives N:M linears and a
+checkpoint that verifies, the end-to-end objective computes the classifier's own loss (a tower's:
+its feature distillation), and token ids given as batches of dicts give the same run as the tensor."""
 
 import copy
 import json
@@ -11,6 +11,9 @@ import torch
 from conftest import assert_same_function, tiny_model
 from test_architectures import exact_fold, gather_fold
 from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
     DeiTConfig,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
@@ -36,25 +39,29 @@ VISION = {
     "vit": (ViTConfig, ViTForImageClassification, "vit"),
     "deit": (DeiTConfig, DeiTForImageClassification, "deit"),
     "deit-teacher": (DeiTConfig, DeiTForImageClassificationWithTeacher, "deit"),
+    "clip": (CLIPVisionConfig, CLIPVisionModel, "clip_vision"),
+    "clip-projection": (CLIPVisionConfig, CLIPVisionModelWithProjection, "clip_vision_projection"),
 }
+CLASSIFIERS = ("vit", "deit", "deit-teacher")
 FAST = dict(block_size=16, sequences_per_step=2, select_sequences=2, steps_per_layer=3, end_to_end_steps=3)
 FAST |= dict(select_every=1)
 
 
 def vision_model(family: str, seed: int = 0):
-    """A tiny random classifier (2 layers, hidden 64, 4 heads, 16x16 RGB images in 4x4 patches, 10
-    classes) with every vector, token and position embedding randomised (DeiT starts them at zero,
-    where a missing permutation would go unnoticed)."""
+    """A tiny random model (2 layers, hidden 64, 4 heads, 16x16 RGB images in 4x4 patches; 10 classes,
+    CLIP: 32-dimensional image embeddings) with every vector, token and position embedding
+    randomised (DeiT starts them at zero, where a missing permutation would go unnoticed)."""
     config_class, model_class, _ = VISION[family]
     config = config_class(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        image_size=16, patch_size=4, num_channels=3, num_labels=10,
+        image_size=16, patch_size=4, num_channels=3,
+        **({"num_labels": 10} if family in CLASSIFIERS else {"projection_dim": 32}),
     )  # fmt: skip
     torch.manual_seed(seed)
     model = model_class(config).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if parameter.ndim == 1 or "token" in name or "position_embeddings" in name:
+            if parameter.ndim == 1 or "token" in name or "position_embedding" in name:
                 parameter.add_(torch.randn_like(parameter) * 0.2)
     return model
 
@@ -74,18 +81,30 @@ def pixels(images):
     return torch.cat([batch["pixel_values"] for batch in images])
 
 
+def outputs(model, images) -> torch.Tensor:
+    """What folding must keep: the logits, CLIP's last hidden state or image embeddings."""
+    return get_adapter(model).outputs(model(pixel_values=pixels(images)))
+
+
+EXACT_SITES = {"hidden", "attn_out", "mlp_out"}
+
+
 @pytest.mark.parametrize("family", VISION)
-def test_exact_fold_preserves_logits(family, images):
+def test_exact_fold_preserves_outputs(family, images):
     model = vision_model(family)
     adapter = get_adapter(model)
     assert adapter.name == VISION[family][2]
     sites = adapter.sites(model, "exact")
-    assert {s.kind for s in sites} == {"hidden", "attn_out", "mlp_out"}
+    # a bare CLIP tower's outputs are the residual stream itself: no global site to fold
+    assert {s.kind for s in sites} == (EXACT_SITES - {"hidden"} if family == "clip" else EXACT_SITES)
     assert next(s for s in sites if s.kind == "attn_out").tied_heads == (0, 1, 2, 3)  # every head its own
     folded = exact_fold(model)
     assert not any(isinstance(m, (GatherNorm, GatherLinear)) for m in folded.modules())
-    x = pixels(images)
-    assert_same_function(folded(x).logits, model(x).logits)
+    assert_same_function(outputs(folded, images), outputs(model, images))
+    if family == "clip":
+        x = pixels(images)
+        assert_same_function(folded(x).pooler_output, model(x).pooler_output)
+        return
     before, after = dict(model.named_parameters()), dict(folded.named_parameters())
     unmoved = {n for n in before if torch.equal(before[n], after[n])}
     # the stream's start (patch projection, tokens, positions), every norm and the value/output biases move
@@ -93,28 +112,27 @@ def test_exact_fold_preserves_logits(family, images):
 
 
 @pytest.mark.parametrize("family", VISION)
-def test_gather_preserves_logits(family, images):
+def test_gather_preserves_outputs(family, images):
     model = vision_model(family)
     adapter = get_adapter(model)
     sites = adapter.sites(model, "gather")
     assert {s.kind for s in sites} == {"attn_in", "attn_out", "mlp_in", "mlp_out"}
     gathered = gather_fold(model)
-    assert sum(isinstance(m, GatherNorm) for m in gathered.modules()) == 4  # layernorm_before/after, 2 layers
-    assert sum(isinstance(m, GatherLinear) for m in gathered.modules()) == 2  # o_proj
-    x = pixels(images)
-    assert_same_function(gathered(x).logits, model(x).logits)
+    assert sum(isinstance(m, GatherNorm) for m in gathered.modules()) == 4  # the 2 norms of 2 layers
+    assert sum(isinstance(m, GatherLinear) for m in gathered.modules()) == 2  # the attention output
+    assert_same_function(outputs(gathered, images), outputs(model, images))
 
 
 @pytest.mark.parametrize("family", VISION)
 @torch.no_grad()
-def test_head_maps_the_last_layer_output_to_the_logits(family, images):
+def test_head_maps_the_last_layer_output_to_the_outputs(family, images):
     model = vision_model(family)
     adapter = get_adapter(model)
-    outputs = []
-    handle = adapter.decoder_layers(model)[-1].register_forward_hook(lambda m, a, out: outputs.append(out))
-    logits = model(pixels(images)).logits
+    last = []
+    handle = adapter.decoder_layers(model)[-1].register_forward_hook(lambda m, a, out: last.append(out))
+    expected = outputs(model, images)
     handle.remove()
-    assert_same_function(adapter.head(model)(outputs[0]), logits, 1e-6)  # DeiT with teacher: both heads' mean
+    assert_same_function(adapter.head(model)(last[0]), expected, 1e-6)  # DeiT with teacher: both heads' mean
 
 
 @pytest.mark.parametrize("attribute,broken", [("tokens", ()), ("final_norms", ())])
@@ -125,6 +143,15 @@ def test_a_wrong_fold_is_caught(attribute, broken, images, monkeypatch):
     folded = exact_fold(model)
     x = pixels(images)
     error = function_error(model(x).logits, folded(x).logits)
+    assert error > 1e-3, error
+
+
+def test_a_forgotten_clip_class_embedding_is_caught(images, monkeypatch):
+    import nmperm_plugin.arch.clip as clip
+
+    model = vision_model("clip-projection")
+    monkeypatch.setattr(clip, "permute_channels_", lambda parameter, perm: None)
+    error = function_error(outputs(model, images), outputs(exact_fold(model), images))
     assert error > 1e-3, error
 
 
@@ -150,6 +177,9 @@ CASES = [
     ("vit", "learned/layerwise", "gather", False),
     ("deit", "learned/end_to_end", "exact", True),
     ("deit-teacher", "ria", "exact", False),
+    ("clip", "learned/end_to_end", "exact", False),  # a tower: feature distillation
+    ("clip", "ria", "gather", False),
+    ("clip-projection", "learned/end_to_end", "exact", False),
 ]
 
 
@@ -157,10 +187,9 @@ CASES = [
 def test_permute_images_prunes_to_nm_and_checkpoint_verifies(family, method, fold, labelled, images, tmp_path, capsys):
     data = images if labelled else [{"pixel_values": batch["pixel_values"]} for batch in images]
     model = vision_model(family)
-    x = pixels(images)
     permuted = copy.deepcopy(model)
     permute_(permuted, data, _config(method, fold, apply_mask=False))
-    assert_same_function(permuted(x).logits, model(x).logits)
+    assert_same_function(outputs(permuted, images), outputs(model, images))
 
     sidecar, result = permute_(model, data, _config(method, fold))
     assert sidecar.architecture == VISION[family][2]
@@ -202,6 +231,16 @@ def test_end_to_end_computes_the_classifiers_own_loss(images):
     assert float(distill) == 0.0
     task, distill = _dense_terms(model, [{"pixel_values": batch["pixel_values"]} for batch in images])
     assert float(task) == pytest.approx(0.0, abs=1e-6) and float(distill) == 0.0  # KL to itself
+
+
+@pytest.mark.parametrize("family", ["clip", "clip-projection"])
+def test_a_tower_without_labels_distils_its_features(family, images):
+    model = vision_model(family)
+    unlabelled = [{"pixel_values": batch["pixel_values"]} for batch in images]
+    task, distill = _dense_terms(model, unlabelled)
+    assert float(task) == 0.0 and float(distill) == 0.0  # dense weights: nothing to distil
+    dense = get_adapter(model).head(model)(torch.ones(2, 17, 64))
+    assert float(get_adapter(model).output_distillation(dense * 1.1, dense)) == pytest.approx(0.01, rel=1e-4)
 
 
 def test_token_id_batches_give_the_same_run_as_the_tensor(input_ids):

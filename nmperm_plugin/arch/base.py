@@ -23,6 +23,19 @@ def class_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.float(), labels)
 
 
+def kl_distillation(logits: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """KL divergence of the pruned model's output distribution from the dense model's (last
+    dimension: classes or vocabulary), averaged over positions: the task term without labels."""
+    log_p, log_q = F.log_softmax(logits.float(), -1).flatten(0, -2), F.log_softmax(dense.float(), -1).flatten(0, -2)
+    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+
+
+def feature_distillation(features: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of the pruned model's output features to the dense model's, relative to
+    their mean square: the task term without labels of a model whose output is not a distribution."""
+    return (features.float() - dense.float()).square().mean() / dense.float().square().mean().clamp_min(1e-12)
+
+
 @dataclass(frozen=True)
 class Site:
     """A set of linear layers that read the same input tensor and so share one input permutation.
@@ -104,3 +117,7 @@ class Adapter:
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The model's own loss of :meth:`head`'s output against :meth:`labels` (here: the next token)."""
         return next_token_cross_entropy(logits, labels)
+
+    def output_distillation(self, output: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """Without labels, how far :meth:`head`'s output is from the dense model's (here: logits, a KL divergence)."""
+        return kl_distillation(output, dense)
