@@ -60,6 +60,14 @@ def stack_labels(labels: list[torch.Tensor | None]) -> torch.Tensor | None:
     return torch.cat(labels)
 
 
+def calibration_tensors(data: torch.Tensor | list[Mapping[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """Every tensor of the calibration data in order (what a fingerprint of it digests): the token
+    ids themselves, or each batch's tensors by key."""
+    if isinstance(data, torch.Tensor):
+        return [data]
+    return [torch.as_tensor(batch[key]) for batch in data for key in sorted(batch) if batch[key] is not None]
+
+
 def to_device(sample: Mapping[str, object], device: torch.device) -> dict:
     """``sample`` with its tensors on ``device`` (other values, e.g. ``use_cache``, unchanged)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}

@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from functools import partialmethod
 
+import torch
 from loguru import logger
+from torch import nn
 
 from . import distributed, resume
 from .api import permute_
@@ -16,6 +19,7 @@ from .checkpoint import check_output_dir, save_checkpoint, verify_checkpoint
 from .cli_options import add_config_arguments, add_device_argument, config_from_args, resolve_device
 from .data import load_texts, token_windows
 from .evaluate import perplexity
+from .images import image_batches, is_image_dataset, load_images, load_vision_model, top1_accuracy
 from .models import check_seq_len, load_model
 from .nm import NMPattern
 from .safety import guard_output
@@ -23,7 +27,7 @@ from .safety import guard_output
 
 def _add_prune_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
     add_config_arguments(parser, exclude)
-    parser.add_argument("--num-samples", type=int, default=32, help="calibration windows")
+    parser.add_argument("--num-samples", type=int, default=32, help="calibration windows (images: calibration images)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     add_device_argument(parser)
     parser.add_argument("--output", required=False, help="output directory")
@@ -45,6 +49,37 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
         ("the eval dataset", getattr(args, "eval_dataset", None)),
         ("the recipe", getattr(args, "recipe", None)),
     ]
+
+
+Evaluate = Callable[[nn.Module], dict] | None  # the pruned model -> figures for the sidecar
+
+
+def _text_inputs(args: argparse.Namespace) -> tuple[nn.Module, object, torch.Tensor, Evaluate]:
+    """A causal LM, its tokenizer, calibration token windows and (--eval-dataset) its perplexity."""
+    texts = load_texts(args.dataset)
+    eval_texts = load_texts(args.eval_dataset) if args.eval_dataset else None
+    model, tokenizer = load_model(args.model)
+    check_seq_len(model.config, args.seq_len)
+    calibration = token_windows(tokenizer, texts, args.num_samples, args.seq_len, seed=args.seed)
+    if eval_texts is None:
+        return model, tokenizer, calibration, None
+    evaluation = token_windows(tokenizer, eval_texts, args.eval_samples, args.seq_len, None, "--eval-samples")
+    return model, tokenizer, calibration, lambda pruned: {"perplexity": perplexity(pruned, evaluation)}
+
+
+def _image_inputs(args: argparse.Namespace) -> tuple[nn.Module, object, list[dict], Evaluate]:
+    """A vision model, its image processor, --num-samples calibration images (with their labels) and
+    (--eval-dataset, labelled) its top-1 accuracy on the first --eval-samples images."""
+    model, processor = load_vision_model(args.model)
+    label2id = getattr(model.config, "label2id", None)
+    calibration = image_batches(load_images(args.dataset, label2id), processor, args.num_samples, args.seed)
+    if not args.eval_dataset:
+        return model, processor, calibration, None
+    held_out = load_images(args.eval_dataset, label2id)
+    if held_out.labels is None:
+        raise ValueError(f"--eval-dataset {args.eval_dataset} has no labels: top-1 accuracy needs them")
+    evaluation = image_batches(held_out, processor, min(args.eval_samples, len(held_out.images)), None)
+    return model, processor, calibration, lambda pruned: {"top1_accuracy": top1_accuracy(pruned, evaluation)}
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -81,14 +116,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     args.state_dir = state_dir = resume.state_dir_of(target)
     distributed.on_main(lambda: guard_output(state_dir, inputs))
     device = resolve_device(args.device)
-    texts = load_texts(args.dataset)
-    eval_texts = load_texts(args.eval_dataset) if args.eval_dataset else None
-    model, tokenizer = load_model(args.model)
-    check_seq_len(model.config, args.seq_len)
-    calibration = token_windows(tokenizer, texts, args.num_samples, args.seq_len, seed=args.seed)
-    evaluation = None
-    if eval_texts is not None:
-        evaluation = token_windows(tokenizer, eval_texts, args.eval_samples, args.seq_len, None, "--eval-samples")
+    load = _image_inputs if is_image_dataset(args.dataset) else _text_inputs
+    model, tokenizer, calibration, evaluate = load(args)
     fingerprint = resume.fingerprint(model, calibration, config, device)
     distributed.check_same("the model, the calibration data or the configuration", json.dumps(fingerprint))
     store = resume.ResumeStore(state_dir, fingerprint, restart_hint="add --no-resume").open(args.resume)
@@ -99,8 +128,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     sidecar.figures["total_seconds"] = round(time.monotonic() - start, 1)
 
     def finish():  # rank 0 alone evaluates and writes; the state goes once the output is verified
-        if evaluation is not None:
-            sidecar.figures["perplexity"] = perplexity(model, evaluation)
+        if evaluate is not None:
+            sidecar.figures.update(evaluate(model))
         if config.fold == "gather" and config.apply_mask:
             logger.warning(
                 "fold 'gather': weights are stored in the original channel order (any loader computes the right "
@@ -171,9 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = commands.add_parser("prune", help="permute and prune a model, write a checkpoint")
     prune.add_argument("model", help="transformers model directory or .gguf file")
-    prune.add_argument("--dataset", required=True, help="text file, directory of text files, datasets folder")
+    prune.add_argument(
+        "--dataset",
+        required=True,
+        help="text file, directory of text files, datasets folder; for a vision model: a folder of class "
+        "subfolders of images, or a datasets folder with an image column (and labels)",
+    )
     _add_prune_options(prune)
-    prune.add_argument("--eval-dataset", help="held-out text to measure perplexity on (recorded in the sidecar)")
+    prune.add_argument(
+        "--eval-dataset", help="held-out text to measure perplexity on, or labelled images: top-1 (in the sidecar)"
+    )
     prune.add_argument("--eval-samples", type=int, default=24)
     prune.add_argument(
         "--resume",

@@ -39,6 +39,7 @@ from loguru import logger
 from torch import nn
 
 from . import distributed
+from .calibration import CalibrationData, calibration_tensors
 
 FORMAT = "nmperm-state/1"
 MARKER = "nmperm-state.json"
@@ -73,16 +74,16 @@ def model_summary(model: nn.Module) -> str:
     return distributed.digest([torch.frombuffer(bytearray("\n".join(rows).encode()), dtype=torch.uint8)])
 
 
-def fingerprint(model: nn.Module, calibration: torch.Tensor, config, device: torch.device | str = "cpu") -> dict:
+def fingerprint(model: nn.Module, calibration: CalibrationData, config, device: torch.device | str = "cpu") -> dict:
     """What a saved state must match to be resumed: every configuration field, the model's weights
-    (:func:`model_summary`), the calibration token ids and the device type (the learning precision
-    depends on it). The number of ranks is recorded, not compared (a resume with another count
+    (:func:`model_summary`), the calibration token ids (or image batches) and the device type (the
+    learning precision depends on it). The number of ranks is recorded, not compared (a resume with another count
     continues correctly, equal to rounding)."""
     fields = json.loads(json.dumps(dataclasses.asdict(config)))
     return {
         "config": fields,
         "model": model_summary(model),
-        "calibration": distributed.digest([calibration]),
+        "calibration": distributed.digest(calibration_tensors(calibration)),
         "device": torch.device(device).type,
         "ranks": distributed.world_size(),
     }

@@ -34,6 +34,7 @@ from nmperm_plugin.ops import function_error
 from nmperm_plugin.pipeline import make_run
 from nmperm_plugin.registry import get_adapter
 from nmperm_plugin.run import capture_layer_inputs
+from nmperm_plugin.sidecar import Sidecar
 
 VISION = {
     "vit": (ViTConfig, ViTForImageClassification, "vit"),
@@ -272,3 +273,58 @@ def test_calibration_batches_are_split_into_samples():
         samples_of([])
     with pytest.raises(ValueError, match=r"non-empty \[num_sequences, seq_len\]"):
         samples_of(torch.zeros(0, 4, dtype=torch.long))
+
+
+@pytest.fixture
+def saved_vit(tmp_path):
+    """A tiny ViT saved with its image processor, an image folder (classes 0 to 2, four PNGs each)
+    and the same images as a saved ``datasets`` folder."""
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+    from transformers import ViTImageProcessor
+
+    model = vision_model("vit")
+    model.save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit")
+    generator = torch.Generator().manual_seed(2)
+    files, labels = [], []
+    for label in range(3):
+        (tmp_path / "images" / str(label)).mkdir(parents=True)
+        for index in range(4):
+            pixels = torch.randint(0, 256, (20, 20, 3), generator=generator, dtype=torch.uint8).numpy()
+            files.append(str(tmp_path / "images" / str(label) / f"{index}.png"))
+            PILImage.fromarray(pixels).save(files[-1])
+            labels.append(label)
+    features = Features({"image": Image(), "label": Value("int64")})
+    Dataset.from_dict({"image": files, "label": labels}, features=features).save_to_disk(tmp_path / "dataset")
+    return tmp_path
+
+
+@pytest.mark.parametrize("dataset", ["images", "dataset"])
+def test_nmperm_prune_takes_an_image_dataset(saved_vit, dataset, capsys):
+    from nmperm_plugin.images import is_image_dataset
+
+    assert is_image_dataset(saved_vit / dataset) and not is_image_dataset(saved_vit / "vit")
+    out = saved_vit / "out"
+    flags = ["--num-samples", "8", "--block-size", "16", "--end-to-end-steps", "2", "--sequences-per-step", "2"]
+    flags += ["--objective", "end_to_end", "--eval-dataset", str(saved_vit / dataset), "--eval-samples", "12"]
+    assert (
+        main(["prune", str(saved_vit / "vit"), "--dataset", str(saved_vit / dataset), "--output", str(out), *flags])
+        == 0
+    )
+    sidecar = Sidecar.load(out)
+    assert sidecar.architecture == "vit" and sidecar.method == "learned/end_to_end"
+    assert 0.0 <= sidecar.figures["top1_accuracy"] <= 100.0
+    assert (out / "preprocessor_config.json").is_file()  # the processor travels with the checkpoint
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 0
+
+
+def test_image_folder_classes_must_be_the_models(saved_vit):
+    from nmperm_plugin.images import load_images
+
+    (saved_vit / "images" / "cat").mkdir()
+    (saved_vit / "images" / "0" / "0.png").rename(saved_vit / "images" / "cat" / "0.png")
+    with pytest.raises(ValueError, match="'cat' is neither one of the model's labels"):
+        load_images(saved_vit / "images", {"LABEL_0": 0})
+    assert load_images(saved_vit / "images", {"cat": 7}).labels[-1] == 7  # after 0, 1, 2: sorted names
