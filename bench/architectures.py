@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny random models live with the 
 
 from conftest import FAMILIES, family_model, tiny_model  # noqa: E402
 from test_fold import random_perms  # noqa: E402
+from test_vision import VISION, vision_model  # noqa: E402
 
 from nmperm_plugin import PermuteConfig, permute_  # noqa: E402
 from nmperm_plugin.checkpoint import finish_sidecar, verify_checkpoint  # noqa: E402
@@ -42,22 +43,39 @@ from nmperm_plugin.ops import function_error  # noqa: E402
 from nmperm_plugin.registry import get_adapter  # noqa: E402
 from nmperm_plugin.sidecar import Sidecar  # noqa: E402
 
-NAMES = ("llama (reference)", *FAMILIES)
+NAMES = ("llama (reference)", *FAMILIES, *VISION)
 
 
 def build(family: str):
+    if family in VISION:
+        return vision_model(family)
     return tiny_model("llama", 2) if family == "llama (reference)" else family_model(family)
+
+
+def calibration_of(family: str, ids: torch.Tensor) -> torch.Tensor | list[dict]:
+    """Token ids, or for a vision family as many random 16x16 images in batches of 4 (no labels)."""
+    if family not in VISION:
+        return ids
+    images = torch.randn(len(ids), 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    return [{"pixel_values": batch} for batch in images.split(4)]
+
+
+def outputs(model, data) -> torch.Tensor:
+    """What folding must keep (the adapter's ``outputs``: logits, CLIP's features) on all of ``data``."""
+    inputs = {"input_ids": data} if isinstance(data, torch.Tensor) else {"pixel_values": torch.cat(
+        [batch["pixel_values"] for batch in data])}  # fmt: skip
+    return get_adapter(model).outputs(model(**inputs))
 
 
 @torch.no_grad()
 def fold_errors(model, ids) -> dict:
     """Relative logit difference after folding random permutations of every site (None: mode refused)."""
-    adapter, reference = get_adapter(model), model(ids).logits
+    adapter, reference = get_adapter(model), outputs(model, ids)
     errors = {}
     sites = adapter.sites(model, "exact")
     folded = copy.deepcopy(model)
     fold_permutations_(folded, sites, random_perms(sites, torch.Generator().manual_seed(0)), adapter)
-    errors["exact"] = function_error(reference, folded(ids).logits)
+    errors["exact"] = function_error(reference, outputs(folded, ids))
     try:
         sites = adapter.sites(model, "gather")
     except ValueError as error:
@@ -66,7 +84,7 @@ def fold_errors(model, ids) -> dict:
     perms = random_perms(sites, torch.Generator().manual_seed(1))
     frames = {name: site.name for site in sites for name in site.linears}
     sidecar = Sidecar("2:4", "wanda", "-", "gather", adapter.name, {k: v.tolist() for k, v in perms.items()}, frames)
-    errors["gather"] = function_error(reference, apply_gather(copy.deepcopy(model), sidecar)(ids).logits)
+    errors["gather"] = function_error(reference, outputs(apply_gather(copy.deepcopy(model), sidecar), ids))
     return errors
 
 
@@ -107,18 +125,19 @@ def main() -> None:
     for family in NAMES:
         model = build(family)
         row = {"family": family, "adapter": get_adapter(model).name, "model": type(model).__name__}
-        row["fold_error"] = fold_errors(model, ids)
+        row["fold_error"] = fold_errors(model, calibration_of(family, ids))
         row["runs"] = {}
         for fold in ("exact", "gather"):
             if fold == "gather" and row["fold_error"]["gather"] is None:
                 continue
             for method in ("learned", "ria"):
-                row["runs"][f"{method}/{fold}"] = prune(family, ids, method, fold)
+                row["runs"][f"{method}/{fold}"] = prune(family, calibration_of(family, ids), method, fold)
         rows.append(row)
         print(family, json.dumps(row["fold_error"]), {k: v["verify"] for k, v in row["runs"].items()}, flush=True)
     result = {
-        "what": "tiny random configs (tests/conftest.py), float32, 2 decoder layers, hidden 64; "
-        f"{args.sequences} x {args.seq_len} random calibration tokens; learned = the default PermuteConfig "
+        "what": "tiny random configs (tests/conftest.py, tests/test_vision.py), float32, 2 layers, hidden 64; "
+        f"{args.sequences} x {args.seq_len} random calibration tokens (vision: {args.sequences} random 16x16 "
+        "images, no labels); learned = the default PermuteConfig "
         f"(objective {default.objective}, {default.total_steps} steps with fold exact, block {default.block_size}), "
         "ria = the heuristic alone",
         "host": f"{platform.machine()}, {torch.get_num_threads()} thread, torch {torch.__version__}",
