@@ -8,19 +8,25 @@ from torch import nn
 from .calibration import CalibrationData, samples_of, to_device
 from .config import PermuteConfig
 from .fold import fold_
+from .onload import execution_device
 from .ops import function_error, function_tolerance
 from .pipeline import PruneResult, permute_and_prune_
 from .registry import get_adapter
 from .sidecar import Sidecar
 
 
-def permute_(model: nn.Module, calibration: CalibrationData, config: PermuteConfig) -> tuple[Sidecar, PruneResult]:
+def permute_(
+    model: nn.Module, calibration: CalibrationData, config: PermuteConfig, device: torch.device | str | None = None
+) -> tuple[Sidecar, PruneResult]:
     """Permute (and, with ``config.apply_mask``, prune) ``model`` in place and fold the permutations.
 
     ``calibration`` is ``[num_sequences, seq_len]`` token ids, or an iterable of batches of model
     inputs as a processor returns them (dicts of tensors with the batch first: ``pixel_values``,
     ``input_ids``, ``labels``, ...; :mod:`nmperm_plugin.calibration`). With labels (and always for a
     causal LM, whose labels are its next tokens) the learned objectives use the model's own loss.
+    ``device``: where to compute (None: where the model's weights are); a model kept on the CPU
+    learns on a GPU with ``device="cuda"``, one decoder layer copied there at a time (layer
+    checkpointing on), its weights staying where they are.
     Returns the sidecar to save beside the model (permutations, frames, figures) and the raw result
     (learning curves). Raises if folding changed the model's function beyond its precision's
     tolerance (relative to the outputs' scale).
@@ -32,7 +38,7 @@ def permute_(model: nn.Module, calibration: CalibrationData, config: PermuteConf
         sidecar, result = permute_(vit, [{"pixel_values": x, "labels": y}], PermuteConfig())
     """
     samples = samples_of(calibration)
-    result = permute_and_prune_(model, samples, config)
+    result = permute_and_prune_(model, samples, config, execution_device(device))
     adapter = get_adapter(model)
     probe = to_device(adapter.model_inputs(samples[0]), next(model.parameters()).device)
     with torch.no_grad():

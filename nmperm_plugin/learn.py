@@ -64,6 +64,7 @@ class EffectiveWeights:
     mask_tau: float = 0.5
     sinkhorn_iters: int = 5
     cache_fixed: bool = False  # keep the (constant) effective weights of fixed sites: one masked copy of them
+    device: torch.device | None = None  # where effective weights are built (None: where the members are)
     _fixed_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def soft(self, tau: float) -> LazyWeights:
@@ -74,17 +75,26 @@ class EffectiveWeights:
         if member.site in sampled:
             matrices, perm = sampled[member.site]
             permuter = self.permuters[module_key(member.site)]
-            return permuter.effective_weight(member.weight, member.scores, matrices, perm, self.pattern, self.mask_tau)
+            weight, scores = self._onloaded(member)
+            return permuter.effective_weight(weight, scores, matrices, perm, self.pattern, self.mask_tau)
         return self._masked(member, self.fixed[member.site])
+
+    def _onloaded(self, member: Member) -> tuple[torch.Tensor, torch.Tensor]:
+        """``member``'s weight and scores on the device effective weights are built on."""
+        if self.device is None:
+            return member.weight, member.scores
+        return member.weight.to(self.device, non_blocking=True), member.scores.to(self.device, non_blocking=True)
 
     def _masked(self, member: Member, perm: torch.Tensor) -> torch.Tensor:
         """``member``'s weight with its N:M mask in the order ``perm`` (cached for a fixed site)."""
         fixed = perm is self.fixed.get(member.site) and module_key(member.site) not in self.permuters
-        if not (self.cache_fixed and fixed):
-            return member.weight * hard_mask(member.scores, perm, self.pattern)
-        if member.param not in self._fixed_weights:
-            self._fixed_weights[member.param] = member.weight * hard_mask(member.scores, perm, self.pattern)
-        return self._fixed_weights[member.param]
+        if self.cache_fixed and fixed and member.param in self._fixed_weights:
+            return self._fixed_weights[member.param]
+        weight, scores = self._onloaded(member)
+        masked = weight * hard_mask(scores, perm, self.pattern)
+        if self.cache_fixed and fixed:
+            self._fixed_weights[member.param] = masked
+        return masked
 
     def hard_perms(self) -> dict[str, torch.Tensor]:
         return self.fixed | {site_name(key): p.hard()[1] for key, p in self.permuters.items()}

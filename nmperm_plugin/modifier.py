@@ -14,6 +14,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from llmcompressor.core import State, active_session
 from llmcompressor.modifiers import Modifier, ModifierFactory
+from llmcompressor.utils.dev import get_main_device
 from loguru import logger
 from pydantic import Field, PositiveInt, PrivateAttr, create_model, model_validator
 
@@ -21,6 +22,7 @@ from . import resume
 from .api import permute_
 from .compress import PermutedState, attach, calibration_ids, check_recipe, check_unpermuted, ignored_linears
 from .config import PermuteConfig, default_of, field_types, schema
+from .onload import execution_device, storage_device, undispatched
 from .pipeline import PruneResult, strategy_of
 from .sidecar import Sidecar
 
@@ -57,7 +59,9 @@ class _ModifierBase(Modifier):
     - on_initialize (before any pipeline runs, so before every other modifier calibrates)
         - check the recipe (this modifier before pruners and quantizers, same N:M pattern)
         - collect the calibration ``input_ids`` from ``state.data.calib``
-        - ``permute_``: its own sequential pass, learn, (apply_mask) prune, fold, verify
+        - ``permute_``: its own sequential pass, learn, (apply_mask) prune, fold, verify, computing
+          where oneshot computes (llm-compressor's main device: a GPU when there is one), one
+          decoder layer onloaded at a time when the weights are kept on the CPU
         - wrap ``model.save_pretrained`` to write the sidecar ``nmperm.json``
     - no calibration hooks: with the ``independent`` pipeline it gets a data-free turn, and in one
       shared ``sequential`` pipeline the pruners' statistics are taken on the permuted model
@@ -148,10 +152,18 @@ class _ModifierBase(Modifier):
             f"LearnedPermutationModifier: {len(input_ids)} x {input_ids.shape[1]} calibration tokens, "
             f"{strategy_of(config).describe(config) if config.method == 'learned' else config.method}"
         )
-        input_ids = input_ids.to(next(model.parameters()).device)
-        saving = resume.resumable(self.learning_state, model, input_ids, config) if self.learning_state else None
-        with _keep_requires_grad(model), saving or nullcontext() as store:
-            self._sidecar, self._result = permute_(model, input_ids, config)
+        with undispatched(model) as onload_device, _keep_requires_grad(model):
+            device = execution_device(onload_device or get_main_device())  # where oneshot runs the layers
+            if device != storage_device(model):
+                logger.info(
+                    f"LearnedPermutationModifier: learning on {device}, the weights staying on "
+                    f"{storage_device(model)} (one decoder layer onloaded at a time)"
+                )
+            store = None
+            if self.learning_state:
+                store = resume.resumable(self.learning_state, model, input_ids, config, device=device)
+            with store or nullcontext() as store:
+                self._sidecar, self._result = permute_(model, input_ids, config, device)
         names = [type(m).__name__ for m in modifiers]
         state = PermutedState(self._sidecar, self._result.pruned, self.allow_gather_checkpoint, names, store)
         attach(model, state)

@@ -11,12 +11,12 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from . import compat, distributed
 from .arch.base import kl_distillation, next_token_cross_entropy
 from .learn import LazyWeights, Objective
+from .onload import call_on
 
 
 def first(output):
@@ -50,7 +50,8 @@ class LayerwiseObjective(Objective):
         distributed.check_shares(self.per_step)
 
     def _error(self, weights: Mapping[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-        output = first(functional_call(self.layer, dict(weights), (self.inputs[index],), self.kwargs))
+        inputs = self.inputs[index]
+        output = first(call_on(self.layer, weights, (inputs,), self.kwargs, inputs.device))
         return (output - self.targets[index]).square().mean() / self.scale
 
     def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
@@ -91,7 +92,8 @@ class JointLayerwiseObjective(Objective):
     def _error(self, weights: Mapping[str, torch.Tensor], layer: int, index: torch.Tensor) -> torch.Tensor:
         prefix, module = self.layers[layer]
         mine = {name[len(prefix) :]: weights[name] for name in self.params[layer]}
-        output = first(functional_call(module, mine, (self.inputs[layer][index],), self.kwargs[layer]))
+        inputs = self.inputs[layer][index]
+        output = first(call_on(module, mine, (inputs,), self.kwargs[layer], inputs.device))
         return (output - self.targets[layer][index]).square().mean() / self.scales[layer]
 
     def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
@@ -198,7 +200,7 @@ class WindowObjective(Objective):
     def _layer(self, index: int, weights: LazyWeights, hidden: torch.Tensor) -> torch.Tensor:
         prefix = self.stack.prefixes[index]
         mine = {name[len(prefix) :]: weights.compute(name) for name in weights if name.startswith(prefix)}
-        return first(functional_call(self.stack.layers[index], mine, (hidden,), self.stack.kwargs[index]))
+        return first(call_on(self.stack.layers[index], mine, (hidden,), self.stack.kwargs[index], hidden.device))
 
     def _terms(self, weights: LazyWeights, index: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(task term or 0, summed distillation) of the sequences ``index``."""

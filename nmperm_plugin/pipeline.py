@@ -20,7 +20,7 @@ from .calibration import CalibrationData
 from .checks import check_finite_parameters, check_pattern_fits
 from .config import PermuteConfig
 from .registry import get_adapter, get_mask_generator, get_objective, get_solver
-from .run import Run, capture_layer_inputs
+from .run import Run
 from .strategies import HEURISTIC, ObjectiveStrategy
 
 
@@ -41,30 +41,37 @@ def strategy_of(config: PermuteConfig) -> ObjectiveStrategy:
     return get_objective(config.objective) if config.method == "learned" else HEURISTIC
 
 
-def make_run(model: nn.Module, calibration: CalibrationData, config: PermuteConfig) -> Run:
-    """A :class:`Run` of ``config`` over ``model``, with its inputs checked before any work."""
+def make_run(
+    model: nn.Module, calibration: CalibrationData, config: PermuteConfig, device: torch.device | None = None
+) -> Run:
+    """A :class:`Run` of ``config`` over ``model`` computing on ``device`` (None: where the weights
+    are), with its inputs checked before any work."""
     solver = get_solver(config.init if config.method == "learned" else config.method)
-    run = Run(model, calibration, config, get_adapter(model), get_mask_generator(config.scorer), solver)
+    run = Run(model, calibration, config, get_adapter(model), get_mask_generator(config.scorer), solver, device)
     check_pattern_fits(run.pattern, run.linears, run.sites if config.method != "identity" else ())
     check_finite_parameters(model)
     return run
 
 
-def permute_and_prune_(model: nn.Module, calibration: CalibrationData, config: PermuteConfig) -> PruneResult:
+def permute_and_prune_(
+    model: nn.Module, calibration: CalibrationData, config: PermuteConfig, device: torch.device | None = None
+) -> PruneResult:
     """Find permutations for every site of ``model`` and (with ``apply_mask``) apply the N:M masks.
 
     The model stays in its original channel order; call :func:`fold_` to fold the permutations.
+    ``device``: where to compute, if not where the weights are (then each decoder layer is copied
+    there when it runs, :mod:`nmperm_plugin.onload`).
     """
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     strategy = strategy_of(config)
-    run = make_run(model, calibration, config)
+    run = make_run(model, calibration, config, device)
     how = strategy.describe(config) if config.method == "learned" else "heuristic"
     logger.info(
         f"nmperm: {config.method} permutations ({how}), scorer {config.scorer}, pattern {config.pattern}, "
         f"fold {config.fold}, {len(run.samples)} sequences"
     )
     start = time.monotonic()
-    hidden, kwargs = capture_layer_inputs(model, run.layers, run.samples)
+    hidden, kwargs = run.layer_inputs()
     strategy.solve(run, hidden, kwargs, apply_masks=config.apply_mask)
     return PruneResult(run.sites, run.perms, run.pruned, run.retained, run.history, time.monotonic() - start)

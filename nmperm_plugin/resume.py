@@ -321,6 +321,7 @@ def resumable(
     config,
     resume: bool = True,
     every_steps: int = 5,
+    device: torch.device | None = None,
 ) -> Iterator[ResumeStore]:
     """Make the learning inside the block resumable from ``directory`` (Python API)::
 
@@ -329,9 +330,10 @@ def resumable(
             save_checkpoint(model, tokenizer, "out", sidecar, overwrite=False)
             state.remove()  # only once the output is safely written
 
-    Call it before ``model`` changes (the fingerprint reads its weights).
+    Call it before ``model`` changes (the fingerprint reads its weights). ``device``: where the run
+    computes, if not where the weights are (``permute_``'s ``device``).
     """
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if device is None else device
     store = ResumeStore(directory, fingerprint(model, calibration, config, device), every_steps).open(resume)
     with using(store):
         yield store

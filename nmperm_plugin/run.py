@@ -3,19 +3,21 @@ decoder layer's inputs, collect statistics, score, solve a site with a heuristic
 effective weights, run a layer with its masks, apply the masks.
 
 Nothing here changes the model's weights except :meth:`Run.apply_masks`; a pruned layer's output is
-computed with its masked weights substituted (``functional_call``).
+computed with its masked weights substituted (``functional_call``). A run may execute on another
+device than the one that stores the weights (:mod:`nmperm_plugin.onload`): each layer's tensors are
+then copied to the execution device for each call, and scores stay beside the weights.
 """
 
 from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .arch import Adapter, Site
@@ -24,6 +26,7 @@ from .checks import check_fits_in_memory
 from .learn import EffectiveWeights, Member, module_key, retained_ratio
 from .nm import hard_mask
 from .objectives import first
+from .onload import call_on, head_on, moved, storage_device
 from .ops import tied_head_perm
 from .permuter import BlockPermuter
 from .scores import ChannelStats, check_finite_stats
@@ -85,7 +88,7 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, weights: dic
     """``layer``'s output for ``hidden`` (``[N, T, D]``, 4 sequences at a time), with ``weights``
     (parameter name -> tensor) substituted when given."""
     weights = weights or {}
-    return torch.cat([first(functional_call(layer, weights, (h,), kwargs)) for h in hidden.split(4)])
+    return torch.cat([first(call_on(layer, weights, (h,), kwargs, h.device)) for h in hidden.split(4)])
 
 
 @torch.no_grad()
@@ -93,7 +96,7 @@ def collect_stats(
     layer: nn.Module, names: dict[str, nn.Linear], hidden: torch.Tensor, kwargs: dict, hessian: bool
 ) -> dict[str, ChannelStats]:
     """Input statistics of the named linears of ``layer`` over ``hidden``."""
-    stats = {name: ChannelStats.empty(lin.in_features, hessian, lin.weight.device) for name, lin in names.items()}
+    stats = {name: ChannelStats.empty(lin.in_features, hessian, hidden.device) for name, lin in names.items()}
     handles = [
         lin.register_forward_hook(lambda mod, args, out, s=stats[name]: s.update(args[0]))
         for name, lin in names.items()
@@ -135,12 +138,21 @@ class Run:
     """One run over ``model``: its sites, linears, scorer, heuristic solver, and what was found."""
 
     def __init__(
-        self, model: nn.Module, calibration: CalibrationData, config: PermuteConfig, adapter: Adapter, generator, solver
+        self,
+        model: nn.Module,
+        calibration: CalibrationData,
+        config: PermuteConfig,
+        adapter: Adapter,
+        generator,
+        solver,
+        device: torch.device | None = None,
     ) -> None:
-        self.device = next(model.parameters()).device  # everything runs where the model is
+        self.storage = storage_device(model)  # where the weights are
+        self.device = self.storage if device is None else device  # where the run computes
+        self.onloading = self.device != self.storage  # each layer copied to the device when it runs
         self.model, self.config = model, config
         raw = samples_of(calibration)
-        self.samples = [to_device(adapter.model_inputs(sample), self.device) for sample in raw]
+        self.samples = [to_device(adapter.model_inputs(sample), self.storage) for sample in raw]  # for the embeddings
         labels = stack_labels([adapter.labels(sample) for sample in raw])
         self.labels = None if labels is None else labels.to(self.device)  # [N, ...]: what the task loss needs
         self.pattern, self.generator, self.solver, self.adapter = config.nm, generator, solver, adapter
@@ -161,14 +173,24 @@ class Run:
         """The calibration token ids ``[N, T]`` (samples with ``input_ids`` only)."""
         return torch.cat([sample["input_ids"] for sample in self.samples])
 
+    def layer_inputs(self) -> tuple[torch.Tensor, list[dict]]:
+        """The first decoder layer's inputs ``[N, T, D]`` and every layer's keyword arguments, on the
+        run's device (:func:`capture_layer_inputs`, run where the embeddings are)."""
+        hidden, kwargs = capture_layer_inputs(self.model, self.layers, self.samples)
+        return hidden.to(self.device), moved(kwargs, self.device)
+
+    def head(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The adapter's head (last hidden state -> the model's output) computing on the run's device."""
+        return head_on(self.model, self.layers, self.adapter.head(self.model), self.device)
+
     def layer_linears(self, index: int) -> dict[str, nn.Linear]:
         """The permuted linears of decoder layer ``index`` by full module name."""
         return {n: lin for n, lin in self.linears.items() if n.startswith(self.layer_prefixes[index])}
 
     def scores_of(self, names: dict[str, nn.Linear], stats: dict[str, ChannelStats]) -> dict[str, torch.Tensor]:
         """Each linear's saliency scores, normalised to mean 1."""
-        scores = {n: self.generator(lin.weight, stats[n]) for n, lin in names.items()}
-        return {n: s / s.mean().clamp_min(1e-12) for n, s in scores.items()}
+        scores = {n: self.generator(lin.weight.to(self.device), stats[n]) for n, lin in names.items()}
+        return {n: (s / s.mean().clamp_min(1e-12)).to(self.storage) for n, s in scores.items()}
 
     def layer_scores(self, index: int, hidden: torch.Tensor, kwargs: list[dict]) -> dict[str, torch.Tensor]:
         """Scores of layer ``index``'s linears from its inputs ``hidden`` (``kwargs``: every layer's)."""
@@ -230,7 +252,13 @@ class Run:
             )
         config = self.config
         return EffectiveWeights(
-            members, permuters.to(self.device), dict(self.perms), self.pattern, config.mask_tau, config.sinkhorn_iters
+            members,
+            permuters.to(self.device),
+            dict(self.perms),
+            self.pattern,
+            config.mask_tau,
+            config.sinkhorn_iters,
+            device=self.device,
         )
 
     def record(self, name: str, perms: dict[str, torch.Tensor], history: list[dict]) -> None:
@@ -259,10 +287,10 @@ class Run:
     def pruned_layer_output(self, index: int, hidden: torch.Tensor, kwargs: list[dict], masks: dict) -> torch.Tensor:
         """Layer ``index``'s output with ``masks`` applied (the weights themselves are not changed)."""
         prefix = self.layer_prefixes[index]
-        weights = {
-            name[len(prefix) :] + ".weight": self.linears[name].weight * mask.to(self.linears[name].weight.dtype)
-            for name, mask in masks.items()
-        }
+        weights = {}
+        for name, mask in masks.items():
+            weight = self.linears[name].weight.to(hidden.device)
+            weights[name[len(prefix) :] + ".weight"] = weight * mask.to(hidden.device, weight.dtype)
         return run_layer(self.layers[index], hidden, kwargs[index], weights)
 
     @torch.no_grad()

@@ -200,14 +200,15 @@ class Window(ObjectiveStrategy):
                 run.solve(site, scores)
         adapter = run.adapter
         stack = LayerStack(
-            list(run.layers), run.layer_prefixes, kwargs, adapter.head(run.model), adapter.task_loss,
+            list(run.layers), run.layer_prefixes, kwargs, run.head(), adapter.task_loss,
             adapter.output_distillation,
         )  # fmt: skip
         autocast = training_dtype(config.train_dtype, run.device)
-        checkpointed = layer_checkpointing(config.layer_checkpointing, run.device)
+        checkpointed = layer_checkpointing(config.layer_checkpointing, run.device) or run.onloading
         logger.info(
             f"nmperm: {len(windows)} window(s) of up to {size} decoder layers, {config.total_steps} steps each, "
             f"train dtype {autocast or 'float32'}, layer checkpointing {'on' if checkpointed else 'off'}"
+            + (f" (layers onloaded from {run.storage} to {run.device} one at a time)" if run.onloading else "")
         )
         for window in windows:
             everything = len(window) == num_layers
