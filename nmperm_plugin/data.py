@@ -45,12 +45,23 @@ def read_text(path: Path) -> str:
     return text
 
 
-def _from_datasets(path: Path) -> list[str]:
+def is_datasets_folder(path: Path) -> bool:
+    """Whether ``path`` was written by ``Dataset.save_to_disk`` (or ``DatasetDict.save_to_disk``)."""
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def load_datasets_folder(path: Path):
+    """The dataset saved in ``path``; of a ``DatasetDict``, its ``train`` split (else its first)."""
     import datasets
 
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+    return loaded
+
+
+def _from_datasets(path: Path) -> list[str]:
+    loaded = load_datasets_folder(path)
     column = "text" if "text" in loaded.column_names else None
     if column is None:
         strings = [n for n, f in loaded.features.items() if getattr(f, "dtype", None) == "string"]
@@ -74,7 +85,7 @@ def load_texts(source: str | Path) -> list[str]:
         raise FileNotFoundError(f"dataset {path} does not exist: give a text file, a directory or a datasets folder")
     if path.is_file():
         texts = [read_text(path)]
-    elif (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+    elif is_datasets_folder(path):
         texts = _from_datasets(path)
     else:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)

@@ -21,6 +21,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint_model
 from .checks import check_finite_parameters
+from .data import is_datasets_folder, load_datasets_folder
 from .models import read_config
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -33,10 +34,6 @@ class Images:
 
     images: list
     labels: list[int] | None
-
-
-def _is_datasets_folder(path: Path) -> bool:
-    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
 
 
 def _has_images(folder: Path) -> bool:
@@ -53,18 +50,9 @@ def is_image_dataset(source: str | Path) -> bool:
     path = Path(source)
     if not path.is_dir():
         return False
-    if _is_datasets_folder(path):
-        return _image_column(_load_datasets(path)) is not None
+    if is_datasets_folder(path):
+        return _image_column(load_datasets_folder(path)) is not None
     return bool(_class_folders(path))
-
-
-def _load_datasets(path: Path):
-    import datasets
-
-    loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
-    return loaded
 
 
 def _image_column(dataset) -> str | None:
@@ -89,8 +77,8 @@ def load_images(source: str | Path, label2id: dict | None = None) -> Images:
     from PIL import Image
 
     path = Path(source)
-    if _is_datasets_folder(path):
-        dataset = _load_datasets(path)
+    if is_datasets_folder(path):
+        dataset = load_datasets_folder(path)
         column = _image_column(dataset)
         if column is None:
             raise ValueError(f"dataset {path} has no image column (columns: {dataset.column_names})")
