@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from .arch import FOLD_MODES
 from .learn import LearnConfig
 from .nm import NMPattern
-from .objectives import CHECKPOINTING, TRAIN_DTYPES
+from .objectives import CHECKPOINTING, DENSE_TARGETS, TRAIN_DTYPES
 from .registry import mask_generators, objectives, solvers
 
 FRONT_ENDS = ("cli", "modifier")
@@ -85,6 +85,12 @@ class PermuteConfig:
     window_layers: int = option(4, "decoder layers in one window of the window objective", minimum=1)
     layer_checkpointing: str = option(
         "auto", "recompute each decoder layer in backward (end_to_end, window; auto: on GPUs)", lambda: CHECKPOINTING
+    )
+    dense_targets: str = option(
+        "auto",
+        "end_to_end, window: keep every layer's dense output of the calibration data on the CPU, or recompute "
+        "each step's (a dense forward more per step; auto: keep when they fit in memory)",
+        lambda: DENSE_TARGETS,
     )
     alpha: float = option(0.1, "end_to_end distillation weight", minimum=0)
     train_dtype: str = option(

@@ -138,6 +138,44 @@ def layer_checkpointing(config_value: str, device: torch.device) -> bool:
     return config_value == "on" or (config_value == "auto" and device.type == "cuda")
 
 
+DENSE_TARGETS = ("auto", "keep", "recompute")
+
+
+class KeptTargets:
+    """The dense model's outputs of a window's layers for every calibration sequence (``[N, T, D]``
+    each, kept on any device, e.g. the CPU); called with a step's sequence indices, their rows."""
+
+    def __init__(self, outputs: list[torch.Tensor]) -> None:
+        self.outputs = outputs
+
+    def __len__(self) -> int:
+        return len(self.outputs)
+
+    def __call__(self, index: torch.Tensor) -> list[torch.Tensor]:
+        return [output[index] for output in self.outputs]
+
+
+class RecomputedTargets:
+    """The dense outputs of a window's ``layers`` computed for each step's sequences from the window's
+    dense ``inputs`` (``[N, T, D]``, any device): one dense forward of the window per step instead of
+    ``N x layers x T x D`` kept values; the same numbers as :class:`KeptTargets` up to the batch's
+    rounding."""
+
+    def __init__(self, layers: list[nn.Module], kwargs: list[dict], inputs: torch.Tensor, device: torch.device) -> None:
+        self.layers, self.kwargs, self.inputs, self.device = layers, kwargs, inputs, device
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @torch.no_grad()
+    def __call__(self, index: torch.Tensor) -> list[torch.Tensor]:
+        hidden, outputs = self.inputs[index].to(self.device), []
+        for layer, kwargs in zip(self.layers, self.kwargs, strict=True):
+            hidden = first(call_on(layer, {}, (hidden,), kwargs, self.device))
+            outputs.append(hidden)
+        return outputs
+
+
 @dataclass
 class LayerStack:
     """A model run one block at a time: the layers, their parameter-name prefixes
@@ -161,8 +199,9 @@ class WindowObjective(Objective):
 
     The window runs on ``inputs`` (``[N, T, D]``: the output of the already pruned earlier layers,
     or the embeddings), one decoder layer at a time. Loss: the smooth-L1 distance of each layer's
-    output to the dense model's (``targets[l]``, ``[N, T, D]`` each, kept on any device), plus, when
-    the window ends at the last layer, the task term: the model's loss on ``labels`` (``[N, ...]``,
+    output to the dense model's (``targets``: kept, ``[N, T, D]`` per layer on any device, or
+    :class:`RecomputedTargets` computed for each step's sequences), plus, when the window ends at
+    the last layer, the task term: the model's loss on ``labels`` (``[N, ...]``,
     ``stack.loss``: the next token of a causal LM, the class of a classifier), or without labels the
     distance to the dense model's output (``stack.distill``: a KL divergence of logits); ``loss = task +
     alpha * distillation``, a window before the end has only the distillation. ``select`` ranks hard
@@ -178,7 +217,7 @@ class WindowObjective(Objective):
         stack: LayerStack,
         window: range,
         inputs: torch.Tensor,  # [N, T, D]
-        targets: list[torch.Tensor],  # per layer of the window, [N, T, D]
+        targets: list[torch.Tensor] | KeptTargets | RecomputedTargets,  # per layer of the window, [N, T, D]
         labels: torch.Tensor | None,  # [N, ...]: token ids of a causal LM, class indices, or None
         alpha: float,
         per_step: int,
@@ -189,7 +228,8 @@ class WindowObjective(Objective):
     ) -> None:
         if len(targets) != len(window):
             raise ValueError(f"{len(targets)} dense targets for a window of {len(window)} layers")
-        self.stack, self.window, self.inputs, self.targets, self.labels = stack, window, inputs, targets, labels
+        self.targets = KeptTargets(targets) if isinstance(targets, list) else targets
+        self.stack, self.window, self.inputs, self.labels = stack, window, inputs, labels
         self.alpha, self.autocast, self.checkpoint = alpha, autocast, checkpoint
         self.per_step, self.generator = min(per_step, len(inputs)), generator
         self.select_index = torch.arange(min(select_count, len(inputs)))
@@ -204,12 +244,18 @@ class WindowObjective(Objective):
 
     def _terms(self, weights: LazyWeights, index: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(task term or 0, summed distillation) of the sequences ``index``."""
+        targets = self.targets(index)  # in the model's precision, outside the learning pass's autocast
+        autocast = self.autocast if train else None  # select ranks in the model's precision
+        with torch.autocast(self.device.type, autocast) if autocast else contextlib.nullcontext():
+            return self._window_terms(weights, index, targets, train)
+
+    def _window_terms(self, weights: LazyWeights, index: torch.Tensor, targets: list[torch.Tensor], train: bool):
         hidden = self.inputs[index].to(self.device)
         distill = torch.zeros((), device=self.device)
         for layer in self.window:
             run = partial(self._layer, layer, weights)
             hidden = checkpoint(run, hidden, use_reentrant=False) if train and self.checkpoint else run(hidden)
-            target = self.targets[layer - self.window.start][index].to(self.device)
+            target = targets[layer - self.window.start].to(self.device)
             distill = distill + F.smooth_l1_loss(hidden.float(), target.float())
         if not self.ends_model:
             return torch.zeros((), device=self.device), distill
@@ -223,8 +269,7 @@ class WindowObjective(Objective):
     def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
         index = torch.randperm(len(self.inputs), generator=self.generator)[: self.per_step]
         mine = distributed.share(index)
-        with torch.autocast(self.device.type, self.autocast) if self.autocast else contextlib.nullcontext():
-            cross_entropy, distill = self._terms(weights, mine, train=True)
+        cross_entropy, distill = self._terms(weights, mine, train=True)
         loss = cross_entropy + self.alpha * distill if self.ends_model else distill
         return loss * (len(mine) / len(index))  # ranks' gradients are summed (learn)
 

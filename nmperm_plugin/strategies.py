@@ -18,16 +18,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import Site
+from .checks import check_fits_in_memory
 from .learn import EffectiveWeights, Objective, RetainedObjective, learn
 from .objectives import (
     JointLayerwiseObjective,
     LayerStack,
     LayerwiseObjective,
+    RecomputedTargets,
     WindowObjective,
     layer_checkpointing,
     training_dtype,
 )
-from .run import Run, solve_site
+from .run import Run, run_layer, solve_site
 
 if TYPE_CHECKING:
     from .config import PermuteConfig
@@ -194,7 +196,9 @@ class Window(ObjectiveStrategy):
         config, num_layers = run.config, len(run.layers)
         size = self.window_layers(config, num_layers)
         windows = [range(start, min(start + size, num_layers)) for start in range(0, num_layers, size)]
-        scores, dense = run.dense_pass(hidden, kwargs, list(run.linears), keep_outputs=True, on=torch.device("cpu"))
+        keep = keeps_dense_targets(run, hidden, config.dense_targets)
+        scores, dense = run.dense_pass(hidden, kwargs, list(run.linears), keep_outputs=keep, on=torch.device("cpu"))
+        dense_inputs = None if keep else hidden.cpu()  # recompute: the dense input of the current window
         for site in run.sites:
             if site.name not in run.perms:
                 run.solve(site, scores)
@@ -216,16 +220,23 @@ class Window(ObjectiveStrategy):
             names = {n: lin for index in window for n, lin in run.layer_linears(index).items()}
             effective = run.effective(run.members(names, scores, ""), learned)
             effective.cache_fixed = not checkpointed  # checkpointing: no weight kept beyond its layer
+            if keep:
+                targets = dense[window.start : window.stop]
+            else:
+                layers = [run.layers[i] for i in window]
+                targets = RecomputedTargets(layers, kwargs[window.start : window.stop], dense_inputs, run.device)
             objective = WindowObjective(
-                stack, window, hidden, dense[window.start : window.stop], run.labels, config.alpha,
+                stack, window, hidden, targets, run.labels, config.alpha,
                 config.sequences_per_step, config.select_sequences, run.rng, autocast, checkpointed,
             )  # fmt: skip
             label = "model" if everything else f"layers {window.start}-{window.stop - 1}"
             run.record(label, *learn(effective, objective, config.learner(config.total_steps), label))
-            if window.stop < num_layers:  # the next window's inputs: these layers, pruned
+            if window.stop < num_layers:  # the next window's inputs: these layers, pruned (and dense)
                 for index in window:
                     masks = run.masks({n: scores[n] for n in run.layer_linears(index)})
                     hidden = run.pruned_layer_output(index, hidden, kwargs, masks)
+                    if dense_inputs is not None:
+                        dense_inputs = run_layer(run.layers[index], dense_inputs.to(run.device), kwargs[index]).cpu()
         for index in range(num_layers):
             run.record_retained(index, scores)
         if apply_masks:
@@ -234,6 +245,19 @@ class Window(ObjectiveStrategy):
     def describe(self, config: PermuteConfig) -> str:
         size = self.layers or config.window_layers
         return f"{self.name} of {size} decoder layers, {config.total_steps} steps per window"
+
+
+def keeps_dense_targets(run: Run, hidden: torch.Tensor, setting: str) -> bool:
+    """Whether to keep every layer's dense output of every calibration sequence on the CPU (``keep``;
+    ``auto``: when they fit in its memory) rather than recompute each step's (``recompute``)."""
+    if setting != "auto":
+        return setting == "keep"
+    try:
+        check_fits_in_memory(hidden, len(run.layers), torch.device("cpu"))
+    except MemoryError as error:
+        logger.info(f"nmperm: {str(error).split(':')[0]}: each step recomputes its own (dense_targets recompute)")
+        return False
+    return True
 
 
 class EndToEnd(Window):

@@ -155,3 +155,38 @@ def test_checkpointing_and_cached_fixed_weights_leave_the_result_unchanged(input
     for name, history in off.history.items():
         assert [h["select"] for h in history] == pytest.approx([h["select"] for h in on.history[name]], rel=1e-6)
     assert all(torch.equal(off.perms[k], on.perms[k]) for k in off.perms)
+
+
+@pytest.mark.parametrize("objective", ["end_to_end", "window"])
+def test_recomputed_dense_targets_learn_what_kept_ones_do(objective, input_ids, one_thread):
+    model = tiny_model("llama")
+    fields = dict(FAST, objective=objective, window_layers=1)
+    runs = {}
+    for setting in ("keep", "recompute"):
+        _, result = permute_(copy.deepcopy(model), input_ids, PermuteConfig(**fields, dense_targets=setting))
+        runs[setting] = result
+    keep, recompute = runs["keep"], runs["recompute"]
+    assert {k: v.tolist() for k, v in keep.perms.items()} == {k: v.tolist() for k, v in recompute.perms.items()}
+    for label, curve in keep.history.items():
+        for kept, recomputed in zip(curve[1:], recompute.history[label][1:], strict=True):  # [0]: the start
+            assert kept["loss"] == pytest.approx(recomputed["loss"], rel=1e-5), label
+
+
+def test_auto_recomputes_the_dense_targets_when_they_do_not_fit(input_ids, monkeypatch):
+    from loguru import logger
+
+    from nmperm_plugin import checks, strategies
+
+    monkeypatch.setattr(checks, "available_memory", lambda device: 1024)  # 1 KiB free on the host
+    chosen, lines = [], []
+    real = strategies.RecomputedTargets
+    monkeypatch.setattr(strategies, "RecomputedTargets", lambda *a: chosen.append(a) or real(*a))
+    handle = logger.add(lambda message: lines.append(str(message)), level="INFO")
+    try:
+        permute_(tiny_model("llama"), input_ids, PermuteConfig(**FAST, objective="end_to_end"))
+    finally:
+        logger.remove(handle)
+    assert len(chosen) == 1  # one window over both layers
+    assert any("dense targets" in line and "each step recomputes its own" in line for line in lines)
+    with pytest.raises(MemoryError, match="dense targets"):  # asked to keep them: refused before the work
+        permute_(tiny_model("llama"), input_ids, PermuteConfig(**FAST, objective="end_to_end", dense_targets="keep"))
