@@ -22,6 +22,7 @@ from .evaluate import perplexity
 from .images import image_batches, is_image_dataset, load_images, load_vision_model, top1_accuracy
 from .models import check_seq_len, load_model
 from .nm import NMPattern
+from .onload import execution_device, fits_on
 from .safety import guard_output
 
 
@@ -121,10 +122,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     fingerprint = resume.fingerprint(model, calibration, config, device)
     distributed.check_same("the model, the calibration data or the configuration", json.dumps(fingerprint))
     store = resume.ResumeStore(state_dir, fingerprint, restart_hint="add --no-resume").open(args.resume)
-    model.to(device)
+    device = execution_device(device)
+    if fits_on(model, device):
+        model.to(device)
+    else:
+        logger.info(f"nmperm: the model does not fit {device} beside the learning: its layers are onloaded in turn")
     start = time.monotonic()
     with resume.using(store):
-        sidecar, _ = permute_(model, calibration, config)
+        sidecar, _ = permute_(model, calibration, config, device)
     sidecar.figures["total_seconds"] = round(time.monotonic() - start, 1)
 
     def finish():  # rank 0 alone evaluates and writes; the state goes once the output is verified

@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_map
 __all__ = [
     "call_on",
     "execution_device",
+    "fits_on",
     "head_on",
     "module_tensors",
     "moved",
@@ -38,6 +39,17 @@ def execution_device(device: torch.device | str | None) -> torch.device | None:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def fits_on(model: nn.Module, device: torch.device, share: float = 0.5) -> bool:
+    """Whether ``model``'s weights take at most ``share`` of the memory ``device`` has free (the rest
+    is for the learning: effective weights, activations, the optimiser), or are there already."""
+    from .checks import available_memory
+
+    if storage_device(model) == device:
+        return True
+    weights = sum(t.numel() * t.element_size() for t in chain(model.parameters(), model.buffers()))
+    return weights <= share * available_memory(device)
 
 
 def storage_device(model: nn.Module) -> torch.device:

@@ -221,7 +221,7 @@ def test_train_dtype_reaches_the_config_and_bad_values_are_refused(saved_model, 
     model_dir, text = saved_model
     seen = []
 
-    def record(model, ids, config):
+    def record(model, ids, config, device=None):
         seen.append(config.train_dtype)
         raise ValueError("stopped after reading the config")
 

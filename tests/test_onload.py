@@ -97,3 +97,19 @@ def test_a_cpu_model_learns_on_the_gpu_like_a_gpu_model_with_a_fraction_of_its_m
     same = sum(torch.equal(onloaded.perms[s], expected.perms[s]) for s in expected.perms)
     assert same >= 0.9 * len(expected.perms)  # GPU kernels are the same; only reduction order may differ
     assert peak < 0.6 * weights, f"peak {peak / 2**20:.0f} MiB for {weights / 2**20:.0f} MiB of weights"
+
+
+def test_a_model_fits_a_device_when_its_weights_take_at_most_half_its_free_memory(monkeypatch):
+    from nmperm_plugin import checks
+    from nmperm_plugin.onload import fits_on
+
+    model = tiny_model()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers()
+    )
+    assert fits_on(model, torch.device("cpu"))  # already there
+    other = torch.device("cuda", 0)
+    monkeypatch.setattr(checks, "available_memory", lambda device: 2 * weights)
+    assert fits_on(model, other)
+    monkeypatch.setattr(checks, "available_memory", lambda device: 2 * weights - 1)
+    assert not fits_on(model, other)
