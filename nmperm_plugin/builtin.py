@@ -1,12 +1,14 @@
 """The built-in plugin: mask generators, the architecture adapters (Llama family, Gemma 2/3, Phi-3,
-OPT, ViT, DeiT, CLIP's vision tower), the heuristic solvers and the objectives, registered through the
-same hooks as a third-party plugin."""
+OPT, ViT, DeiT, CLIP's vision tower, Mixtral, Qwen2/3-MoE, GPT-2), the heuristic solvers and the
+objectives, registered through the same hooks as a third-party plugin."""
 
 from __future__ import annotations
 
 from .arch.clip import CLIPVisionAdapter, CLIPVisionProjectionAdapter
 from .arch.gemma import GemmaAdapter
+from .arch.gpt2 import GPT2Adapter
 from .arch.llama import LlamaAdapter
+from .arch.moe import MixtralAdapter, QwenMoEAdapter
 from .arch.opt import OPTAdapter
 from .arch.phi3 import Phi3Adapter
 from .arch.vit import DeiTAdapter, ViTAdapter
@@ -32,6 +34,9 @@ def nmperm_architectures() -> list:
         DeiTAdapter(),
         CLIPVisionAdapter(),
         CLIPVisionProjectionAdapter(),
+        MixtralAdapter(),
+        QwenMoEAdapter(),
+        GPT2Adapter(),
     ]
 
 

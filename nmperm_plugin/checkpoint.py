@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from torch import nn
 from . import safety
 from .checks import check_weight_files, non_finite_tensors, weight_checksums
 from .nm import NMPattern, nm_violations
-from .registry import get_adapter
+from .registry import adapter_named, get_adapter
 from .sidecar import FORMAT, Sidecar
 
 Inputs = Iterable[tuple[str, "str | Path | None"]]
@@ -57,7 +58,7 @@ def save_checkpoint(
 def finish_sidecar(directory: Path, sidecar: Sidecar, verify: bool = True) -> Sidecar:
     """Record the checksums of the pruned weights written in ``directory`` in ``sidecar``, save it, and
     (``verify``) check the directory as ``nmperm verify`` does; :class:`CheckpointError` if it fails."""
-    sidecar.checksums = weight_checksums(directory, sidecar.frames)
+    sidecar.checksums = weight_checksums(directory, sidecar.frames, checkpoint_key_of(sidecar))
     sidecar.save(directory)
     if verify:
         report = verify_checkpoint(directory)
@@ -101,28 +102,29 @@ def _linear_weight(model: nn.Module, name: str) -> torch.Tensor:
     return model.get_submodule(name).weight.detach()
 
 
+def checkpoint_key_of(sidecar: Sidecar) -> Callable[[str], str] | None:
+    """How the sidecar's architecture names a pruned linear's weight in the checkpoint (None: as
+    ``{linear}.weight``, or an architecture no adapter registers)."""
+    adapter = adapter_named(sidecar.architecture)
+    return None if adapter is None else adapter.checkpoint_key
+
+
+def linear_form(model: nn.Module) -> contextlib.AbstractContextManager:
+    """``model``'s adapter's :meth:`~nmperm_plugin.arch.base.Adapter.linear_form` (every pruned weight
+    an ``nn.Linear`` ``[out, in]``), or the model as it is when no adapter handles it."""
+    try:
+        return get_adapter(model).linear_form(model)
+    except ValueError:
+        return contextlib.nullcontext()
+
+
 def pruned_linears(sidecar: Sidecar) -> list[str]:
     """Every linear the sidecar says is pruned: its frames and (format 2) its checksums."""
     return sorted(set(sidecar.frames) | set(sidecar.checksums))
 
 
-def verify_model(model: nn.Module, sidecar: Sidecar, report: Verification | None = None) -> Verification:
-    """Every pruned linear the sidecar lists is N:M (under its recorded permutation), the permutations
-    are valid, the frames and checksums list the same linears, and every weight is finite."""
-    report = report or Verification()
-    pattern = NMPattern.parse(sidecar.pattern)
-    for site, perm in sidecar.permutations.items():
-        valid = sorted(perm) == list(range(len(perm)))
-        report.add(f"permutation {site}", valid, f"{len(perm)} channels" if valid else "not a permutation")
-    if sidecar.checksums:
-        only_frames = sorted(set(sidecar.frames) - set(sidecar.checksums))
-        only_sums = sorted(set(sidecar.checksums) - set(sidecar.frames))
-        detail = "; ".join(
-            [f"no checksum for {', '.join(only_frames[:3])}"] * bool(only_frames)
-            + [f"no frame for {', '.join(only_sums[:3])}"] * bool(only_sums)
-        )
-        report.add("frames and checksums list the same pruned linears", not detail, detail or f"{len(sidecar.frames)}")
-    names = pruned_linears(sidecar)
+def _nm_failures(model: nn.Module, sidecar: Sidecar, names: list[str], pattern: NMPattern) -> list[str]:
+    """What is wrong with each of the pruned linears ``names`` (missing, no frame, not N:M in its frame)."""
     bad = []
     for name in names:
         try:
@@ -142,6 +144,28 @@ def verify_model(model: nn.Module, sidecar: Sidecar, report: Verification | None
         violations = nm_violations(weight, pattern) if weight.shape[1] % pattern.m == 0 else -1
         if violations:
             bad.append(f"{name}: {violations} groups break {pattern}" if violations > 0 else f"{name}: shape")
+    return bad
+
+
+def verify_model(model: nn.Module, sidecar: Sidecar, report: Verification | None = None) -> Verification:
+    """Every pruned linear the sidecar lists is N:M (under its recorded permutation), the permutations
+    are valid, the frames and checksums list the same linears, and every weight is finite."""
+    report = report or Verification()
+    pattern = NMPattern.parse(sidecar.pattern)
+    for site, perm in sidecar.permutations.items():
+        valid = sorted(perm) == list(range(len(perm)))
+        report.add(f"permutation {site}", valid, f"{len(perm)} channels" if valid else "not a permutation")
+    if sidecar.checksums:
+        only_frames = sorted(set(sidecar.frames) - set(sidecar.checksums))
+        only_sums = sorted(set(sidecar.checksums) - set(sidecar.frames))
+        detail = "; ".join(
+            [f"no checksum for {', '.join(only_frames[:3])}"] * bool(only_frames)
+            + [f"no frame for {', '.join(only_sums[:3])}"] * bool(only_sums)
+        )
+        report.add("frames and checksums list the same pruned linears", not detail, detail or f"{len(sidecar.frames)}")
+    names = pruned_linears(sidecar)
+    with linear_form(model):
+        bad = _nm_failures(model, sidecar, names, pattern)
     report.add(f"{len(names)} pruned linears are {pattern}", not bad, "; ".join(bad[:5]))
     found = non_finite_tensors(model.named_parameters())
     shown = "; ".join(f"{n}: {b} of {t} NaN/inf" for n, b, t in found[:5])
@@ -163,7 +187,7 @@ def verify_checksums(directory: str | Path, sidecar: Sidecar, report: Verificati
         why = "none recorded" if sidecar.format == FORMAT else f"sidecar format {sidecar.format} records none"
         report.add("checksums of the pruned weights", True, f"not checked: {why}", note=True)
         return report
-    written = weight_checksums(directory, sidecar.checksums)
+    written = weight_checksums(directory, sidecar.checksums, checkpoint_key_of(sidecar))
     absent = [n for n in sidecar.checksums if n not in written]
     changed = [n for n, e in sidecar.checksums.items() if n in written and written[n]["sha256"] != e["sha256"]]
     parts = []

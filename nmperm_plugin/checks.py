@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -180,13 +180,17 @@ def _tensor_locations(directory: Path) -> dict[str, tuple[Path, dict, int]]:
     return where
 
 
-def weight_checksums(directory: str | Path, linears: Iterable[str]) -> dict[str, dict]:
+def weight_checksums(
+    directory: str | Path, linears: Iterable[str], key_of: Callable[[str], str] | None = None
+) -> dict[str, dict]:
     """``linear -> {"sha256", "dtype", "shape"}`` of ``linear.weight``'s bytes as stored in the
-    safetensors files of ``directory`` (linears whose weight is not stored there are left out)."""
+    safetensors files of ``directory`` (linears whose weight is not stored there are left out).
+    ``key_of``: the stored tensor's name for a linear (default ``{linear}.weight``; an adapter's
+    ``checkpoint_key`` where the checkpoint names it otherwise, e.g. Mixtral's experts)."""
     where = _tensor_locations(Path(directory))
     checksums = {}
     for linear in linears:
-        key = f"{linear}.weight"
+        key = key_of(linear) if key_of is not None else f"{linear}.weight"
         if key not in where:
             continue
         path, entry, start = where[key]

@@ -20,7 +20,7 @@ from loguru import logger
 from torch import nn
 
 from . import compat
-from .checkpoint import verify_model
+from .checkpoint import linear_form, verify_model
 from .nm import NMPattern, is_nm
 from .resume import ResumeStore
 from .sidecar import Sidecar
@@ -211,7 +211,8 @@ def final_sidecar(model: nn.Module, state: PermutedState) -> Sidecar:
         raise ValueError(GATHER_REFUSAL)
     pattern = NMPattern.parse(sidecar.pattern)
     if sidecar.fold == "exact":
-        weights = {name: model.get_submodule(name).weight.detach() for name in state.pruned}
+        with linear_form(model):  # fused experts, GPT-2's Conv1D: [out, in] views of the stored weights
+            weights = {name: model.get_submodule(name).weight.detach() for name in state.pruned}
         sidecar.frames = {name: None for name, weight in weights.items() if is_nm(weight, pattern)}
         dense = sorted(set(weights) - set(sidecar.frames))
         sidecar.verification["not_nm"] = dense

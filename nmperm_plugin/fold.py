@@ -16,8 +16,9 @@ __all__ = ["GatherLinear", "GatherNorm", "apply_gather", "fold_", "fold_permutat
 
 def fold_permutations_(model: nn.Module, sites: list[Site], perms: dict[str, torch.Tensor], adapter: Adapter) -> None:
     """Fold every site's permutation into the weights."""
-    for site in sites:
-        adapter.fold_exact(model, site, perms[site.name])
+    with adapter.linear_form(model):
+        for site in sites:
+            adapter.fold_exact(model, site, perms[site.name])
 
 
 def fold_(model: nn.Module, result, fold: str) -> dict[str, str | None]:
@@ -38,7 +39,8 @@ def apply_gather(model: nn.Module, sidecar: Sidecar) -> nn.Module:
     afterwards every pruned linear's stored weight is N:M and the model computes the same function.
     """
     adapter = get_adapter(model)
-    sites = {site.name: site for site in adapter.sites(model, sidecar.fold)}
-    for name in sorted({site for site in sidecar.frames.values() if site is not None}):
-        adapter.apply_gather(model, sites[name], torch.tensor(sidecar.permutations[name], dtype=torch.long))
+    with adapter.linear_form(model):
+        sites = {site.name: site for site in adapter.sites(model, sidecar.fold)}
+        for name in sorted({site for site in sidecar.frames.values() if site is not None}):
+            adapter.apply_gather(model, sites[name], torch.tensor(sidecar.permutations[name], dtype=torch.long))
     return model

@@ -65,13 +65,14 @@ def permute_and_prune_(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     strategy = strategy_of(config)
-    run = make_run(model, calibration, config, device)
-    how = strategy.describe(config) if config.method == "learned" else "heuristic"
-    logger.info(
-        f"nmperm: {config.method} permutations ({how}), scorer {config.scorer}, pattern {config.pattern}, "
-        f"fold {config.fold}, {len(run.samples)} sequences"
-    )
-    start = time.monotonic()
-    hidden, kwargs = run.layer_inputs()
-    strategy.solve(run, hidden, kwargs, apply_masks=config.apply_mask)
+    with get_adapter(model).linear_form(model):  # every site's weight an nn.Linear for the run
+        run = make_run(model, calibration, config, device)
+        how = strategy.describe(config) if config.method == "learned" else "heuristic"
+        logger.info(
+            f"nmperm: {config.method} permutations ({how}), scorer {config.scorer}, pattern {config.pattern}, "
+            f"fold {config.fold}, {len(run.samples)} sequences"
+        )
+        start = time.monotonic()
+        hidden, kwargs = run.layer_inputs()
+        strategy.solve(run, hidden, kwargs, apply_masks=config.apply_mask)
     return PruneResult(run.sites, run.perms, run.pruned, run.retained, run.history, time.monotonic() - start)

@@ -71,6 +71,11 @@ def get_objective(name: str):
     return _lookup("objective", name, objectives(), "nmperm_objectives")
 
 
+def adapter_named(name: str) -> Adapter | None:
+    """The registered adapter called ``name`` (a sidecar's ``architecture``), or None."""
+    return next((adapter for adapter in architectures() if adapter.name == name), None)
+
+
 def get_adapter(model: nn.Module) -> Adapter:
     """The registered adapter that handles ``model``; a clear error when none does."""
     adapters = architectures()

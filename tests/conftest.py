@@ -45,6 +45,7 @@ def tiny_model(family: str = "llama", kv_heads: int = 2, tied: bool = False, see
 
 
 FAMILIES = ("gemma2", "gemma3_text", "phi3", "opt", "opt-projected", "opt-postnorm")
+FAMILIES += ("mixtral", "qwen2_moe", "qwen3_moe", "gpt2")
 
 
 def family_config(family: str, **overrides):
@@ -53,13 +54,25 @@ def family_config(family: str, **overrides):
     Gemma: head_dim 32 (heads x head_dim != hidden, as in the real models), soft-capping, a sliding
     window shorter than the test sequences, and (Gemma 3) a sliding and a global layer. OPT: as
     opt-125m (pre-norm, tied), with ``project_in``/``project_out`` (-projected), post-norm (-postnorm,
-    as opt-350m)."""
-    from transformers import Gemma2Config, Gemma3TextConfig, OPTConfig, Phi3Config
+    as opt-350m). Mixture-of-experts: 4 experts, top 2; Qwen2-MoE with its shared expert and a dense
+    second layer (``mlp_only_layers``), Qwen3-MoE with q/k norms. GPT-2: ``Conv1D``, tied head."""
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        GPT2Config,
+        MixtralConfig,
+        OPTConfig,
+        Phi3Config,
+        Qwen2MoeConfig,
+        Qwen3MoeConfig,
+    )
 
     common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=300)
     decoder = dict(common, intermediate_size=128, num_key_value_heads=2, max_position_embeddings=256)
     gemma = dict(decoder, head_dim=32, sliding_window=16, final_logit_softcapping=30.0)
     opt = dict(common, ffn_dim=128, max_position_embeddings=256, word_embed_proj_dim=64)
+    moe = dict(decoder, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    gpt2 = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=256)
     configs = {
         "gemma2": lambda: Gemma2Config(**gemma, attn_logit_softcapping=50.0),
         "gemma3_text": lambda: Gemma3TextConfig(**gemma, layer_types=["sliding_attention", "full_attention"]),
@@ -67,6 +80,10 @@ def family_config(family: str, **overrides):
         "opt": lambda: OPTConfig(**opt),
         "opt-projected": lambda: OPTConfig(**(opt | dict(word_embed_proj_dim=32))),
         "opt-postnorm": lambda: OPTConfig(**(opt | dict(word_embed_proj_dim=32, do_layer_norm_before=False))),
+        "mixtral": lambda: MixtralConfig(**(decoder | dict(intermediate_size=32, num_local_experts=4))),
+        "qwen2_moe": lambda: Qwen2MoeConfig(**moe, shared_expert_intermediate_size=64, mlp_only_layers=[1]),
+        "qwen3_moe": lambda: Qwen3MoeConfig(**moe, head_dim=16, norm_topk_prob=True),
+        "gpt2": lambda: GPT2Config(**gpt2, bos_token_id=1, eos_token_id=2),
     }
     config = configs[family]()
     for key, value in overrides.items():
@@ -85,6 +102,15 @@ def family_model(family: str, seed: int = 0, **overrides):
             if parameter.ndim == 1:
                 parameter.add_(torch.randn_like(parameter) * 0.2)
     return model
+
+
+def unsupported_model():
+    """A tiny model of a family no adapter handles (GPT-NeoX), for the refusal tests."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    config.vocab_size = 300
+    return GPTNeoXForCausalLM(config)
 
 
 def assert_same_function(actual: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-5) -> None:

@@ -1,5 +1,6 @@
-"""The non-Llama decoder families (Gemma 2/3, Phi-3, OPT): folding keeps the logits, pruning gives
-N:M linears, a saved checkpoint verifies, an unknown architecture is refused by name."""
+"""The non-Llama decoder families (Gemma 2/3, Phi-3, OPT, Mixtral, Qwen2/3-MoE, GPT-2): folding keeps
+the logits, pruning gives N:M linears, a saved checkpoint verifies, an unknown architecture is
+refused by name."""
 
 import copy
 import json
@@ -22,7 +23,13 @@ from nmperm_plugin.sidecar import Sidecar
 
 GATHER_FAMILIES = [f for f in FAMILIES if f != "opt-postnorm"]
 ADAPTER = {"gemma2": "gemma", "gemma3_text": "gemma", "phi3": "phi3", "opt": "opt", "opt-projected": "opt"}
-ADAPTER["opt-postnorm"] = "opt"
+ADAPTER |= {
+    "opt-postnorm": "opt",
+    "mixtral": "mixtral",
+    "qwen2_moe": "qwen_moe",
+    "qwen3_moe": "qwen_moe",
+    "gpt2": "gpt2",
+}
 FAST = dict(block_size=16, sequences_per_step=2, select_sequences=2, steps_per_layer=3, end_to_end_steps=3)
 FAST |= dict(select_every=1)
 
@@ -57,7 +64,8 @@ def test_exact_fold_preserves_logits(family, ids):
     sites = adapter.sites(model, "exact")
     assert {s.kind for s in sites} == {"hidden", "attn_out", "mlp_out"}
     hidden = next(s for s in sites if s.kind == "hidden")
-    assert len(hidden.linears) == 2 * len(adapter.attn_in + adapter.mlp_in)  # every reader of the stream, 2 layers
+    readers = [len(adapter.attn_in + adapter.mlp_readers(layer)) for layer in adapter.decoder_layers(model)]
+    assert len(hidden.linears) == sum(readers)  # every pruned reader of the stream (experts' gate and up too)
     folded = exact_fold(model)
     assert not any(isinstance(m, (GatherNorm, GatherLinear)) for m in folded.modules())  # standard architecture
     assert_same_function(folded(ids).logits, model(ids).logits)
@@ -166,9 +174,10 @@ def test_permute_prunes_to_nm_and_checkpoint_verifies(family, method, fold, ids,
 
     if fold == "gather":
         apply_gather(model, sidecar)
-    for name in sidecar.frames:
-        module = model.get_submodule(name)
-        assert is_nm(getattr(module, "linear", module).weight, NMPattern(2, 4)), name
+    with get_adapter(model).linear_form(model):  # GPT-2's Conv1D, fused experts: [out, in] views
+        for name in sidecar.frames:
+            module = model.get_submodule(name)
+            assert is_nm(getattr(module, "linear", module).weight, NMPattern(2, 4)), name
 
 
 def test_verify_catches_a_broken_fused_weight(ids, tmp_path):
@@ -206,13 +215,17 @@ def test_layers_with_different_attention_inputs_get_their_own(ids):
 
 
 def test_unknown_architecture_names_the_families_and_the_hook():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    config = GPTNeoXConfig(
+        num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=50
+    )
+    model = GPTNeoXForCausalLM(config)
     with pytest.raises(ValueError) as error:
         get_adapter(model)
     message = str(error.value)
-    assert "unsupported architecture 'gpt2'" in message
-    for family in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "opt"):
+    assert "unsupported architecture 'gpt_neox'" in message
+    families = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "opt", "mixtral", "qwen2_moe")
+    for family in (*families, "qwen3_moe", "gpt2"):
         assert family in message, family
     assert "nmperm_architectures" in message and "DecoderAdapter" in message

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_same_function, tiny_model
+from conftest import assert_same_function, tiny_model, unsupported_model
 from transformers import AutoModelForCausalLM
 
 from nmperm_plugin.cli import main
@@ -124,11 +124,9 @@ def _nan_model(tmp_path, tokenizer):
     return path
 
 
-def _gpt2(tmp_path, tokenizer):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    path = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300)).save_pretrained(path)
+def _unsupported(tmp_path, tokenizer):
+    path = tmp_path / "gpt-neox"
+    unsupported_model().save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -142,7 +140,7 @@ def _gpt2(tmp_path, tokenizer):
         ("missing model", "does not exist"),
         ("empty dataset", "is empty"),
         ("nan weights", "NaN"),
-        ("unsupported", "unsupported architecture 'gpt2'"),
+        ("unsupported", "unsupported architecture 'gpt_neox'"),
         ("too little text", "lower --num-samples"),
         ("device gpu0", "not a torch device"),
         ("device cuda", "no CUDA GPU"),
@@ -163,7 +161,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(saved_model, tmp_path, to
     elif case == "nan weights":
         model = str(_nan_model(tmp_path, tokenizer))
     elif case == "unsupported":
-        model = str(_gpt2(tmp_path, tokenizer))
+        model = str(_unsupported(tmp_path, tokenizer))
     elif case == "too little text":
         extra = ["--num-samples", "100000"]
     elif case.startswith("device"):

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_same_function, tiny_model
+from conftest import assert_same_function, tiny_model, unsupported_model
 
 from nmperm_plugin.fold import GatherLinear, GatherNorm, apply_gather, fold_permutations_
 from nmperm_plugin.ops import tied_head_perm
@@ -71,8 +71,5 @@ def test_exact_attn_out_is_per_kv_head():
 
 
 def test_unsupported_architecture_is_named():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match=r"unsupported architecture 'gpt2'.*llama.*nmperm_architectures"):
-        get_adapter(model)
+    with pytest.raises(ValueError, match=r"unsupported architecture 'gpt_neox'.*llama.*nmperm_architectures"):
+        get_adapter(unsupported_model())

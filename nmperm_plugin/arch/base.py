@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -91,6 +92,19 @@ class Adapter:
     def apply_gather(self, model: nn.Module, site: Site, perm: torch.Tensor) -> None:
         """Realise ``perm`` with a gather at run time (``fold: gather`` sites) or fold it exactly."""
         raise NotImplementedError
+
+    def linear_form(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """A context in which every weight a site names is an ``nn.Linear`` (weight ``[out, in]``) at
+        that path: what the pipeline's statistics, masks and learned weights, the folds and
+        ``nmperm verify`` work on. Here: the model as it is. A family that stores weights otherwise
+        (GPT-2's ``Conv1D`` ``[in, out]``, mixture-of-experts' fused 3-D expert tensors) swaps in
+        views for the duration and writes them back on exit (re-entrant: nested uses are no-ops)."""
+        return contextlib.nullcontext()
+
+    def checkpoint_key(self, name: str) -> str:
+        """The tensor name under which a saved checkpoint stores the weight of site linear ``name``
+        (what ``nmperm verify`` checksums)."""
+        return f"{name}.weight"
 
     def head(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """What follows the decoder layers: last hidden state ``[B, T, D]`` -> logits ``[B, T, V]``.

@@ -10,6 +10,7 @@ projections around the decoder) overrides one small method.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -40,6 +41,17 @@ def permute_norm_(norm: nn.Module | None, perm: torch.Tensor) -> None:
         permute_outputs_(norm, perm)
 
 
+@dataclass(frozen=True)
+class MLPBranch:
+    """One feed-forward path of a decoder layer (its MLP, an expert, a shared expert), layer-relative:
+    ``down`` writes back to the residual stream and is an ``mlp_out`` site of its own, named
+    ``site``; ``rows`` are the linears it folds into (their rows, combined elementwise)."""
+
+    site: str
+    down: str
+    rows: tuple[str, ...]
+
+
 class DecoderAdapter(Adapter):
     """Sites and folds of a decoder-only Transformer from the names of its modules.
 
@@ -48,7 +60,9 @@ class DecoderAdapter(Adapter):
     ``mlp_in`` (reading the MLP input, rows combined elementwise), ``mlp_out``, ``attn_norm`` and
     ``mlp_norm`` (the norms feeding ``attn_in`` and ``mlp_in``: gathers in ``fold: gather``),
     ``residual_norms`` (other norms on the residual stream, e.g. Gemma's post-norms). Model-relative:
-    ``layers``, ``embeddings`` (columns carry the residual stream) and ``final_norms``.
+    ``layers``, ``embeddings`` (columns carry the residual stream) and ``final_norms``. A layer with
+    several feed-forward paths (mixture-of-experts) overrides :meth:`mlp_branches` and
+    :meth:`mlp_routers` (weights that read the MLP input and are not pruned: routers, gates).
 
     Sites (SPEC 3): exact has one global ``hidden`` site plus per layer ``attn_out`` (tied per KV
     head) and ``mlp_out``; gather has per layer ``attn_in``, untied ``attn_out``, ``mlp_in`` and
@@ -87,6 +101,19 @@ class DecoderAdapter(Adapter):
         """The first value row of :attr:`value` (0 unless q, k and v are one fused linear)."""
         return 0
 
+    def mlp_branches(self, layer: nn.Module) -> list[MLPBranch]:
+        """The feed-forward paths of ``layer``, each an ``mlp_out`` site (here: its one MLP)."""
+        return [MLPBranch("mlp_out", self.mlp_out, self.mlp_in)]
+
+    def mlp_readers(self, layer: nn.Module) -> tuple[str, ...]:
+        """The pruned linears of ``layer`` that read the MLP input (every branch's rows)."""
+        return tuple(name for branch in self.mlp_branches(layer) for name in branch.rows)
+
+    def mlp_routers(self, layer: nn.Module) -> tuple[str, ...]:
+        """Modules of ``layer`` with a ``[out, in]`` weight that read the MLP input but are not pruned
+        (a router, a shared-expert gate): their columns follow the MLP input's permutation."""
+        return ()
+
     def mlp_in_rows(self, perm: torch.Tensor) -> torch.Tensor:
         """The row permutation of each ``mlp_in`` linear for an ``mlp_out`` permutation ``perm``
         (fused gate and up halves override this)."""
@@ -94,12 +121,16 @@ class DecoderAdapter(Adapter):
 
     # -- sites ------------------------------------------------------------------------------------
     def sites(self, model: nn.Module, fold: str) -> list[Site]:
+        with self.linear_form(model):
+            return self._sites(model, fold)
+
+    def _sites(self, model: nn.Module, fold: str) -> list[Site]:
         heads, kv_heads, head_dim = self._head_layout(model)
         hidden = model.config.hidden_size
         layers = self.decoder_layers(model)
         sites: list[Site] = []
         if fold == "exact":
-            readers = [f"{self.layers}.{i}.{name}" for i in range(len(layers)) for name in self.attn_in + self.mlp_in]
+            readers = [f"{self.layers}.{i}.{n}" for i, layer in enumerate(layers) for n in self._readers(layer)]
             sites.append(Site("hidden", "hidden", tuple(readers), hidden, None))
         for i, layer in enumerate(layers):
             p = f"{self.layers}.{i}"
@@ -108,19 +139,31 @@ class DecoderAdapter(Adapter):
             tied = tuple(h // (heads // kv_heads) for h in range(heads)) if fold == "exact" else None
             sites.append(Site(f"{p}.attn_out", "attn_out", (f"{p}.{self.attn_out}",), heads * head_dim, i, tied))
             if fold == "gather":
-                sites.append(Site(f"{p}.mlp_in", "mlp_in", tuple(f"{p}.{n}" for n in self.mlp_in), hidden, i))
-            inter = layer.get_submodule(self.mlp_out).in_features
-            sites.append(Site(f"{p}.mlp_out", "mlp_out", (f"{p}.{self.mlp_out}",), inter, i))
+                readers = tuple(f"{p}.{n}" for n in self.mlp_readers(layer))
+                sites.append(Site(f"{p}.mlp_in", "mlp_in", readers, hidden, i))
+            for branch in self.mlp_branches(layer):
+                inter = layer.get_submodule(branch.down).in_features
+                sites.append(Site(f"{p}.{branch.site}", "mlp_out", (f"{p}.{branch.down}",), inter, i))
         return sites
+
+    def _readers(self, layer: nn.Module) -> tuple[str, ...]:
+        """The pruned linears of ``layer`` that read the residual stream (exact ``hidden``)."""
+        return self.attn_in + self.mlp_readers(layer)
 
     # -- exact folds ------------------------------------------------------------------------------
     def fold_exact(self, model: nn.Module, site: Site, perm: torch.Tensor) -> None:
+        with self.linear_form(model):
+            self._fold_exact(model, site, perm)
+
+    def _fold_exact(self, model: nn.Module, site: Site, perm: torch.Tensor) -> None:
         if site.kind == "mlp_out":
             layer = self.decoder_layers(model)[site.layer]
+            p = f"{self.layers}.{site.layer}."
+            branch = next(b for b in self.mlp_branches(layer) if p + b.down == site.linears[0])
             rows = self.mlp_in_rows(perm)
-            for name in self.mlp_in:
+            for name in branch.rows:
                 permute_outputs_(layer.get_submodule(name), rows)
-            permute_inputs_(layer.get_submodule(self.mlp_out), perm)
+            permute_inputs_(layer.get_submodule(branch.down), perm)
         elif site.kind == "attn_out":
             self._fold_attn_out(model, site, perm)
         elif site.kind == "hidden":
@@ -149,10 +192,10 @@ class DecoderAdapter(Adapter):
         for layer in self.decoder_layers(model):
             for norm in (self.attn_norm, self.mlp_norm, *self.residual_norms):
                 permute_norm_(layer.get_submodule(norm), perm)
-            for name in self.attn_in + self.mlp_in:
+            for name in self._readers(layer) + self.mlp_routers(layer):
                 permute_inputs_(layer.get_submodule(name), perm)
-            permute_outputs_(layer.get_submodule(self.attn_out), perm)
-            permute_outputs_(layer.get_submodule(self.mlp_out), perm)
+            for name in (self.attn_out, *(branch.down for branch in self.mlp_branches(layer))):
+                permute_outputs_(layer.get_submodule(name), perm)
         self.fold_residual_ends(model, perm)
 
     def fold_residual_ends(self, model: nn.Module, perm: torch.Tensor) -> None:
@@ -194,9 +237,14 @@ class DecoderAdapter(Adapter):
 
     # -- run-time gathers -------------------------------------------------------------------------
     def apply_gather(self, model: nn.Module, site: Site, perm: torch.Tensor) -> None:
+        with self.linear_form(model):
+            self._apply_gather(model, site, perm)
+
+    def _apply_gather(self, model: nn.Module, site: Site, perm: torch.Tensor) -> None:
         layer = self.decoder_layers(model)[site.layer] if site.layer is not None else None
         if site.kind in ("attn_in", "mlp_in"):
-            norm, readers = (self.attn_norm, self.attn_in) if site.kind == "attn_in" else (self.mlp_norm, self.mlp_in)
+            mlp = self.mlp_readers(layer) + self.mlp_routers(layer) if site.kind == "mlp_in" else ()
+            norm, readers = (self.attn_norm, self.attn_in) if site.kind == "attn_in" else (self.mlp_norm, mlp)
             replace(layer, norm, GatherNorm(layer.get_submodule(norm), perm))
             for name in readers:
                 permute_inputs_(layer.get_submodule(name), perm)
@@ -205,4 +253,4 @@ class DecoderAdapter(Adapter):
             permute_inputs_(out, perm)
             replace(layer, self.attn_out, GatherLinear(out, perm))
         else:
-            self.fold_exact(model, site, perm)
+            self._fold_exact(model, site, perm)
