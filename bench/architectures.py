@@ -102,7 +102,8 @@ def prune(family: str, ids, method: str, fold: str) -> dict:
     if fold == "gather":
         apply_gather(model, sidecar)
     pattern = NMPattern(2, 4)
-    nm = [is_nm(getattr(m, "linear", m).weight, pattern) for m in map(model.get_submodule, sidecar.frames)]
+    with get_adapter(model).linear_form(model):  # GPT-2's Conv1D, fused experts: [out, in] views
+        nm = [is_nm(getattr(m, "linear", m).weight, pattern) for m in map(model.get_submodule, sidecar.frames)]
     failed = [c["check"] for c in report.checks if not c["ok"]]
     return {
         "seconds": round(seconds, 2),
@@ -159,7 +160,9 @@ def markdown(result: dict) -> str:
         "Fold error: the largest logit difference relative to the logits' scale after folding random "
         "permutations of every site (the tests allow 1e-5). N:M: pruned linears that are 2:4 (gather: after "
         "`apply_gather`), learned and RIA runs, exact and gather. Prune time: `permute_` with the learned method. "
-        "Gemma 2 has a 16-token sliding window (shorter than the sequences), Gemma 3 a sliding and a global layer.",
+        "Gemma 2 has a 16-token sliding window (shorter than the sequences), Gemma 3 a sliding and a global layer. "
+        "Mixture-of-experts: 4 experts (top 2) per layer, each expert's down projection a site of its own "
+        "(Qwen2-MoE: plus a shared expert, and a dense second layer); GPT-2: Conv1D weights read as [out, in].",
         "",
         "| family | adapter | fold error exact | fold error gather | 2:4 linears | nmperm verify | prune time exact | "
         "prune time gather |",
