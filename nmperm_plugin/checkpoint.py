@@ -14,7 +14,7 @@ from torch import nn
 from . import safety
 from .checks import check_weight_files, non_finite_tensors, weight_checksums
 from .nm import NMPattern, nm_violations
-from .registry import adapter_named, get_adapter
+from .registry import adapter_named, find_adapter, get_adapter
 from .sidecar import FORMAT, Sidecar
 
 Inputs = Iterable[tuple[str, "str | Path | None"]]
@@ -112,10 +112,8 @@ def checkpoint_key_of(sidecar: Sidecar) -> Callable[[str], str] | None:
 def linear_form(model: nn.Module) -> contextlib.AbstractContextManager:
     """``model``'s adapter's :meth:`~nmperm_plugin.arch.base.Adapter.linear_form` (every pruned weight
     an ``nn.Linear`` ``[out, in]``), or the model as it is when no adapter handles it."""
-    try:
-        return get_adapter(model).linear_form(model)
-    except ValueError:
-        return contextlib.nullcontext()
+    adapter = find_adapter(model)
+    return contextlib.nullcontext() if adapter is None else adapter.linear_form(model)
 
 
 def pruned_linears(sidecar: Sidecar) -> list[str]:

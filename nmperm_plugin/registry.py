@@ -76,12 +76,17 @@ def adapter_named(name: str) -> Adapter | None:
     return next((adapter for adapter in architectures() if adapter.name == name), None)
 
 
+def find_adapter(model: nn.Module) -> Adapter | None:
+    """The registered adapter that handles ``model``, or None."""
+    return next((adapter for adapter in architectures() if adapter.matches(model)), None)
+
+
 def get_adapter(model: nn.Module) -> Adapter:
     """The registered adapter that handles ``model``; a clear error when none does."""
+    adapter = find_adapter(model)
+    if adapter is not None:
+        return adapter
     adapters = architectures()
-    for adapter in adapters:
-        if adapter.matches(model):
-            return adapter
     found = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     supported = ", ".join(f"{a.name} ({', '.join(getattr(a, 'model_types', ()))})" for a in adapters)
     raise ValueError(

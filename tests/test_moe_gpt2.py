@@ -134,3 +134,24 @@ def test_mixtral_checksums_name_the_saved_experts(ids, tmp_path):
     assert MixtralAdapter().checkpoint_key("model.layers.1.mlp.experts.3.down_proj") == (
         "model.layers.1.block_sparse_moe.experts.3.w2.weight"
     )
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt2"])
+def test_torchao_export_sees_every_pruned_weight_as_a_linear(family, ids, tmp_path):
+    """The torchao export puts the model in its linear form for good (``to_linear_``): every pruned
+    expert slice and Conv1D is a 2:4 layer ready to convert, none is missing, and the function holds."""
+    from nmperm_plugin.export.report import READY
+    from nmperm_plugin.export.torchao import TorchaoExportConfig, export_checkpoint
+
+    model = family_model(family)
+    sidecar, _ = permute_(model, ids, _prune_config("ria", "exact"))
+    model.save_pretrained(tmp_path)
+    finish_sidecar(tmp_path, sidecar)
+    with torch.no_grad():
+        reference = model(ids).logits
+    exported, report = export_checkpoint(tmp_path, TorchaoExportConfig(dtype="bf16", device="cpu"))
+    assert report.missing == [] and report.ok
+    ready = {layer.name for layer in report.layers if layer.status == READY}
+    assert ready == set(sidecar.frames)  # every pruned weight, and only those
+    with torch.no_grad():
+        assert_same_function(exported(ids).logits.float(), reference, 2e-2)  # bfloat16

@@ -101,6 +101,12 @@ class Adapter:
         views for the duration and writes them back on exit (re-entrant: nested uses are no-ops)."""
         return contextlib.nullcontext()
 
+    def to_linear_(self, model: nn.Module) -> nn.Module:
+        """Put ``model`` in its :meth:`linear_form` for good, in place (what the torchao export converts:
+        its 2:4 kernels take ``nn.Linear`` layers); the model then no longer has the family's stored
+        layout, so it is for serving in memory, not for ``save_pretrained``. Here: nothing to do."""
+        return model
+
     def checkpoint_key(self, name: str) -> str:
         """The tensor name under which a saved checkpoint stores the weight of site linear ``name``
         (what ``nmperm verify`` checksums)."""

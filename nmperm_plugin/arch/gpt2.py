@@ -12,13 +12,11 @@ position embeddings' columns and ends at ``ln_f``; the head is tied to ``wte``.
 
 from __future__ import annotations
 
-import contextlib
-
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .decoder import DecoderAdapter
-from .views import linear_view, swapped, write_back
+from .views import LinearViews, linear_view, write_back
 
 
 def conv_as_linear(conv: Conv1D) -> nn.Linear:
@@ -31,7 +29,7 @@ def restore_conv(conv: Conv1D, linear: nn.Linear) -> None:
     write_back(conv.weight.data.T, linear.weight.data)
 
 
-class GPT2Adapter(DecoderAdapter):
+class GPT2Adapter(LinearViews, DecoderAdapter):
     name = "gpt2"
     model_types = ("gpt2",)
     layers = "transformer.h"
@@ -45,11 +43,12 @@ class GPT2Adapter(DecoderAdapter):
     embeddings = ("transformer.wte", "transformer.wpe")
     final_norms = ("transformer.ln_f",)
 
-    def linear_form(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        """Every ``Conv1D`` of the decoder layers (inside a ``GatherLinear`` too) as an ``nn.Linear`` view."""
+    stand_in, restore = conv_as_linear, restore_conv
+
+    def linear_paths(self, model: nn.Module) -> list[str]:
+        """Every ``Conv1D`` of the decoder layers (inside a ``GatherLinear`` too)."""
         layers = self.decoder_layers(model)
-        paths = [f"{self.layers}.{name}" for name, module in layers.named_modules() if isinstance(module, Conv1D)]
-        return swapped(model, paths, conv_as_linear, restore_conv)
+        return [f"{self.layers}.{name}" for name, module in layers.named_modules() if isinstance(module, Conv1D)]
 
     def value_offset(self, model: nn.Module) -> int:
         return 2 * model.config.hidden_size  # after the query and key rows

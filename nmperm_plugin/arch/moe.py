@@ -16,14 +16,13 @@ the layer's ``mlp_in`` one. Routing is unchanged by either: the router's logits 
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 import torch
 from torch import nn
 
 from .decoder import DecoderAdapter, MLPBranch, find
-from .views import linear_view, swapped, write_back
+from .views import LinearViews, linear_view, write_back
 
 EXPERTS = "mlp.experts"
 
@@ -76,16 +75,17 @@ def gated_branch(path: str) -> MLPBranch:
     return MLPBranch(f"{path}.mlp_out", f"{path}.down_proj", (f"{path}.gate_proj", f"{path}.up_proj"))
 
 
-class MoEAdapter(DecoderAdapter):
-    """Sites and folds of a decoder whose layers hold fused experts at ``mlp.experts``."""
+class MoEAdapter(LinearViews, DecoderAdapter):
+    """Sites and folds of a decoder whose layers hold fused experts at ``mlp.experts`` (in the linear
+    form: per-expert ``nn.Linear`` views, :class:`ExpertLinears`)."""
 
     shared_expert = "mlp.shared_expert"  # Qwen2-MoE: a dense MLP beside the experts...
     shared_expert_gate = "mlp.shared_expert_gate"  # ...scaled by sigmoid(this linear of the MLP input)
+    stand_in, restore = ExpertLinears, restore_experts
 
-    def linear_form(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        """The fused experts as per-expert ``nn.Linear`` views (:class:`ExpertLinears`)."""
-        paths = [f"{self.layers}.{i}.{EXPERTS}" for i in range(len(self.decoder_layers(model)))]
-        return swapped(model, paths, ExpertLinears, restore_experts)
+    def linear_paths(self, model: nn.Module) -> list[str]:
+        """Every layer's fused experts (a dense layer has none)."""
+        return [f"{self.layers}.{i}.{EXPERTS}" for i in range(len(self.decoder_layers(model)))]
 
     def mlp_branches(self, layer: nn.Module) -> list[MLPBranch]:
         """Every expert, then the shared expert (when the layer has one); a dense layer's MLP."""

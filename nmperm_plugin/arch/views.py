@@ -45,16 +45,9 @@ def _put_back(model: nn.Module, originals: dict[int, nn.Module]) -> None:
                 setattr(module, name, originals[id(child)])
 
 
-@contextlib.contextmanager
-def swapped(
-    model: nn.Module,
-    paths: list[str],
-    stand_in: Callable[[nn.Module], nn.Module],
-    restore: Callable[[nn.Module, nn.Module], None],
-) -> Iterator[nn.Module]:
-    """Replace the module at each of ``paths`` by ``stand_in(module)`` within the block; on exit call
-    ``restore(original, stand_in)`` (write the views back) and put the originals back. Paths that
-    hold a stand-in already (a nested use) or nothing are left alone."""
+def swap_in(model: nn.Module, paths: list[str], stand_in: Callable[[nn.Module], nn.Module]) -> list[tuple]:
+    """Replace the module at each of ``paths`` by ``stand_in(module)``; return the (original, stand-in)
+    pairs. Paths that hold a stand-in already (a nested use) or nothing are left alone."""
     pairs = []
     for path in paths:
         module = find(model, path)
@@ -65,9 +58,44 @@ def swapped(
         parent, _, leaf = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, replacement)
         pairs.append((module, replacement))
+    return pairs
+
+
+@contextlib.contextmanager
+def swapped(
+    model: nn.Module,
+    paths: list[str],
+    stand_in: Callable[[nn.Module], nn.Module],
+    restore: Callable[[nn.Module, nn.Module], None],
+) -> Iterator[nn.Module]:
+    """:func:`swap_in` within the block; on exit call ``restore(original, stand_in)`` (write the views
+    back) and put the originals back."""
+    pairs = swap_in(model, paths, stand_in)
     try:
         yield model
     finally:
         for module, replacement in pairs:
             restore(module, replacement)
         _put_back(model, {id(replacement): module for module, replacement in pairs})
+
+
+class LinearViews:
+    """Adapter mixin for a family whose site weights are stored other than as ``nn.Linear``: it names
+    the modules (:meth:`linear_paths`), how to view one as linears (``stand_in``) and how to write the
+    views back (``restore``); this gives its ``linear_form`` and ``to_linear_``."""
+
+    stand_in: Callable[[nn.Module], nn.Module]
+    restore: Callable[[nn.Module, nn.Module], None]
+
+    def linear_paths(self, model: nn.Module) -> list[str]:
+        """Model-relative paths of the modules that hold site weights in another layout."""
+        raise NotImplementedError
+
+    def linear_form(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Those modules as ``nn.Linear`` views for the duration, written back on exit."""
+        return swapped(model, self.linear_paths(model), type(self).stand_in, type(self).restore)
+
+    def to_linear_(self, model: nn.Module) -> nn.Module:
+        """Those modules as ``nn.Linear`` views for good (a serving conversion in memory)."""
+        swap_in(model, self.linear_paths(model), type(self).stand_in)
+        return model

@@ -113,6 +113,16 @@ def prepare_gathers_(model: nn.Module, sidecar: Sidecar | None) -> None:
     apply_gather(model, sidecar)
 
 
+def linearise_(model: nn.Module) -> None:
+    """Weights stored other than as ``nn.Linear`` (GPT-2's ``Conv1D``, fused experts) as ``nn.Linear``
+    layers, in place, through the model's adapter (``to_linear_``; no adapter: the model as it is)."""
+    from nmperm_plugin.registry import find_adapter
+
+    adapter = find_adapter(model)
+    if adapter is not None:
+        adapter.to_linear_(model)
+
+
 @torch.no_grad()
 def cast_parameters_(model: nn.Module, dtype: torch.dtype | None) -> None:
     """Cast floating parameters (not buffers such as rotary frequencies) to ``dtype``, keeping ties."""
@@ -262,6 +272,7 @@ def to_torchao_(
     config = config or TorchaoExportConfig()
     device = resolve_device(config)
     prepare_gathers_(model, sidecar)
+    linearise_(model)
     cast_parameters_(model, config.torch_dtype)
     model.to(device)
     report = new_report(config, device, model)
