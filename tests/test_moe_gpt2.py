@@ -124,6 +124,25 @@ def test_stored_weights_are_nm_along_their_input(family, method, ids):
     assert all(not is_nm(w, PATTERN) for w in routers) and len(routers) == {"qwen2_moe": 2, "gpt2": 0}.get(family, 2)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "gpt2"])
+@pytest.mark.parametrize(
+    "method,extra",
+    [("learned/layerwise", {"learn_hidden": True}), ("learned/window", {"window_layers": 1}), ("learned/retained", {})],
+)
+def test_every_objective_runs_on_the_linear_form(family, method, extra, ids):
+    """The joint hidden-site learner, a one-layer window and the retained objective keep the function
+    (masks not applied) and prune the stored tensors to 2:4."""
+    model = family_model(family)
+    with torch.no_grad():
+        reference = model(ids).logits
+    permuted = copy.deepcopy(model)
+    permute_(permuted, ids, _prune_config(method, "exact", apply_mask=False, **extra))
+    with torch.no_grad():
+        assert_same_function(permuted(ids).logits, reference)
+    permute_(model, ids, _prune_config(method, "exact", **extra))
+    assert all(is_nm(w, PATTERN) for w in stored_pruned_weights(model).values())
+
+
 def test_mixtral_checksums_name_the_saved_experts(ids, tmp_path):
     model = family_model("mixtral")
     sidecar, _ = permute_(model, ids, _prune_config("ria", "exact"))
