@@ -174,3 +174,26 @@ def test_torchao_export_sees_every_pruned_weight_as_a_linear(family, ids, tmp_pa
     assert ready == set(sidecar.frames)  # every pruned weight, and only those
     with torch.no_grad():
         assert_same_function(exported(ids).logits.float(), reference, 2e-2)  # bfloat16
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt2"])
+def test_modifier_with_apply_mask_prunes_and_saves_a_verified_checkpoint(family, tmp_path):
+    """LearnedPermutationModifier (``apply_mask: true``, no stock pruner) on fused experts and Conv1D: the
+    checkpoint it saves lists every expert slice and Conv1D as 2:4 and passes ``nmperm verify``."""
+    from llmcompressor.core import State
+    from torch.utils.data import DataLoader
+
+    from nmperm_plugin.checkpoint import verify_checkpoint
+    from nmperm_plugin.modifier import LearnedPermutationModifier
+    from nmperm_plugin.sidecar import Sidecar
+
+    model = family_model(family)
+    rows = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(3))
+    state = State()
+    state.update(model=model, calib_data=DataLoader([{"input_ids": row} for row in rows], batch_size=2))
+    modifier = LearnedPermutationModifier(apply_mask=True, objective="layerwise", steps_per_layer=1, block_size=16)
+    modifier.initialize(state)
+    model.save_pretrained(tmp_path)
+    sites = get_adapter(model).sites(model, "exact")
+    assert sorted(Sidecar.load(tmp_path).frames) == sorted(name for site in sites for name in site.linears)
+    assert verify_checkpoint(tmp_path).ok
