@@ -155,15 +155,18 @@ def test_mixtral_checksums_name_the_saved_experts(ids, tmp_path):
     )
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt2"])
-def test_torchao_export_sees_every_pruned_weight_as_a_linear(family, ids, tmp_path):
-    """The torchao export puts the model in its linear form for good (``to_linear_``): every pruned
-    expert slice and Conv1D is a 2:4 layer ready to convert, none is missing, and the function holds."""
+@pytest.mark.parametrize(
+    "family,fold", [("mixtral", "exact"), ("qwen2_moe", "gather"), ("gpt2", "exact"), ("gpt2", "gather")]
+)
+def test_torchao_export_sees_every_pruned_weight_as_a_linear(family, fold, ids, tmp_path):
+    """The torchao export puts the model in its linear form for good (``to_linear_``; gather: after the
+    gathers, GPT-2's c_proj inside its GatherLinear): every pruned expert slice and Conv1D is a 2:4
+    layer ready to convert, none is missing, and the function holds."""
     from nmperm_plugin.export.report import READY
     from nmperm_plugin.export.torchao import TorchaoExportConfig, export_checkpoint
 
     model = family_model(family)
-    sidecar, _ = permute_(model, ids, _prune_config("ria", "exact"))
+    sidecar, _ = permute_(model, ids, _prune_config("ria", fold))
     model.save_pretrained(tmp_path)
     finish_sidecar(tmp_path, sidecar)
     with torch.no_grad():
