@@ -220,13 +220,16 @@ class Run:
         return self.scores_of({n: self.linears[n] for n in names}, stats), outputs
 
     def solve(self, site: Site, scores: dict[str, torch.Tensor]) -> None:
-        """The heuristic permutation of ``site``."""
+        """The heuristic permutation of ``site`` (a ``fixed`` site's: the identity)."""
+        if site.fixed:
+            self.perms[site.name] = torch.arange(site.channels)
+            return
         self.perms[site.name] = solve_site(site, scores, self.solver, self.pattern, self.rng)
 
     def learns(self, site: Site) -> bool:
         """Whether a learned method learns ``site``: every per-layer site; the global ``hidden`` one
-        (exact) only with ``learn_hidden``, else it keeps the heuristic's permutation."""
-        return site.layer is not None or self.config.learn_hidden
+        (exact) only with ``learn_hidden``, else it keeps the heuristic's permutation; a ``fixed`` one never."""
+        return not site.fixed and (site.layer is not None or self.config.learn_hidden)
 
     def members(self, names: dict, scores: dict, prefix: str, weights_are_scores: bool = False) -> list[Member]:
         """The pruned linears among ``names`` as learner members (parameter names relative to ``prefix``)."""

@@ -23,7 +23,9 @@ CASES = [
 def random_perms(sites, generator):
     perms = {}
     for site in sites:
-        if site.tied_heads is None:
+        if site.fixed:  # the identity, by definition
+            perms[site.name] = torch.arange(site.channels)
+        elif site.tied_heads is None:
             perms[site.name] = torch.randperm(site.channels, generator=generator)
         else:
             groups = max(site.tied_heads) + 1

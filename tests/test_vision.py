@@ -96,8 +96,9 @@ def test_exact_fold_preserves_outputs(family, images):
     adapter = get_adapter(model)
     assert adapter.name == VISION[family][2]
     sites = adapter.sites(model, "exact")
-    # a bare CLIP tower's outputs are the residual stream itself: no global site to fold
-    assert {s.kind for s in sites} == (EXACT_SITES - {"hidden"} if family == "clip" else EXACT_SITES)
+    assert {s.kind for s in sites} == EXACT_SITES
+    hidden = next(s for s in sites if s.kind == "hidden")
+    assert hidden.fixed == (family == "clip")  # a bare CLIP tower's outputs are the residual stream itself
     assert next(s for s in sites if s.kind == "attn_out").tied_heads == (0, 1, 2, 3)  # every head its own
     folded = exact_fold(model)
     assert not any(isinstance(m, (GatherNorm, GatherLinear)) for m in folded.modules())
@@ -105,6 +106,8 @@ def test_exact_fold_preserves_outputs(family, images):
     if family == "clip":
         x = pixels(images)
         assert_same_function(folded(x).pooler_output, model(x).pooler_output)
+        with pytest.raises(ValueError, match="cannot be permuted"):
+            adapter.fold_exact(folded, hidden, torch.randperm(hidden.channels))
         return
     before, after = dict(model.named_parameters()), dict(folded.named_parameters())
     unmoved = {n for n in before if torch.equal(before[n], after[n])}
@@ -195,6 +198,10 @@ def test_permute_images_prunes_to_nm_and_checkpoint_verifies(family, method, fol
     sidecar, result = permute_(model, data, _config(method, fold))
     assert sidecar.architecture == VISION[family][2]
     assert sorted(sidecar.frames) == sorted(n for s in result.sites for n in s.linears)
+    assert len(sidecar.frames) == 12  # q/k/v/o, fc1, fc2 of both layers: every linear of the encoder
+    assert all(
+        torch.equal(torch.tensor(result.perms[s.name]), torch.arange(s.channels)) for s in result.sites if s.fixed
+    )
     if method == "learned/end_to_end":
         assert result.history["model"], "end_to_end learned nothing"
     model.save_pretrained(tmp_path)

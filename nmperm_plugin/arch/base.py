@@ -44,6 +44,9 @@ class Site:
     ``tied_heads`` (exact ``attn_out`` only): the input is ``len(tied_heads)`` heads of equal size,
     permuted within each head, and head ``h`` uses the permutation of head group ``tied_heads[h]``
     (grouped-query attention: the query heads that share a value head share its permutation).
+    ``fixed``: the permutation stays the identity (nothing solves or learns it), and the linears are
+    pruned in their own order: a site whose input cannot be reordered, e.g. the residual stream of a
+    model whose outputs are that stream (a bare CLIP vision tower).
     """
 
     name: str
@@ -52,6 +55,7 @@ class Site:
     channels: int
     layer: int | None
     tied_heads: tuple[int, ...] | None = None
+    fixed: bool = False
 
     @property
     def head_size(self) -> int | None:

@@ -12,8 +12,9 @@ columns and ``pre_layrnorm``, and ends at ``post_layernorm`` and the projection'
 ``image_embeds`` is unchanged (``last_hidden_state`` comes out in the permuted order). A bare
 ``CLIPVisionModel``'s outputs *are* the residual stream (``last_hidden_state`` and the pooled,
 ``post_layernorm``-ed class token), which a consumer outside the model (CLIP's projection, a
-vision-language model's projector) reads in its own order: there the exact fold has no ``hidden`` site,
-only the per-layer ones, and every output is unchanged.
+vision-language model's projector) reads in its own order: there the exact fold's ``hidden`` site
+is ``fixed`` (the identity: the linears that read the stream are pruned in their own order), only
+the per-layer sites are permuted, and every output is unchanged.
 
 Without labels (a tower has none) the end-to-end objective distils the output features
 (:func:`~nmperm_plugin.arch.base.feature_distillation`), as well as every layer's hidden states.
@@ -22,6 +23,7 @@ Without labels (a tower has none) the end-to-end objective distils the output fe
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -51,8 +53,14 @@ class CLIPVisionAdapter(DecoderAdapter):
         return model.get_submodule(self.tower) if self.tower else model
 
     def sites(self, model: nn.Module, fold: str) -> list[Site]:
-        """:class:`DecoderAdapter`'s sites; without a consumer of the stream, no global ``hidden``."""
-        return [s for s in super().sites(model, fold) if s.kind != "hidden"]
+        """:class:`DecoderAdapter`'s sites; without a consumer of the stream, the global ``hidden``
+        site is ``fixed`` (the identity): its readers are pruned in their own order."""
+        return [replace(s, fixed=True) if s.kind == "hidden" else s for s in super().sites(model, fold)]
+
+    def fold_residual_ends(self, model: nn.Module, perm: torch.Tensor) -> None:
+        """Nothing to fold: a bare tower's ``hidden`` site is the identity (its outputs are the stream)."""
+        if not torch.equal(perm, torch.arange(len(perm))):
+            raise ValueError(f"{type(model).__name__}: the residual stream is the output; it cannot be permuted")
 
     def head(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """The last layer's output is ``last_hidden_state`` itself."""
