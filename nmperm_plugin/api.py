@@ -53,7 +53,7 @@ def permute_(
     sidecar = Sidecar(
         pattern=config.pattern,
         scorer=config.scorer,
-        method=config.method if config.method != "learned" else f"learned/{config.objective}",
+        method=config.method if config.method != "learned" else f"learned/{result.objective}",
         fold=config.fold,
         architecture=adapter.name,
         permutations={name: perm.tolist() for name, perm in result.perms.items()},

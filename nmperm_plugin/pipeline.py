@@ -34,6 +34,7 @@ class PruneResult:
     retained: dict[str, float] = field(default_factory=dict)  # per layer index
     history: dict[str, list[dict]] = field(default_factory=dict)
     seconds: float = 0.0
+    objective: str | None = None  # what a learned run optimised (``auto``: the objective it chose)
 
 
 def strategy_of(config: PermuteConfig) -> ObjectiveStrategy:
@@ -75,4 +76,5 @@ def permute_and_prune_(
         start = time.monotonic()
         hidden, kwargs = run.layer_inputs()
         strategy.solve(run, hidden, kwargs, apply_masks=config.apply_mask)
-    return PruneResult(run.sites, run.perms, run.pruned, run.retained, run.history, time.monotonic() - start)
+    seconds, objective = time.monotonic() - start, run.objective if config.method == "learned" else None
+    return PruneResult(run.sites, run.perms, run.pruned, run.retained, run.history, seconds, objective)

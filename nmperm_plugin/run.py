@@ -94,20 +94,21 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, weights: dic
 @torch.no_grad()
 def collect_stats(
     layer: nn.Module, names: dict[str, nn.Linear], hidden: torch.Tensor, kwargs: dict, hessian: bool
-) -> dict[str, ChannelStats]:
-    """Input statistics of the named linears of ``layer`` over ``hidden``."""
+) -> tuple[dict[str, ChannelStats], torch.Tensor]:
+    """Input statistics of the named linears of ``layer`` over ``hidden``, and the layer's output
+    (the same forward: a dense pass runs each layer once)."""
     stats = {name: ChannelStats.empty(lin.in_features, hessian, hidden.device) for name, lin in names.items()}
     handles = [
         lin.register_forward_hook(lambda mod, args, out, s=stats[name]: s.update(args[0]))
         for name, lin in names.items()
     ]
     try:
-        run_layer(layer, hidden, kwargs)
+        output = run_layer(layer, hidden, kwargs)
     finally:
         for handle in handles:
             handle.remove()
     check_finite_stats(stats)  # NaN/inf inputs: an error naming the linear, before any solver sees them
-    return stats
+    return stats, output
 
 
 def solve_site(site: Site, scores: dict[str, torch.Tensor], solver, pattern, rng) -> torch.Tensor:
@@ -151,6 +152,7 @@ class Run:
         self.device = self.storage if device is None else device  # where the run computes
         self.onloading = self.device != self.storage  # each layer copied to the device when it runs
         self.model, self.config = model, config
+        self.objective = config.objective  # the objective that ran (``auto`` sets the one it chose)
         raw = samples_of(calibration)
         self.samples = [to_device(adapter.model_inputs(sample), self.storage) for sample in raw]  # for the embeddings
         labels = stack_labels([adapter.labels(sample) for sample in raw])
@@ -195,7 +197,7 @@ class Run:
     def layer_scores(self, index: int, hidden: torch.Tensor, kwargs: list[dict]) -> dict[str, torch.Tensor]:
         """Scores of layer ``index``'s linears from its inputs ``hidden`` (``kwargs``: every layer's)."""
         names = self.layer_linears(index)
-        stats = collect_stats(self.layers[index], names, hidden, kwargs[index], self.generator.needs_hessian)
+        stats, _ = collect_stats(self.layers[index], names, hidden, kwargs[index], self.generator.needs_hessian)
         return self.scores_of(names, stats)
 
     def dense_pass(
@@ -213,8 +215,8 @@ class Run:
             check_fits_in_memory(hidden, len(self.layers), on or self.device)
         for index, layer in enumerate(tqdm(self.layers, desc="dense pass", leave=False)):
             mine = {n: lin for n, lin in self.layer_linears(index).items() if n in names}
-            stats |= collect_stats(layer, mine, hidden, kwargs[index], self.generator.needs_hessian)
-            hidden = run_layer(layer, hidden, kwargs[index])
+            layer_stats, hidden = collect_stats(layer, mine, hidden, kwargs[index], self.generator.needs_hessian)
+            stats |= layer_stats
             if keep_outputs:
                 outputs.append(hidden if on is None else hidden.to(on))
         return self.scores_of({n: self.linears[n] for n in names}, stats), outputs

@@ -306,6 +306,7 @@ class Auto(ObjectiveStrategy):
             except torch.OutOfMemoryError as error:
                 failed.append(f"{strategy.name} ran out of memory on {run.device} ({str(error).splitlines()[0]})")
             else:
+                run.objective = strategy.name
                 note = f" (after: {'; '.join(failed)})" if failed else ""
                 logger.info(f"nmperm: objective auto ran {strategy.describe(config)}{note}")
                 return

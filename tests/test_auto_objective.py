@@ -17,7 +17,8 @@ FAST = dict(block_size=16, sequences_per_step=2, select_sequences=2, end_to_end_
 
 
 def _perms(model, input_ids, **fields):
-    _, result = permute_(copy.deepcopy(model), input_ids, PermuteConfig(**FAST, **fields))
+    sidecar, result = permute_(copy.deepcopy(model), input_ids, PermuteConfig(**FAST, **fields))
+    assert sidecar.method == f"learned/{result.objective}" and result.objective in ("end_to_end", "window")
     return {site: perm.tolist() for site, perm in result.perms.items()}
 
 
@@ -49,8 +50,10 @@ def test_auto_is_the_default_and_runs_end_to_end_where_it_fits(input_ids, log):
     model = tiny_model("llama")  # 2 decoder layers
     assert PermuteConfig().objective == "auto"
     assert _perms(model, input_ids) == _perms(model, input_ids, objective="end_to_end")
+    _, result = permute_(copy.deepcopy(model), input_ids, PermuteConfig(**FAST))
+    assert result.objective == "end_to_end"  # what auto chose, as the sidecar records it
     ran = [line for line in log if "objective auto ran" in line]
-    assert len(ran) == 1 and "end_to_end" in ran[0]
+    assert len(ran) == 2 and all("ran end_to_end" in line for line in ran)  # once per auto run
 
 
 def test_out_of_memory_falls_back_to_the_widest_window_that_fits(input_ids, log, monkeypatch):
