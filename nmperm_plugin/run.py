@@ -274,7 +274,8 @@ class Run:
     def record_retained(self, index: int, scores: dict[str, torch.Tensor]) -> None:
         prefix = self.layer_prefixes[index]
         members = self.members(self.layer_linears(index), scores, prefix)
-        self.retained[str(index)] = retained_ratio(members, self.perms, self.pattern)
+        if members:  # none when ``ignore`` keeps every linear of the layer dense: nothing to report
+            self.retained[str(index)] = retained_ratio(members, self.perms, self.pattern)
 
     def masks(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The final mask of each pruned linear among ``scores`` (N:M in its site's permuted order)."""

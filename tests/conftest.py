@@ -113,6 +113,36 @@ def unsupported_model():
     return GPTNeoXForCausalLM(config)
 
 
+def verify_saved(model, sidecar, directory, capsys) -> dict:
+    """Save ``model`` and ``sidecar`` to ``directory``, run ``nmperm verify --json`` on it and return
+    the report, which must have passed and loaded the model as its own class."""
+    import json
+
+    from nmperm_plugin.checkpoint import finish_sidecar
+    from nmperm_plugin.cli import main
+
+    model.save_pretrained(directory)
+    finish_sidecar(directory, sidecar, verify=False)
+    capsys.readouterr()
+    assert main(["verify", str(directory), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["checks"][0]["detail"] == type(model).__name__  # loaded as its own class
+    return report
+
+
+def assert_pruned_nm(model, sidecar) -> None:
+    """Every linear in ``sidecar``'s frames is 2:4 (``fold: gather``: in the serving form, which
+    :func:`nmperm_plugin.fold.apply_gather` builds in place)."""
+    from nmperm_plugin.fold import apply_gather
+    from nmperm_plugin.nm import NMPattern, is_nm
+
+    if sidecar.fold == "gather":
+        apply_gather(model, sidecar)
+    for name in sidecar.frames:
+        module = model.get_submodule(name)
+        assert is_nm(getattr(module, "linear", module).weight, NMPattern(2, 4)), name
+
+
 def assert_same_function(actual: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-5) -> None:
     """Outputs agree to ``tolerance`` of their scale (``nmperm_plugin.ops.function_error``): a folded
     model's logits differ only by rounding, which grows with the logits' magnitude and differs by host."""

@@ -4,11 +4,10 @@ checkpoint that verifies, the end-to-end objective computes the classifier's own
 its feature distillation), and token ids given as batches of dicts give the same run as the tensor."""
 
 import copy
-import json
 
 import pytest
 import torch
-from conftest import assert_same_function, tiny_model
+from conftest import assert_pruned_nm, assert_same_function, tiny_model, verify_saved
 from test_architectures import exact_fold, gather_fold
 from transformers import (
     CLIPVisionConfig,
@@ -24,11 +23,9 @@ from transformers import (
 from nmperm_plugin import PermuteConfig, permute_
 from nmperm_plugin.arch.vit import ViTAdapter
 from nmperm_plugin.calibration import samples_of, stack_labels
-from nmperm_plugin.checkpoint import finish_sidecar
 from nmperm_plugin.cli import main
-from nmperm_plugin.fold import GatherLinear, GatherNorm, apply_gather
+from nmperm_plugin.fold import GatherLinear, GatherNorm
 from nmperm_plugin.learn import LazyWeights, Member
-from nmperm_plugin.nm import NMPattern, is_nm
 from nmperm_plugin.objectives import LayerStack, WindowObjective
 from nmperm_plugin.ops import function_error
 from nmperm_plugin.pipeline import make_run
@@ -204,17 +201,8 @@ def test_permute_images_prunes_to_nm_and_checkpoint_verifies(family, method, fol
     )
     if method == "learned/end_to_end":
         assert result.history["model"], "end_to_end learned nothing"
-    model.save_pretrained(tmp_path)
-    finish_sidecar(tmp_path, sidecar, verify=False)
-    capsys.readouterr()
-    assert main(["verify", str(tmp_path), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["ok"] and report["checks"][0]["detail"] == type(model).__name__  # loaded as its own class
-    if fold == "gather":
-        apply_gather(model, sidecar)
-    for name in sidecar.frames:
-        module = model.get_submodule(name)
-        assert is_nm(getattr(module, "linear", module).weight, NMPattern(2, 4)), name
+    verify_saved(model, sidecar, tmp_path, capsys)
+    assert_pruned_nm(model, sidecar)
 
 
 def _dense_terms(model, data):

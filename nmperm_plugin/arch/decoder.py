@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from ..ops import GatherLinear, GatherNorm, permute_embedding_, permute_inputs_, permute_outputs_
 from .base import Adapter, Site
@@ -90,8 +91,13 @@ class DecoderAdapter(Adapter):
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
 
+    def text_config(self, model: nn.Module) -> PretrainedConfig:
+        """The config holding the decoder's sizes (here ``model.config``; a vision-language model's
+        ``text_config``)."""
+        return model.config
+
     def _head_layout(self, model: nn.Module) -> tuple[int, int, int]:
-        config = model.config
+        config = self.text_config(model)
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -126,7 +132,7 @@ class DecoderAdapter(Adapter):
 
     def _sites(self, model: nn.Module, fold: str) -> list[Site]:
         heads, kv_heads, head_dim = self._head_layout(model)
-        hidden = model.config.hidden_size
+        hidden = self.text_config(model).hidden_size
         layers = self.decoder_layers(model)
         sites: list[Site] = []
         if fold == "exact":
