@@ -20,6 +20,7 @@ from loguru import logger
 from torch import nn
 
 from . import compat
+from .calibration import samples_of
 from .checkpoint import linear_form, verify_model
 from .nm import NMPattern, is_nm
 from .resume import ResumeStore
@@ -89,6 +90,19 @@ def calibration_ids(dataloader, max_sequences: int | None = None) -> torch.LongT
         ids = stream[: len(stream) // length * length].view(-1, length)
         logger.info(f"nmperm: {len(rows)} calibration sequences of unequal length regrouped as {tuple(ids.shape)}")
     return ids[:max_sequences] if max_sequences else ids
+
+
+def calibration_data(dataloader, max_sequences: int | None = None) -> torch.LongTensor | list[dict]:
+    """What ``permute_`` calibrates on from the pipeline's dataloader: token ids (:func:`calibration_ids`)
+    when its batches hold ``input_ids``, else its samples as model-input dicts (an image model's
+    ``pixel_values`` with their ``labels``, ...), the first ``max_sequences`` of them."""
+    if dataloader is None:
+        raise ValueError("LearnedPermutationModifier needs calibration data: pass dataset=... to oneshot")
+    first = next(iter(dataloader), None)
+    if first is None or "input_ids" in first:
+        return calibration_ids(dataloader, max_sequences)
+    samples = samples_of(dataloader)
+    return samples[:max_sequences] if max_sequences else samples
 
 
 # -- names ------------------------------------------------------------------------------------------

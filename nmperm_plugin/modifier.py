@@ -20,7 +20,7 @@ from pydantic import Field, PositiveInt, PrivateAttr, create_model, model_valida
 
 from . import resume
 from .api import permute_
-from .compress import PermutedState, attach, calibration_ids, check_recipe, check_unpermuted, ignored_linears
+from .compress import PermutedState, attach, calibration_data, check_recipe, check_unpermuted, ignored_linears
 from .config import PermuteConfig, default_of, field_types, schema
 from .onload import execution_device, storage_device, undispatched
 from .pipeline import PruneResult, strategy_of
@@ -146,10 +146,13 @@ class _ModifierBase(Modifier):
         modifiers = _recipe_of(self)
         check_recipe(self, modifiers)
         check_unpermuted(model)
-        input_ids = calibration_ids(state.data.calib, self.max_sequences)
+        input_ids = calibration_data(state.data.calib, self.max_sequences)
         config = self.permute_config(len(input_ids), ignored_linears(model, self.ignore))
+        what = f"{len(input_ids)} x {input_ids.shape[1]} calibration tokens" if torch.is_tensor(input_ids) else (
+            f"{len(input_ids)} calibration samples ({', '.join(input_ids[0])})"
+        )  # fmt: skip
         logger.info(
-            f"LearnedPermutationModifier: {len(input_ids)} x {input_ids.shape[1]} calibration tokens, "
+            f"LearnedPermutationModifier: {what}, "
             f"{strategy_of(config).describe(config) if config.method == 'learned' else config.method}"
         )
         with undispatched(model) as onload_device, _keep_requires_grad(model):

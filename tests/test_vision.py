@@ -323,3 +323,31 @@ def test_image_folder_classes_must_be_the_models(saved_vit):
     with pytest.raises(ValueError, match="'cat' is neither one of the model's labels"):
         load_images(saved_vit / "images", {"LABEL_0": 0})
     assert load_images(saved_vit / "images", {"cat": 7}).labels[-1] == 7  # after 0, 1, 2: sorted names
+
+
+def test_the_modifier_calibrates_on_image_batches_from_the_pipeline(images):
+    from llmcompressor.core import State
+    from torch.utils.data import DataLoader
+
+    from nmperm_plugin.compress import calibration_data
+    from nmperm_plugin.modifier import LearnedPermutationModifier
+    from nmperm_plugin.nm import NMPattern, is_nm
+
+    pairs = [pair for b in images for pair in zip(b["pixel_values"], b["labels"], strict=True)]
+    rows = [{"pixel_values": p, "labels": y} for p, y in pairs]
+    loader = DataLoader(rows, batch_size=2)  # as oneshot's calibration dataloader collates them
+    assert len(calibration_data(loader, max_sequences=4)) == 4
+    model = vision_model("vit")
+    before = outputs(model, images)
+    state = State()
+    state.update(model=model, calib_data=loader)
+    modifier = LearnedPermutationModifier(**FAST, objective="end_to_end")
+    modifier.initialize(state)
+    assert modifier.sidecar.method == "learned/end_to_end" and modifier.sidecar.permutations
+    assert_same_function(outputs(model, images), before)  # folded, no mask applied
+    pruned = LearnedPermutationModifier(**FAST, objective="end_to_end", apply_mask=True)
+    other = vision_model("vit", seed=1)
+    state.update(model=other)
+    pruned.initialize(state)
+    linears = [m for n, m in other.named_modules() if isinstance(m, torch.nn.Linear) and "classifier" not in n]
+    assert len(linears) == 12 and all(is_nm(m.weight, NMPattern(2, 4)) for m in linears)
