@@ -11,8 +11,9 @@ For every family (the tiny random models of tests/conftest.py, float32, 2 layers
 
 Random weights say nothing about quality: this checks the plumbing of each adapter, end to end.
 
-Run: ``python bench/architectures.py`` (well under a minute on 2 cores); writes
-``bench/results/architectures-random-configs.{json,md}``.
+Run: ``python bench/architectures.py`` (about two minutes on 1 thread); writes
+``bench/results/architectures-random-configs.{json,md}``. ``--families F ...`` runs a subset (with
+``--output`` elsewhere, so as not to overwrite the full table).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny random models live with the 
 
 from conftest import FAMILIES, family_model, tiny_model  # noqa: E402
 from test_fold import random_perms  # noqa: E402
+from test_qwen_vl import FAMILIES as VL_FAMILIES  # noqa: E402
+from test_qwen_vl import image_batch, packed, vl_model  # noqa: E402
 from test_vision import VISION, vision_model  # noqa: E402
 
 from nmperm_plugin import PermuteConfig, permute_  # noqa: E402
@@ -43,17 +46,22 @@ from nmperm_plugin.ops import function_error  # noqa: E402
 from nmperm_plugin.registry import get_adapter  # noqa: E402
 from nmperm_plugin.sidecar import Sidecar  # noqa: E402
 
-NAMES = ("llama (reference)", *FAMILIES, *VISION)
+NAMES = ("llama (reference)", *FAMILIES, *VISION, *VL_FAMILIES)
 
 
 def build(family: str):
     if family in VISION:
         return vision_model(family)
+    if family in VL_FAMILIES:
+        return vl_model(family)
     return tiny_model("llama", 2) if family == "llama (reference)" else family_model(family)
 
 
 def calibration_of(family: str, ids: torch.Tensor) -> torch.Tensor | list[dict]:
-    """Token ids, or for a vision family as many random 16x16 images in batches of 4 (no labels)."""
+    """Token ids, or for a vision family as many random 16x16 images in batches of 4 (no labels); for
+    a vision-language family as many 16-token prompts with one 16x16 image each, in batches of 4."""
+    if family in VL_FAMILIES:
+        return [image_batch(4, seed) for seed in range(1, len(ids) // 4 + 1)]
     if family not in VISION:
         return ids
     images = torch.randn(len(ids), 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -62,6 +70,8 @@ def calibration_of(family: str, ids: torch.Tensor) -> torch.Tensor | list[dict]:
 
 def outputs(model, data) -> torch.Tensor:
     """What folding must keep (the adapter's ``outputs``: logits, CLIP's features) on all of ``data``."""
+    if isinstance(data, list) and "image_grid_thw" in data[0]:  # vision-language: each batch packed
+        return torch.cat([get_adapter(model).outputs(model(**packed(batch), use_cache=False)) for batch in data])
     inputs = {"input_ids": data} if isinstance(data, torch.Tensor) else {"pixel_values": torch.cat(
         [batch["pixel_values"] for batch in data])}  # fmt: skip
     return get_adapter(model).outputs(model(**inputs))
@@ -119,11 +129,12 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "architectures-random-configs"))
+    parser.add_argument("--families", nargs="+", choices=NAMES, default=NAMES, help="a subset (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # many tiny matmuls: one thread is fastest on the 2-core host
     ids = torch.randint(0, 300, (args.sequences, args.seq_len), generator=torch.Generator().manual_seed(1))
     rows, start, default = [], time.perf_counter(), PermuteConfig()
-    for family in NAMES:
+    for family in args.families:
         model = build(family)
         row = {"family": family, "adapter": get_adapter(model).name, "model": type(model).__name__}
         row["fold_error"] = fold_errors(model, calibration_of(family, ids))
@@ -138,7 +149,8 @@ def main() -> None:
     result = {
         "what": "tiny random configs (tests/conftest.py, tests/test_vision.py), float32, 2 layers, hidden 64; "
         f"{args.sequences} x {args.seq_len} random calibration tokens (vision: {args.sequences} random 16x16 "
-        "images, no labels); learned = the default PermuteConfig "
+        "images, no labels; vision-language: 16-token prompts with one 16x16 image each); "
+        "learned = the default PermuteConfig "
         f"(objective {default.objective}, {default.total_steps} steps with fold exact, block {default.block_size}), "
         "ria = the heuristic alone",
         "host": f"{platform.machine()}, {torch.get_num_threads()} thread, torch {torch.__version__}",
