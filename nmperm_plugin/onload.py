@@ -16,7 +16,6 @@ from itertools import chain
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.utils._pytree import tree_map
 
 __all__ = [
     "call_on",
@@ -58,8 +57,16 @@ def storage_device(model: nn.Module) -> torch.device:
 
 
 def moved(value, device: torch.device):
-    """``value`` (tensors, or tuples, lists and dicts of them: a layer's keyword arguments) on ``device``."""
-    return tree_map(lambda v: v.to(device) if isinstance(v, torch.Tensor) else v, value)
+    """``value`` (tensors, or tuples, lists and dicts of them: a layer's keyword arguments) on
+    ``device``; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: moved(item, device) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        items = [moved(item, device) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # namedtuples too
+    return value
 
 
 def module_tensors(module: nn.Module, device: torch.device, skip: Iterable[str] = ()) -> dict[str, torch.Tensor]:
