@@ -45,6 +45,7 @@ class _ModifierBase(Modifier):
           pattern: "2:4"
           scorer: wanda
           objective: auto
+          apply_mask: true  # the learned masks (measured better than the next pruner's own)
           fold: exact
           block_size: 64
           ignore: ["re:.*lm_head"]
