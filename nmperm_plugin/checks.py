@@ -92,16 +92,26 @@ def available_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def check_fits_in_memory(hidden: torch.Tensor, layers: int, device: torch.device) -> None:
-    """Refuse before the dense pass when keeping every layer's dense output of the calibration
-    sequences (``hidden``: ``[N, T, D]``) would take more than 80% of what ``device`` has free."""
+def dense_targets_shortfall(hidden: torch.Tensor, layers: int, device: torch.device) -> str | None:
+    """Why every layer's dense output of the calibration sequences (``hidden``: ``[N, T, D]``) does
+    not fit in 80% of what ``device`` has free, or None when it fits."""
     needed = hidden.numel() * hidden.element_size() * layers
     free = available_memory(device)
-    if needed > 0.8 * free:
+    if needed <= 0.8 * free:
+        return None
+    return (
+        f"the dense targets of {len(hidden)} calibration sequences x {layers} decoder layers need "
+        f"{needed / 2**30:.1f} GiB on {device} and {free / 2**30:.1f} GiB are free"
+    )
+
+
+def check_fits_in_memory(hidden: torch.Tensor, layers: int, device: torch.device) -> None:
+    """Refuse before the dense pass when the dense targets would not fit (:func:`dense_targets_shortfall`)."""
+    shortfall = dense_targets_shortfall(hidden, layers, device)
+    if shortfall is not None:
         raise MemoryError(
-            f"the dense targets of {len(hidden)} calibration sequences x {layers} decoder layers need "
-            f"{needed / 2**30:.1f} GiB on {device} and {free / 2**30:.1f} GiB are free: use fewer or shorter "
-            f"calibration sequences (--num-samples, --seq-len) or a layer-wise objective"
+            f"{shortfall}: use fewer or shorter calibration sequences (--num-samples, --seq-len) or a layer-wise "
+            f"objective"
         )
 
 

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from . import checks
+
 __all__ = [
     "call_on",
     "execution_device",
@@ -43,12 +45,10 @@ def execution_device(device: torch.device | str | None) -> torch.device | None:
 def fits_on(model: nn.Module, device: torch.device, share: float = 0.5) -> bool:
     """Whether ``model``'s weights take at most ``share`` of the memory ``device`` has free (the rest
     is for the learning: effective weights, activations, the optimiser), or are there already."""
-    from .checks import available_memory
-
     if storage_device(model) == device:
         return True
     weights = sum(t.numel() * t.element_size() for t in chain(model.parameters(), model.buffers()))
-    return weights <= share * available_memory(device)
+    return weights <= share * checks.available_memory(device)
 
 
 def storage_device(model: nn.Module) -> torch.device:

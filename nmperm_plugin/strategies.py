@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import Site
-from .checks import check_fits_in_memory
+from .checks import dense_targets_shortfall
 from .learn import EffectiveWeights, Objective, RetainedObjective, learn
 from .objectives import (
     JointLayerwiseObjective,
@@ -252,12 +252,10 @@ def keeps_dense_targets(run: Run, hidden: torch.Tensor, setting: str) -> bool:
     ``auto``: when they fit in its memory) rather than recompute each step's (``recompute``)."""
     if setting != "auto":
         return setting == "keep"
-    try:
-        check_fits_in_memory(hidden, len(run.layers), torch.device("cpu"))
-    except MemoryError as error:
-        logger.info(f"nmperm: {str(error).split(':')[0]}: each step recomputes its own (dense_targets recompute)")
-        return False
-    return True
+    shortfall = dense_targets_shortfall(hidden, len(run.layers), torch.device("cpu"))
+    if shortfall is not None:
+        logger.info(f"nmperm: {shortfall}: each step recomputes its own (dense_targets recompute)")
+    return shortfall is None
 
 
 class EndToEnd(Window):
