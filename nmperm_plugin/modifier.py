@@ -59,7 +59,7 @@ class _ModifierBase(Modifier):
 
     - on_initialize (before any pipeline runs, so before every other modifier calibrates)
         - check the recipe (this modifier before pruners and quantizers, same N:M pattern)
-        - collect the calibration ``input_ids`` from ``state.data.calib``
+        - collect the calibration data from ``state.data.calib`` (token ids, or model-input samples)
         - ``permute_``: its own sequential pass, learn, (apply_mask) prune, fold, verify, computing
           where oneshot computes (llm-compressor's main device: a GPU when there is one), one
           decoder layer onloaded at a time when the weights are kept on the CPU
@@ -147,11 +147,13 @@ class _ModifierBase(Modifier):
         modifiers = _recipe_of(self)
         check_recipe(self, modifiers)
         check_unpermuted(model)
-        input_ids = calibration_data(state.data.calib, self.max_sequences)
-        config = self.permute_config(len(input_ids), ignored_linears(model, self.ignore))
-        what = f"{len(input_ids)} x {input_ids.shape[1]} calibration tokens" if torch.is_tensor(input_ids) else (
-            f"{len(input_ids)} calibration samples ({', '.join(input_ids[0])})"
-        )  # fmt: skip
+        calibration = calibration_data(state.data.calib, self.max_sequences)
+        config = self.permute_config(len(calibration), ignored_linears(model, self.ignore))
+        what = (
+            f"{len(calibration)} x {calibration.shape[1]} calibration tokens"
+            if torch.is_tensor(calibration)
+            else f"{len(calibration)} calibration samples ({', '.join(calibration[0])})"
+        )
         logger.info(
             f"LearnedPermutationModifier: {what}, "
             f"{strategy_of(config).describe(config) if config.method == 'learned' else config.method}"
@@ -163,11 +165,11 @@ class _ModifierBase(Modifier):
                     f"LearnedPermutationModifier: learning on {device}, the weights staying on "
                     f"{storage_device(model)} (one decoder layer onloaded at a time)"
                 )
-            store = None
+            saving = nullcontext()
             if self.learning_state:
-                store = resume.resumable(self.learning_state, model, input_ids, config, device=device)
-            with store or nullcontext() as store:
-                self._sidecar, self._result = permute_(model, input_ids, config, device)
+                saving = resume.resumable(self.learning_state, model, calibration, config, device=device)
+            with saving as store:
+                self._sidecar, self._result = permute_(model, calibration, config, device)
         names = [type(m).__name__ for m in modifiers]
         state = PermutedState(self._sidecar, self._result.pruned, self.allow_gather_checkpoint, names, store)
         attach(model, state)
