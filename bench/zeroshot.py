@@ -133,7 +133,7 @@ def pruned_model(name: str, seed: int, args: argparse.Namespace):
     """The row's model: dense, or pruned once and then loaded from the cache. Returns (model, tokenizer, info)."""
     import torch
 
-    from nmperm_plugin import LearnConfig, PermuteConfig, permute_
+    from nmperm_plugin import PermuteConfig, permute_
     from nmperm_plugin.data import load_texts, token_windows
     from nmperm_plugin.models import default_model_path, load_model
 
@@ -152,7 +152,7 @@ def pruned_model(name: str, seed: int, args: argparse.Namespace):
         tokenizer, load_texts("builtin:wiki-calibration"), args.num_samples, args.seq_len, seed=seed
     )
     fields = fields | {"pattern": args.pattern, "scorer": args.scorer, "seed": seed}
-    config = PermuteConfig(**fields, learn=LearnConfig())
+    config = PermuteConfig(**fields)
     torch.manual_seed(seed)
     start = time.monotonic()
     sidecar, _ = permute_(model, calibration, config)
