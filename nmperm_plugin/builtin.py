@@ -1,6 +1,6 @@
 """The built-in plugin: mask generators, the architecture adapters (Llama family, Gemma 2/3, Phi-3,
 OPT, ViT, DeiT, CLIP's vision tower, Mixtral, Qwen2/3-MoE, GPT-2, Qwen2.5-VL and Qwen2-VL's text
-decoder), the heuristic solvers and the objectives, registered through the same hooks as a
+decoder and vision tower), the heuristic solvers and the objectives, registered through the same hooks as a
 third-party plugin."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from .arch.moe import MixtralAdapter, QwenMoEAdapter
 from .arch.opt import OPTAdapter
 from .arch.phi3 import Phi3Adapter
 from .arch.qwen_vl import QwenVLAdapter
+from .arch.qwen_vl_vision import QwenVisionTowerAdapter
 from .arch.vit import DeiTAdapter, ViTAdapter
 from .baselines import HEURISTICS
 from .hooks import hookimpl
@@ -40,6 +41,7 @@ def nmperm_architectures() -> list:
         QwenMoEAdapter(),
         GPT2Adapter(),
         QwenVLAdapter(),
+        QwenVisionTowerAdapter(),
     ]
 
 

@@ -40,7 +40,7 @@ def apply_gather(model: nn.Module, sidecar: Sidecar) -> nn.Module:
     """
     adapter = get_adapter(model)
     with adapter.linear_form(model):
-        sites = {site.name: site for site in adapter.sites(model, sidecar.fold)}
+        sites = {site.name: site for site in adapter.serving_sites(model, sidecar.fold)}
         for name in sorted({site for site in sidecar.frames.values() if site is not None}):
             adapter.apply_gather(model, sites[name], torch.tensor(sidecar.permutations[name], dtype=torch.long))
     return model

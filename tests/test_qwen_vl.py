@@ -1,5 +1,7 @@
-"""Qwen2.5-VL and Qwen2-VL (the text decoder; the vision tower dense): folding keeps the logits with
-and without images, pruning gives 2:4 linears of the decoder only, a saved checkpoint verifies."""
+"""Qwen2.5-VL and Qwen2-VL: the text decoder (``permute_(model, ...)``; the vision tower dense), the
+vision tower (``permute_(model.model.visual, ...)``) and both (``permute_parts_``): folding keeps the
+logits with and without images, pruning gives 2:4 linears of the chosen parts only, a saved
+checkpoint verifies."""
 
 import copy
 
@@ -15,11 +17,13 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from nmperm_plugin import permute_
-from nmperm_plugin.arch.qwen_vl import per_sample_images
+from nmperm_plugin import PermuteConfig, permute_
+from nmperm_plugin.arch.qwen_vl import merge_sidecars, per_sample_images, permute_parts_
 from nmperm_plugin.fold import GatherLinear, GatherNorm
 from nmperm_plugin.nm import NMPattern, is_nm
+from nmperm_plugin.ops import function_error
 from nmperm_plugin.registry import get_adapter
+from nmperm_plugin.run import capture_layer_inputs, run_layer
 
 VOCAB, IMAGE, VIDEO, START, END = 128, 120, 121, 122, 123
 PATCH, TEMPORAL, MERGE = 4, 2, 2
@@ -30,15 +34,16 @@ FAMILIES = {
 }
 
 
-def vl_model(family: str, seed: int = 0):
+def vl_model(family: str, seed: int = 0, window_size: int = 16):
     """A tiny random VL model: 2 vision blocks (hidden 64, 4 heads; Qwen2.5-VL: a windowed and a full
-    attention block) and 2 text layers (hidden 64, 4 heads, 2 KV heads, MLP 128), every bias and norm
-    weight randomised so that folding them is tested."""
+    attention block, ``window_size`` pixels: 16 is the whole 16 x 16 image, 8 four windows of one merged
+    token each) and 2 text layers (hidden 64, 4 heads, 2 KV heads, MLP 128), every bias and norm weight
+    randomised so that folding them is tested."""
     config_class, model_class = FAMILIES[family]
     vision = dict(depth=2, hidden_size=64, num_heads=4, patch_size=PATCH, temporal_patch_size=TEMPORAL)
     vision |= dict(spatial_merge_size=MERGE, in_channels=3)
     vision |= (
-        dict(intermediate_size=128, out_hidden_size=64, window_size=16, fullatt_block_indexes=[1])
+        dict(intermediate_size=128, out_hidden_size=64, window_size=window_size, fullatt_block_indexes=[1])
         if family == "qwen2_5_vl"
         else dict(embed_dim=64, mlp_ratio=2, hidden_size=64)
     )
@@ -215,3 +220,158 @@ def test_labels_are_the_text_tokens_only(images):
     )
     assert adapter.labels({"input_ids": sample["input_ids"]}) is not None  # text only: every next token
     assert torch.equal(adapter.labels(sample | {"labels": sample["input_ids"]}), sample["input_ids"])  # given: kept
+
+
+# -- the vision tower -----------------------------------------------------------------------------
+TOWER_LINEARS = {"qwen2_5_vl": 10, "qwen2_vl": 8}  # per block: qkv, proj and gate/up/down, or fc1/fc2
+
+
+def tower(model):
+    return model.model.visual
+
+
+def with_tower(model, folded_tower):
+    """A copy of ``model`` whose vision tower is ``folded_tower``."""
+    copied = copy.deepcopy(model)
+    copied.model.visual = folded_tower
+    return copied
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tower_sites(family):
+    model = vl_model(family)
+    adapter = get_adapter(tower(model))
+    assert adapter.name == "qwen_vl_vision"
+    exact = adapter.sites(tower(model), "exact")
+    hidden = next(s for s in exact if s.kind == "hidden")
+    mlp_in = ("mlp.gate_proj", "mlp.up_proj") if family == "qwen2_5_vl" else ("mlp.fc1",)
+    assert hidden.linears == tuple(f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", *mlp_in))
+    attn_out = [s for s in exact if s.kind == "attn_out"]
+    assert [s.linears for s in attn_out] == [("blocks.0.attn.proj",), ("blocks.1.attn.proj",)]
+    assert all(s.tied_heads == (0, 1, 2, 3) for s in attn_out)  # each head its own: no grouped-query attention
+    mlp_out = "mlp.down_proj" if family == "qwen2_5_vl" else "mlp.fc2"
+    assert [s.linears for s in exact if s.kind == "mlp_out"] == [(f"blocks.{i}.{mlp_out}",) for i in range(2)]
+    gather = adapter.sites(tower(model), "gather")
+    assert len(gather) == 8 and len({n for s in gather for n in s.linears}) == TOWER_LINEARS[family]
+    serving = {s.name for s in get_adapter(model).serving_sites(model, "gather")}  # the whole model's names
+    assert {"model.visual.blocks.1.attn_out", "model.language_model.layers.1.attn_out"} <= serving
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tower_layer_walk_reproduces_the_tower(family, images):
+    model = vl_model(family, window_size=8)  # Qwen2.5-VL: block 0 attends in 4 windows, block 1 over the image
+    visual, adapter = tower(model), get_adapter(tower(model))
+    samples = [adapter.model_inputs({k: v[i : i + 1] for k, v in images[0].items()}) for i in range(3)]
+    with torch.no_grad():
+        expected = [visual(**sample) for sample in samples]
+    with adapter.linear_form(visual):
+        hidden, kwargs = capture_layer_inputs(visual, adapter.decoder_layers(visual), samples)
+        assert hidden.shape == (3, 16, 64)
+        bounds = [k["cu_seqlens"].tolist() for k in kwargs]
+        assert bounds == ([[0, 4, 8, 12, 16], [0, 16]] if family == "qwen2_5_vl" else [[0, 16], [0, 16]])
+        for index, layer in enumerate(adapter.decoder_layers(visual)):
+            hidden = run_layer(layer, hidden, kwargs[index])
+        features = adapter.head(visual)(hidden)
+    assert all("forward" not in vars(block) for block in visual.blocks)  # the blocks are themselves again
+    for i, output in enumerate(expected):
+        assert_same_function(hidden[i], output.last_hidden_state, 1e-6)  # three sequences, attending apart
+        # the merger's features in the blocks' (window) order, the model's in the image's: the same tokens
+        assert_same_function(features[i].sort(0).values, output.pooler_output.sort(0).values, 1e-6)
+
+
+@pytest.mark.parametrize("fold", ["exact", "gather"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tower_folds_keep_the_logits(family, fold, images):
+    model = vl_model(family, window_size=8)
+    folded = with_tower(model, (exact_fold if fold == "exact" else gather_fold)(tower(model)))
+    error = function_error(logits(model, images[0]), logits(folded, images[0]))
+    print(f"{family} tower {fold} fold: logits differ by {error:.2e} of their scale")
+    assert_same_function(logits(folded, images[0]), logits(model, images[0]))
+    if fold == "gather":
+        assert sum(isinstance(m, GatherNorm) for m in folded.model.visual.modules()) == 4
+        assert sum(isinstance(m, GatherLinear) for m in folded.model.visual.modules()) == 2
+        return
+    before, after = dict(model.named_parameters()), dict(folded.named_parameters())
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    ends = ("patch_embed.proj.weight", "merger.ln_q.weight", "merger.mlp.0.weight")
+    assert {f"model.visual.{n}" for n in ends} <= moved
+    assert not any(n.startswith(("model.visual.merger.mlp.2", "model.language_model.")) for n in moved)
+
+
+TOWER_CASES = [
+    ("qwen2_5_vl", "learned/end_to_end", "exact"),
+    ("qwen2_5_vl", "ria", "gather"),
+    ("qwen2_vl", "ria", "exact"),
+    ("qwen2_vl", "learned/layerwise", "gather"),
+]
+
+
+@pytest.mark.parametrize("family,method,fold", TOWER_CASES)
+def test_permute_prunes_the_tower_to_nm(family, method, fold, images):
+    model = vl_model(family, window_size=8)
+    permuted = copy.deepcopy(model)
+    permute_(tower(permuted), images, _config(method, fold, apply_mask=False))
+    assert_same_function(logits(permuted, images[0]), logits(model, images[0]))
+
+    dense_text = {n: p.clone() for n, p in model.named_parameters() if n.startswith("model.language_model.")}
+    sidecar, result = permute_(tower(model), images, _config(method, fold))
+    assert sidecar.architecture == "qwen_vl_vision" and len(sidecar.frames) == TOWER_LINEARS[family]
+    if method.startswith("learned"):
+        assert result.history, "nothing learned"
+    assert torch.isfinite(logits(model, images[0])).all()
+    assert all(torch.equal(p, dense_text[n]) for n, p in model.named_parameters() if n in dense_text)
+    assert_pruned_nm(tower(model), sidecar)
+
+
+@pytest.mark.parametrize("family,fold", [("qwen2_5_vl", "exact"), ("qwen2_5_vl", "gather"), ("qwen2_vl", "exact")])
+def test_permute_parts_prunes_tower_and_text(family, fold, images, tmp_path, capsys):
+    model = vl_model(family, window_size=8)
+    permuted = copy.deepcopy(model)
+    permute_parts_(permuted, images, _config("ria", fold, apply_mask=False), parts=("vision", "text"))
+    assert_same_function(logits(permuted, images[0]), logits(model, images[0]))  # both parts' folds at once
+
+    sidecar, results = permute_parts_(model, images, _config("ria", fold), parts=("vision", "text"))
+    assert set(results) == {"vision", "text"} and sidecar.architecture == "qwen_vl"
+    vision = [n for n in sidecar.frames if n.startswith("model.visual.blocks.")]
+    text = [n for n in sidecar.frames if n.startswith("model.language_model.layers.")]
+    assert len(vision) == TOWER_LINEARS[family] and len(text) == 14 and len(sidecar.frames) == len(vision) + 14
+    assert "vision_tower" in sidecar.figures and "vision_tower" in sidecar.verification
+    assert torch.isfinite(logits(model, images[0])).all()
+    verify_saved(model, sidecar, tmp_path, capsys)
+    assert_pruned_nm(model, sidecar)  # gather: the tower's gathers and the decoder's, from one sidecar
+
+
+def test_permute_parts_ignore_patterns_match_the_models_names(images):
+    model = vl_model("qwen2_5_vl", window_size=8)
+    dense = copy.deepcopy(model)
+    ignore = [r"model\.visual\.blocks\.0\.", r"language_model\.layers\.1\.", r"attn\.proj$"]
+    sidecar, _ = permute_parts_(model, images, _config("ria", "exact", ignore=ignore), parts=("vision", "text"))
+    pruned = set(sidecar.frames)
+    assert {n.split(".layers.")[0].split(".blocks.")[0] for n in pruned} == {"model.visual", "model.language_model"}
+    assert not any(".blocks.0." in n or ".layers.1." in n or n.endswith("attn.proj") for n in pruned)
+    assert len(pruned) == 4 + 7  # tower block 1 but its proj; text layer 0
+    assert all(is_nm(model.get_submodule(n).weight, NMPattern(2, 4)) for n in pruned)
+    for name in ("model.visual.blocks.0.mlp.down_proj", "model.visual.blocks.1.attn.proj"):
+        kept, original = model.get_submodule(name).weight, dense.get_submodule(name).weight
+        assert torch.equal(kept.flatten().sort().values, original.flatten().sort().values)  # reordered, none zeroed
+
+    text_only, _ = permute_parts_(copy.deepcopy(dense), images, _config("ria", "exact"))  # the default: the paper's
+    assert len(text_only.frames) == 14 and not any(n.startswith("model.visual.") for n in text_only.frames)
+
+
+def test_unsupported_calls_are_refused_clearly(images):
+    model = vl_model("qwen2_vl")
+    ids = images[0]["input_ids"].clamp_max(100)
+    with pytest.raises(ValueError, match="choose one or both of 'vision', 'text'"):
+        permute_parts_(model, images, PermuteConfig(), parts=("vision", "audio"))
+    with pytest.raises(ValueError, match="choose one or both"):
+        permute_parts_(model, images, PermuteConfig(), parts=())
+    with pytest.raises(ValueError, match="takes a Qwen2.5-VL or Qwen2-VL model .a Qwen2VisionTransformer"):
+        permute_parts_(tower(model), images, PermuteConfig(), parts=("vision",))
+    with pytest.raises(ValueError, match="the vision tower calibrates on images: each batch needs pixel_values"):
+        permute_parts_(model, ids, PermuteConfig(), parts=("vision", "text"))
+    text, _ = permute_parts_(copy.deepcopy(model), images, _config("ria", "exact"))
+    vision, _ = permute_parts_(copy.deepcopy(model), images, _config("ria", "gather"), parts=("vision",))
+    assert vision.architecture == "qwen_vl" and all(n.startswith("model.visual.") for n in vision.frames)
+    with pytest.raises(ValueError, match="differ in fold"):
+        merge_sidecars(vision, text)

@@ -84,6 +84,13 @@ class Adapter:
         """The permutation sites of ``model`` for fold mode ``exact`` or ``gather``."""
         raise NotImplementedError
 
+    def serving_sites(self, model: nn.Module, fold: str) -> list[Site]:
+        """Every site whose permutation a checkpoint of ``model`` may record, what
+        :func:`nmperm_plugin.fold.apply_gather` looks a sidecar's frames up in: here :meth:`sites`. A
+        model pruned part by part (a vision-language model's tower and text decoder, each a run of its
+        own) lists every part's, and its :meth:`apply_gather` takes them all."""
+        return self.sites(model, fold)
+
     def fold_exact(self, model: nn.Module, site: Site, perm: torch.Tensor) -> None:
         """Reorder the weights so the model computes the same function with ``site``'s input permuted."""
         raise NotImplementedError
