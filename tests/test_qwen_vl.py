@@ -18,10 +18,11 @@ from transformers import (
 )
 
 from nmperm_plugin import PermuteConfig, permute_
-from nmperm_plugin.arch.qwen_vl import merge_sidecars, per_sample_images, permute_parts_
+from nmperm_plugin.arch.qwen_vl import per_sample_images
 from nmperm_plugin.fold import GatherLinear, GatherNorm
 from nmperm_plugin.nm import NMPattern, is_nm
 from nmperm_plugin.ops import function_error
+from nmperm_plugin.parts import merge_sidecars, permute_parts_
 from nmperm_plugin.registry import get_adapter
 from nmperm_plugin.run import capture_layer_inputs, run_layer
 
