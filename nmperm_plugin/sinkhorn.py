@@ -19,34 +19,14 @@ def log_sinkhorn(log_alpha: torch.Tensor, iters: int) -> torch.Tensor:
     return log_alpha
 
 
-def column_argmax_assignment(soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per matrix of ``[K, B, B]``, each column's best row, and whether those rows form a permutation.
-
-    Where they do, that permutation is optimal: every column's term is at its maximum, so no
-    assignment has a larger sum. Batched, on ``soft``'s device. Returns ``(perms [K, B], solved [K])``.
-    """
-    perms = soft.argmax(dim=-2)  # [K, B]: perms[k, j] = argmax_i soft[k, i, j]
-    hits = torch.zeros_like(perms).scatter_add_(-1, perms, torch.ones_like(perms))  # [K, B]: columns per row
-    return perms, (hits == 1).all(dim=-1)
-
-
 def hungarian(soft: torch.Tensor) -> torch.Tensor:
-    """Hard permutations ``perm`` (``[..., B]``) maximising ``sum_j soft[perm[j], j]`` for each matrix.
-
-    Matrices whose column-wise argmax is already a permutation (most of them once the relaxation is
-    near its hard solution) are solved on their device in one batch; only the others are copied to
-    the host for SciPy's ``linear_sum_assignment``.
-    """
-    mats = soft.detach().float().reshape(-1, *soft.shape[-2:]).nan_to_num(nan=0.0)  # [K, B, B]
-    perms, solved = column_argmax_assignment(mats)
-    unsolved = (~solved).nonzero().flatten()
-    if unsolved.numel():
-        hard = np.empty((unsolved.numel(), mats.shape[-1]), dtype=np.int64)
-        for k, mat in enumerate(mats[unsolved].cpu().numpy()):
-            rows, cols = linear_sum_assignment(mat, maximize=True)
-            hard[k, cols] = rows
-        perms[unsolved] = torch.from_numpy(hard).to(perms.device)
-    return perms.reshape(soft.shape[:-1])
+    """Hard permutations ``perm`` (``[..., B]``) maximising ``sum_j soft[perm[j], j]`` for each matrix."""
+    mats = soft.detach().float().reshape(-1, *soft.shape[-2:]).nan_to_num(nan=0.0).cpu().numpy()
+    perms = np.empty(mats.shape[:2], dtype=np.int64)
+    for k, mat in enumerate(mats):
+        rows, cols = linear_sum_assignment(mat, maximize=True)
+        perms[k, cols] = rows
+    return torch.from_numpy(perms).reshape(soft.shape[:-1]).to(soft.device)
 
 
 def perm_matrix(perm: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
