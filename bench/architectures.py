@@ -43,24 +43,26 @@ from nmperm_plugin.checkpoint import finish_sidecar, verify_checkpoint  # noqa: 
 from nmperm_plugin.fold import apply_gather, fold_permutations_  # noqa: E402
 from nmperm_plugin.nm import NMPattern, is_nm  # noqa: E402
 from nmperm_plugin.ops import function_error  # noqa: E402
+from nmperm_plugin.parts import permute_parts_  # noqa: E402
 from nmperm_plugin.registry import get_adapter  # noqa: E402
 from nmperm_plugin.sidecar import Sidecar  # noqa: E402
 
-NAMES = ("llama (reference)", *FAMILIES, *VISION, *VL_FAMILIES)
+TOWER_AND_TEXT = {f"{family} (tower + text)": family for family in VL_FAMILIES}  # permute_parts_, both parts
+NAMES = ("llama (reference)", *FAMILIES, *VISION, *VL_FAMILIES, *TOWER_AND_TEXT)
 
 
 def build(family: str):
     if family in VISION:
         return vision_model(family)
-    if family in VL_FAMILIES:
-        return vl_model(family)
+    if family in VL_FAMILIES or family in TOWER_AND_TEXT:
+        return vl_model(TOWER_AND_TEXT.get(family, family))
     return tiny_model("llama", 2) if family == "llama (reference)" else family_model(family)
 
 
 def calibration_of(family: str, ids: torch.Tensor) -> torch.Tensor | list[dict]:
     """Token ids, or for a vision family as many random 16x16 images in batches of 4 (no labels); for
     a vision-language family as many 16-token prompts with one 16x16 image each, in batches of 4."""
-    if family in VL_FAMILIES:
+    if family in VL_FAMILIES or family in TOWER_AND_TEXT:
         return [image_batch(4, seed) for seed in range(1, len(ids) // 4 + 1)]
     if family not in VISION:
         return ids
@@ -77,17 +79,26 @@ def outputs(model, data) -> torch.Tensor:
     return get_adapter(model).outputs(model(**inputs))
 
 
+def fold_exact_randomly_(model, tower_too: bool) -> None:
+    """Fold random permutations of every exact site (``tower_too``: the vision tower's as well)."""
+    parts = [model] + ([model.model.visual] if tower_too else [])
+    for seed, part in enumerate(parts):
+        adapter = get_adapter(part)
+        sites = adapter.sites(part, "exact")
+        fold_permutations_(part, sites, random_perms(sites, torch.Generator().manual_seed(seed)), adapter)
+
+
 @torch.no_grad()
-def fold_errors(model, ids) -> dict:
-    """Relative logit difference after folding random permutations of every site (None: mode refused)."""
+def fold_errors(model, ids, tower_too: bool = False) -> dict:
+    """Relative logit difference after folding random permutations of every site (None: mode refused);
+    ``tower_too``: a vision-language model's tower sites as well (gather: its ``serving_sites``)."""
     adapter, reference = get_adapter(model), outputs(model, ids)
     errors = {}
-    sites = adapter.sites(model, "exact")
     folded = copy.deepcopy(model)
-    fold_permutations_(folded, sites, random_perms(sites, torch.Generator().manual_seed(0)), adapter)
+    fold_exact_randomly_(folded, tower_too)
     errors["exact"] = function_error(reference, outputs(folded, ids))
     try:
-        sites = adapter.sites(model, "gather")
+        sites = (adapter.serving_sites if tower_too else adapter.sites)(model, "gather")
     except ValueError as error:
         errors["gather"], errors["gather_refused"] = None, str(error)
         return errors
@@ -99,11 +110,15 @@ def fold_errors(model, ids) -> dict:
 
 
 def prune(family: str, ids, method: str, fold: str) -> dict:
-    """One ``permute_`` run: time, fold error, N:M of every pruned linear, ``nmperm verify``."""
+    """One ``permute_`` run (both parts: ``permute_parts_``): time, fold error, N:M of every pruned
+    linear, ``nmperm verify``."""
     model = build(family)
     config = PermuteConfig(method=method, fold=fold)
     start = time.perf_counter()
-    sidecar, _ = permute_(model, ids, config)
+    if family in TOWER_AND_TEXT:
+        sidecar, _ = permute_parts_(model, ids, config, parts=("vision", "text"))
+    else:
+        sidecar, _ = permute_(model, ids, config)
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)
@@ -137,7 +152,7 @@ def main() -> None:
     for family in args.families:
         model = build(family)
         row = {"family": family, "adapter": get_adapter(model).name, "model": type(model).__name__}
-        row["fold_error"] = fold_errors(model, calibration_of(family, ids))
+        row["fold_error"] = fold_errors(model, calibration_of(family, ids), family in TOWER_AND_TEXT)
         row["runs"] = {}
         for fold in ("exact", "gather"):
             if fold == "gather" and row["fold_error"]["gather"] is None:
@@ -174,7 +189,10 @@ def markdown(result: dict) -> str:
         "`apply_gather`), learned and RIA runs, exact and gather. Prune time: `permute_` with the learned method. "
         "Gemma 2 has a 16-token sliding window (shorter than the sequences), Gemma 3 a sliding and a global layer. "
         "Mixture-of-experts: 4 experts (top 2) per layer, each expert's down projection a site of its own "
-        "(Qwen2-MoE: plus a shared expert, and a dense second layer); GPT-2: Conv1D weights read as [out, in].",
+        "(Qwen2-MoE: plus a shared expert, and a dense second layer); GPT-2: Conv1D weights read as [out, in]. "
+        "Qwen-VL: 2 vision blocks and 2 text layers; plain rows prune the text decoder (`permute_`), "
+        "'(tower + text)' rows the vision tower too (`permute_parts_`, both parts; fold errors with the "
+        "tower's sites folded as well).",
         "",
         "| family | adapter | fold error exact | fold error gather | 2:4 linears | nmperm verify | prune time exact | "
         "prune time gather |",
