@@ -159,7 +159,7 @@ def pruned_model(name: str, seed: int, args: argparse.Namespace):
     info = {
         "prune_seconds": round(time.monotonic() - start, 1),
         "retained_ratio": sidecar.figures.get("retained_ratio"),
-        "fold_error": sidecar.verification.get("fold_max_abs_logit_diff"),
+        "fold_error": sidecar.verification.get("fold_relative_logit_error"),
     }
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), weights)
@@ -423,9 +423,10 @@ def main(argv: list[str] | None = None) -> int:
             if ROWS[name] is not None:
                 pruned_model(name, seed, args)
         return 0
+    commit = _commit()  # the code this invocation imported (HEAD may move while it runs)
     for name, seed in jobs:
         start = time.monotonic()
-        row = run_row(name, seed, args) | {"commit": _commit(), "wall_seconds": None}
+        row = run_row(name, seed, args) | {"commit": commit, "wall_seconds": None}
         row["wall_seconds"] = round(time.monotonic() - start, 1)
         result["rows"] = [r for r in result["rows"] if (r["method"], r["seed"]) != (name, seed)] + [row]
         write(output, result)  # after every row: an interrupted invocation keeps what it finished
