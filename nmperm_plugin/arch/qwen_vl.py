@@ -1,5 +1,5 @@
 """Qwen2.5-VL and Qwen2-VL: ``Qwen2_5_VLForConditionalGeneration`` and ``Qwen2VLForConditionalGeneration``
-(``model_type`` ``qwen2_5_vl``, ``qwen2_vl``), and the choice of the parts to prune.
+(``model_type`` ``qwen2_5_vl``, ``qwen2_vl``).
 
 The model is ``model.visual`` (the vision tower: patch embedding, blocks with a fused ``qkv``, the
 patch merger) and ``model.language_model`` (a Qwen2 decoder: q/k/v with bias, grouped-query
