@@ -3,7 +3,9 @@
 block counts of SmolLM2-135M, Llama-3.2-1B and LLaMA-2-7B (fold exact, block 64: one ``mlp_out``
 and one ``attn_out`` site per layer, ``C_in / 64`` blocks each). A step hardens every block once
 (straight-through forward) and a selection pass once more; this is the CPU time a GPU step waits
-for. Medians of 5 runs, one thread. Random matrices: the worst case, where SciPy solves every block.
+for. Medians of 11 runs, on 1 thread and on ``--threads`` (default: every core; ``hungarian`` solves
+chunks of blocks on ``torch.get_num_threads()`` threads). Random matrices: the worst case, where SciPy
+solves every block.
 
 ``--trace`` records hardening during a real learning run instead (SmolLM2-135M, end_to_end, exact
 fold, ``--steps`` steps (default 80), ``--num-samples`` x 512 calibration tokens): at every call,
@@ -32,17 +34,20 @@ SHAPES = (("smollm2-135m", 30, 1536, 576), ("llama-3.2-1b", 16, 8192, 2048), ("l
 BLOCK = 64
 
 
-def time_hardening(blocks: int, repeats: int = 5) -> float:
-    """Median seconds of ``hungarian`` on ``blocks`` doubly stochastic 64 x 64 matrices."""
+def time_hardening(blocks: int, threads: list[int], repeats: int = 11) -> dict[int, float]:
+    """Median seconds of ``hungarian`` on ``blocks`` doubly stochastic 64 x 64 matrices, by thread
+    count; the counts alternate within each repeat, so a busy moment of the host hits all of them."""
     from nmperm_plugin.sinkhorn import hungarian, log_sinkhorn
 
     soft = log_sinkhorn(torch.randn(blocks, BLOCK, BLOCK, generator=torch.Generator().manual_seed(0)), 5).exp()
-    times = []
+    times: dict[int, list[float]] = {count: [] for count in threads}
     for _ in range(repeats):
-        start = time.perf_counter()
-        hungarian(soft)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for count in threads:
+            torch.set_num_threads(count)
+            start = time.perf_counter()
+            hungarian(soft)
+            times[count].append(time.perf_counter() - start)
+    return {count: statistics.median(t) for count, t in times.items()}
 
 
 def argmax_is_permutation(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=4, help="--trace: calibration windows of 512 tokens")
     parser.add_argument("--steps", type=int, help="--trace: learning steps (default: end_to_end's, 80 in exact)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[os.cpu_count() or 1], help="thread counts timed beside 1"
+    )
     args = parser.parse_args(argv)
     host = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__}
     if args.trace:
@@ -129,15 +137,23 @@ def main(argv: list[str] | None = None) -> int:
         args.output.with_suffix(".md").write_text(trace_markdown(trace))
         print(trace_markdown(trace))
         return 0
-    torch.set_num_threads(1)
+    threads = sorted({1, *args.threads})
     rows = []
     for name, layers, intermediate, hidden in SHAPES:
         blocks = layers * (intermediate + hidden) // BLOCK
-        seconds = time_hardening(blocks)
-        rows.append({"shape": name, "blocks": blocks, "seconds": seconds, "ms_per_block": 1000 * seconds / blocks})
-    lines = ["| shape | blocks of 64 | Hungarian, all blocks (s) | per block (ms) |", "|---|---|---|---|"]
-    lines += [f"| {r['shape']} | {r['blocks']} | {r['seconds']:.3f} | {r['ms_per_block']:.3f} |" for r in rows]
-    args.output.write_text(json.dumps({"host": host, "rows": rows}, indent=1))
+        seconds = time_hardening(blocks, threads)
+        rows.append({"shape": name, "blocks": blocks, "seconds_by_threads": seconds, "seconds": seconds[1]})
+    most = threads[-1]
+    lines = [
+        f"| shape | blocks of 64 | Hungarian, 1 thread (s) | per block (ms) | {most} threads (s) | speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['shape']} | {r['blocks']} | {r['seconds']:.3f} | {1000 * r['seconds'] / r['blocks']:.3f} "
+        f"| {r['seconds_by_threads'][most]:.3f} | {r['seconds'] / r['seconds_by_threads'][most]:.2f}x |"
+        for r in rows
+    ]
+    args.output.write_text(json.dumps({"host": host, "threads": threads, "rows": rows}, indent=1))
     args.output.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

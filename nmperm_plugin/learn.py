@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, resume
 from .nm import NMPattern, hard_mask, retained_score, unstructured_bound
+from .permuter import hard_together, sample_together
 from .sinkhorn import anneal
 
 
@@ -68,7 +69,9 @@ class EffectiveWeights:
     _fixed_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def soft(self, tau: float) -> LazyWeights:
-        sampled = {site_name(key): p.sample(tau, self.sinkhorn_iters) for key, p in self.permuters.items()}
+        keys = list(self.permuters)
+        samples = sample_together([self.permuters[k] for k in keys], tau, self.sinkhorn_iters)
+        sampled = {site_name(key): sample for key, sample in zip(keys, samples, strict=True)}
         return LazyWeights(self.members, lambda member: self._weight(member, sampled))
 
     def _weight(self, member: Member, sampled: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -97,7 +100,9 @@ class EffectiveWeights:
         return masked
 
     def hard_perms(self) -> dict[str, torch.Tensor]:
-        return self.fixed | {site_name(key): p.hard()[1] for key, p in self.permuters.items()}
+        keys = list(self.permuters)
+        hard = hard_together([self.permuters[k] for k in keys])
+        return self.fixed | {site_name(key): perm for key, (_, perm) in zip(keys, hard, strict=True)}
 
     def hard(self, perms: dict[str, torch.Tensor] | None = None) -> LazyWeights:
         perms = self.hard_perms() if perms is None else perms

@@ -54,13 +54,16 @@ class BlockPermuter(nn.Module):
 
     def sample(self, tau: float, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Straight-through matrices ``P`` (``[blocks, B, B]``) and the hard full permutation."""
-        matrices, local = straight_through(self.logits, tau, iters)
-        return matrices[self.tied], self._full(local[self.tied])
+        return sample_together([self], tau, iters)[0]
 
     def hard(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The current hard permutation (Hungarian on the logits) as matrices and full permutation."""
-        local = hungarian(self.logits)[self.tied]
-        return perm_matrix(local, self.logits.dtype), self._full(local)
+        return hard_together([self])[0]
+
+    def expand(self, matrices: torch.Tensor, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-free-block matrices ``[free, B, B]`` and local permutations ``[free, B]`` -> every block's
+        matrices and the full permutation."""
+        return matrices[self.tied], self._full(local[self.tied])
 
     def effective_weight(
         self,
@@ -77,6 +80,37 @@ class BlockPermuter(nn.Module):
         the gradient of the block-matrix formula with respect to ``P``, without keeping its graph.
         """
         return _EffectiveWeight.apply(matrices, perm, weight, scores, pattern, mask_tau)
+
+
+def _together(permuters: list[BlockPermuter], solve) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``solve(logits) -> (matrices, local)`` once on the stacked logits of all ``permuters`` of one block
+    size (one device round trip, one batched Hungarian), split back per permuter and expanded."""
+    results: list = [None] * len(permuters)
+    by_size: dict[int, list[int]] = {}
+    for i, permuter in enumerate(permuters):
+        by_size.setdefault(permuter.block_size, []).append(i)
+    for indices in by_size.values():
+        stacked = torch.cat([permuters[i].logits for i in indices])  # [sum of free blocks, B, B]
+        sizes = [permuters[i].logits.shape[0] for i in indices]
+        matrices, local = solve(stacked)
+        for i, m, perm in zip(indices, matrices.split(sizes), local.split(sizes), strict=True):
+            results[i] = permuters[i].expand(m, perm)
+    return results
+
+
+def sample_together(permuters: list[BlockPermuter], tau: float, iters: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[p.sample(tau, iters) for p in permuters]``, batched: the same matrices and permutations."""
+    return _together(permuters, lambda logits: straight_through(logits, tau, iters))
+
+
+def hard_together(permuters: list[BlockPermuter]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[p.hard() for p in permuters]``, batched."""
+
+    def solve(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        local = hungarian(logits)
+        return perm_matrix(local, logits.dtype), local
+
+    return _together(permuters, solve)
 
 
 class _EffectiveWeight(torch.autograd.Function):

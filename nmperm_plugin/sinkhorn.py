@@ -6,9 +6,14 @@ Convention: ``P[i, j] = 1`` moves channel ``i`` to position ``j``, so ``W @ P ==
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+
+MIN_BLOCKS_PER_THREAD = 32  # below this a thread's start costs more than its share of the solves
 
 
 def log_sinkhorn(log_alpha: torch.Tensor, iters: int) -> torch.Tensor:
@@ -20,13 +25,31 @@ def log_sinkhorn(log_alpha: torch.Tensor, iters: int) -> torch.Tensor:
 
 
 def hungarian(soft: torch.Tensor) -> torch.Tensor:
-    """Hard permutations ``perm`` (``[..., B]``) maximising ``sum_j soft[perm[j], j]`` for each matrix."""
+    """Hard permutations ``perm`` (``[..., B]``) maximising ``sum_j soft[perm[j], j]`` for each matrix.
+
+    SciPy's solver releases the GIL, so many matrices are solved in chunks on up to
+    ``torch.get_num_threads()`` threads (the result does not depend on how many)."""
     mats = soft.detach().float().reshape(-1, *soft.shape[-2:]).nan_to_num(nan=0.0).cpu().numpy()
     perms = np.empty(mats.shape[:2], dtype=np.int64)
-    for k, mat in enumerate(mats):
-        rows, cols = linear_sum_assignment(mat, maximize=True)
-        perms[k, cols] = rows
+    threads = min(torch.get_num_threads(), len(mats) // MIN_BLOCKS_PER_THREAD)
+    if threads > 1:
+        chunks = np.array_split(np.arange(len(mats)), threads)
+        list(_pool(threads).map(lambda ks: _solve(mats, perms, ks), chunks))
+    else:
+        _solve(mats, perms, range(len(mats)))
     return torch.from_numpy(perms).reshape(soft.shape[:-1]).to(soft.device)
+
+
+def _solve(mats: np.ndarray, perms: np.ndarray, indices) -> None:
+    """Fill ``perms[k]`` with the maximising assignment of ``mats[k]`` for each ``k`` in ``indices``."""
+    for k in indices:
+        rows, cols = linear_sum_assignment(mats[k], maximize=True)
+        perms[k, cols] = rows
+
+
+@cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="nmperm-hungarian")
 
 
 def perm_matrix(perm: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -4,7 +4,7 @@ from torch import nn
 
 from nmperm_plugin.learn import EffectiveWeights, Member
 from nmperm_plugin.nm import NMPattern, hard_mask, is_nm
-from nmperm_plugin.permuter import BlockPermuter, block_matrix_effective_weight
+from nmperm_plugin.permuter import BlockPermuter, block_matrix_effective_weight, hard_together, sample_together
 from nmperm_plugin.sinkhorn import anneal, hungarian, log_sinkhorn, perm_matrix, straight_through
 
 
@@ -39,6 +39,53 @@ def test_hungarian_recovers_planted_permutation():
     assert torch.equal(hungarian(perm_matrix(perm)), perm)
     weight = torch.randn(3, 16)
     assert torch.equal(weight @ perm_matrix(perm), weight[:, perm])
+
+
+def test_hungarian_on_threads_equals_one_thread():
+    """Many matrices are solved in chunks on several threads: the permutations are those of one thread."""
+    mats = torch.randn(200, 16, 16, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = hungarian(mats)
+        torch.set_num_threads(4)
+        threaded = hungarian(mats)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(threaded, single)
+    assert all(_is_perm(p) for p in threaded)
+
+
+def test_permuters_sampled_together_as_one_by_one():
+    """One batched Sinkhorn + Hungarian over permuters of two block sizes, one with tied blocks, gives
+    each permuter's own matrices, permutations and gradients."""
+    generator = torch.Generator().manual_seed(2)
+
+    def permuters():
+        return [
+            BlockPermuter(
+                torch.randperm(32, generator=torch.Generator().manual_seed(0)), 8, noise=1.0, generator=generator
+            ),
+            BlockPermuter(torch.arange(16), 4, tied_blocks=(0, 0, 1, 1), noise=1.0, generator=generator),
+            BlockPermuter(torch.arange(24), 8, noise=1.0, generator=generator),
+        ]
+
+    generator.manual_seed(2)
+    alone = permuters()
+    generator.manual_seed(2)
+    together = permuters()
+    one_by_one = [p.sample(0.5, 5) for p in alone]
+    batched = sample_together(together, 0.5, 5)
+    weights = [torch.randn(m.shape, generator=generator) for m, _ in one_by_one]
+    for (m1, perm1), (m2, perm2) in zip(one_by_one, batched, strict=True):
+        assert torch.equal(perm1, perm2) and _is_perm(perm2)
+        assert torch.allclose(m1, m2, atol=1e-6)
+    sum((m * w).sum() for (m, _), w in zip(one_by_one, weights, strict=True)).backward()
+    sum((m * w).sum() for (m, _), w in zip(batched, weights, strict=True)).backward()
+    for p1, p2 in zip(alone, together, strict=True):
+        assert p2.logits.grad.abs().sum() > 0
+        assert torch.allclose(p1.logits.grad, p2.logits.grad, atol=1e-6)
+    assert all(torch.equal(a.hard()[1], b[1]) for a, b in zip(alone, hard_together(together), strict=True))
 
 
 def test_straight_through_forward_hard_backward_soft():
