@@ -1,7 +1,7 @@
 """The built-in plugin: mask generators, the architecture adapters (Llama family, Gemma 2/3, Phi-3,
 OPT, ViT, DeiT, CLIP's vision tower, Mixtral, Qwen2/3-MoE, GPT-2, Qwen2.5-VL and Qwen2-VL's text
-decoder and vision tower), the heuristic solvers and the objectives, registered through the same hooks as a
-third-party plugin."""
+decoder and vision tower, timm's VisionTransformer), the heuristic solvers and the objectives,
+registered through the same hooks as a third-party plugin."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from .arch.opt import OPTAdapter
 from .arch.phi3 import Phi3Adapter
 from .arch.qwen_vl import QwenVLAdapter
 from .arch.qwen_vl_vision import QwenVisionTowerAdapter
+from .arch.timm_vit import TimmViTAdapter
 from .arch.vit import DeiTAdapter, ViTAdapter
 from .baselines import HEURISTICS
 from .hooks import hookimpl
@@ -42,6 +43,7 @@ def nmperm_architectures() -> list:
         GPT2Adapter(),
         QwenVLAdapter(),
         QwenVisionTowerAdapter(),
+        TimmViTAdapter(),
     ]
 
 
