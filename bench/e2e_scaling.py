@@ -77,14 +77,18 @@ def worker(job: dict) -> dict:
     import torch
 
     from nmperm_plugin import PermuteConfig
-    from nmperm_plugin.objectives import LayerStack, WindowObjective, training_dtype
+    from nmperm_plugin.objectives import training_dtype
     from nmperm_plugin.pipeline import make_run
     from nmperm_plugin.run import capture_layer_inputs
+    from nmperm_plugin.strategies import layer_stack, window_learning
 
     device = torch.device(job["device"])
     model = build_model(job["shape"], getattr(torch, job["dtype"]), device)
     ids = torch.randint(0, model.config.vocab_size, (job["sequences"] + 1, job["seq_len"]), device=device)
-    config = PermuteConfig(method="learned", init="identity", train_dtype=job["train_dtype"])
+    config = PermuteConfig(
+        method="learned", init="identity", train_dtype=job["train_dtype"],
+        sequences_per_step=job["sequences"], select_sequences=job["sequences"],
+    )  # fmt: skip
     run = make_run(model, ids, config)
     hidden, kwargs = capture_layer_inputs(model, run.layers, run.input_ids)
     # dense targets as the objective keeps them (on the CPU); scores: |W| (a step's cost does not depend on them)
@@ -92,13 +96,9 @@ def worker(job: dict) -> dict:
     _, dense = run.dense_pass(hidden, kwargs, [], keep_outputs=True, on=torch.device("cpu"))
     for site in run.sites:
         run.solve(site, scores)
-    learned = [s for s in run.sites if run.learns(s)]
-    effective = run.effective(run.members(run.linears, scores, ""), learned)
-    effective.cache_fixed = job["checkpointing"] == "off"  # as the learner does
-    stack = LayerStack(list(run.layers), run.layer_prefixes, kwargs, run.adapter.head(model))
-    objective = WindowObjective(
-        stack, range(len(run.layers)), hidden, dense, run.input_ids, config.alpha, job["sequences"], job["sequences"],
-        run.rng, training_dtype(job["train_dtype"], device), job["checkpointing"] == "on",
+    effective, objective = window_learning(  # the learner's own setup, over all layers
+        run, layer_stack(run, kwargs), range(len(run.layers)), hidden, dense, scores,
+        training_dtype(job["train_dtype"], device), job["checkpointing"] == "on",
     )  # fmt: skip
     optimizer = torch.optim.Adam(effective.permuters.parameters(), lr=config.lr)
     if device.type == "cuda":

@@ -202,11 +202,7 @@ class Window(ObjectiveStrategy):
         for site in run.sites:
             if site.name not in run.perms:
                 run.solve(site, scores)
-        adapter = run.adapter
-        stack = LayerStack(
-            list(run.layers), run.layer_prefixes, kwargs, run.head(), adapter.task_loss,
-            adapter.output_distillation,
-        )  # fmt: skip
+        stack = layer_stack(run, kwargs)
         autocast = training_dtype(config.train_dtype, run.device)
         checkpointed = layer_checkpointing(config.layer_checkpointing, run.device) or run.onloading
         logger.info(
@@ -215,21 +211,13 @@ class Window(ObjectiveStrategy):
             + (f" (layers onloaded from {run.storage} to {run.device} one at a time)" if run.onloading else "")
         )
         for window in windows:
-            everything = len(window) == num_layers
-            learned = [s for s in run.sites if run.learns(s) and (s.layer in window or everything)]
-            names = {n: lin for index in window for n, lin in run.layer_linears(index).items()}
-            effective = run.effective(run.members(names, scores, ""), learned)
-            effective.cache_fixed = not checkpointed  # checkpointing: no weight kept beyond its layer
             if keep:
                 targets = dense[window.start : window.stop]
             else:
                 layers = [run.layers[i] for i in window]
                 targets = RecomputedTargets(layers, kwargs[window.start : window.stop], dense_inputs, run.device)
-            objective = WindowObjective(
-                stack, window, hidden, targets, run.labels, config.alpha,
-                config.sequences_per_step, config.select_sequences, run.rng, autocast, checkpointed,
-            )  # fmt: skip
-            label = "model" if everything else f"layers {window.start}-{window.stop - 1}"
+            effective, objective = window_learning(run, stack, window, hidden, targets, scores, autocast, checkpointed)
+            label = "model" if len(window) == num_layers else f"layers {window.start}-{window.stop - 1}"
             run.record(label, *learn(effective, objective, config.learner(config.total_steps), label))
             if window.stop < num_layers:  # the next window's inputs: these layers, pruned (and dense)
                 for index in window:
@@ -245,6 +233,39 @@ class Window(ObjectiveStrategy):
     def describe(self, config: PermuteConfig) -> str:
         size = self.layers or config.window_layers
         return f"{self.name} of {size} decoder layers, {config.total_steps} steps per window"
+
+
+def layer_stack(run: Run, kwargs: list[dict]) -> LayerStack:
+    """The run's model as a :class:`LayerStack`: its layers, their keyword arguments, head and losses."""
+    adapter = run.adapter
+    return LayerStack(
+        list(run.layers), run.layer_prefixes, kwargs, run.head(), adapter.task_loss, adapter.output_distillation
+    )
+
+
+def window_learning(
+    run: Run,
+    stack: LayerStack,
+    window: range,
+    hidden: torch.Tensor,  # [N, T, D]: the window's inputs
+    targets: list[torch.Tensor] | RecomputedTargets,  # the dense outputs of the window's layers
+    scores: dict[str, torch.Tensor],
+    autocast: torch.dtype | None,
+    checkpointed: bool,
+) -> tuple[EffectiveWeights, WindowObjective]:
+    """What :func:`learn` takes for one window: the effective weights of its linears, with the sites
+    it learns (its layers' own; every learned site when the window is the whole model), and its
+    :class:`WindowObjective`."""
+    config, everything = run.config, len(window) == len(run.layers)
+    learned = [s for s in run.sites if run.learns(s) and (s.layer in window or everything)]
+    names = {n: lin for index in window for n, lin in run.layer_linears(index).items()}
+    effective = run.effective(run.members(names, scores, ""), learned)
+    effective.cache_fixed = not checkpointed  # checkpointing: no weight kept beyond its layer
+    objective = WindowObjective(
+        stack, window, hidden, targets, run.labels, config.alpha,
+        config.sequences_per_step, config.select_sequences, run.rng, autocast, checkpointed,
+    )  # fmt: skip
+    return effective, objective
 
 
 def keeps_dense_targets(run: Run, hidden: torch.Tensor, setting: str) -> bool:
