@@ -13,7 +13,9 @@ Random weights say nothing about quality: this checks the plumbing of each adapt
 
 Run: ``python bench/architectures.py`` (about two minutes on 1 thread); writes
 ``bench/results/architectures-random-configs.{json,md}``. ``--families F ...`` runs a subset (with
-``--output`` elsewhere, so as not to overwrite the full table).
+``--output`` elsewhere, so as not to overwrite the full table). timm's ViT (``timm_vit``) is a family
+only where timm imports, in its own environment (README, "timm tests"):
+``python bench/architectures.py --families timm_vit --output bench/results/architectures-timm-vit-random-config``.
 """
 
 from __future__ import annotations
@@ -38,8 +40,15 @@ from test_qwen_vl import FAMILIES as VL_FAMILIES  # noqa: E402
 from test_qwen_vl import image_batch, packed, vl_model  # noqa: E402
 from test_vision import VISION, vision_model  # noqa: E402
 
+try:  # timm's ViT: only in an environment where timm imports (README, "timm tests")
+    from test_timm_vit import timm_vit  # noqa: E402
+
+    TIMM = ("timm_vit",)
+except BaseException:  # noqa: BLE001 - the test module skips itself (pytest's Skipped) without timm
+    TIMM = ()
+
 from nmperm_plugin import PermuteConfig, permute_  # noqa: E402
-from nmperm_plugin.checkpoint import finish_sidecar, verify_checkpoint  # noqa: E402
+from nmperm_plugin.checkpoint import finish_sidecar, verify_checkpoint, verify_checksums, verify_model  # noqa: E402
 from nmperm_plugin.fold import apply_gather, fold_permutations_  # noqa: E402
 from nmperm_plugin.nm import NMPattern, is_nm  # noqa: E402
 from nmperm_plugin.ops import function_error  # noqa: E402
@@ -48,10 +57,12 @@ from nmperm_plugin.registry import get_adapter  # noqa: E402
 from nmperm_plugin.sidecar import Sidecar  # noqa: E402
 
 TOWER_AND_TEXT = {f"{family} (tower + text)": family for family in VL_FAMILIES}  # permute_parts_, both parts
-NAMES = ("llama (reference)", *FAMILIES, *VISION, *VL_FAMILIES, *TOWER_AND_TEXT)
+NAMES = ("llama (reference)", *FAMILIES, *VISION, *VL_FAMILIES, *TOWER_AND_TEXT, *TIMM)
 
 
 def build(family: str):
+    if family in TIMM:
+        return timm_vit()
     if family in VISION:
         return vision_model(family)
     if family in VL_FAMILIES or family in TOWER_AND_TEXT:
@@ -64,7 +75,7 @@ def calibration_of(family: str, ids: torch.Tensor) -> torch.Tensor | list[dict]:
     a vision-language family as many 16-token prompts with one 16x16 image each, in batches of 4."""
     if family in VL_FAMILIES or family in TOWER_AND_TEXT:
         return [image_batch(4, seed) for seed in range(1, len(ids) // 4 + 1)]
-    if family not in VISION:
+    if family not in VISION and family not in TIMM:
         return ids
     images = torch.randn(len(ids), 3, 16, 16, generator=torch.Generator().manual_seed(1))
     return [{"pixel_values": batch} for batch in images.split(4)]
@@ -74,9 +85,10 @@ def outputs(model, data) -> torch.Tensor:
     """What folding must keep (the adapter's ``outputs``: logits, CLIP's features) on all of ``data``."""
     if isinstance(data, list) and "image_grid_thw" in data[0]:  # vision-language: each batch packed
         return torch.cat([get_adapter(model).outputs(model(**packed(batch), use_cache=False)) for batch in data])
-    inputs = {"input_ids": data} if isinstance(data, torch.Tensor) else {"pixel_values": torch.cat(
-        [batch["pixel_values"] for batch in data])}  # fmt: skip
-    return get_adapter(model).outputs(model(**inputs))
+    adapter = get_adapter(model)
+    inputs = {"input_ids": data} if isinstance(data, torch.Tensor) else adapter.model_inputs({"pixel_values": torch.cat(
+        [batch["pixel_values"] for batch in data])})  # fmt: skip
+    return adapter.outputs(model(**inputs))
 
 
 def fold_exact_randomly_(model, tower_too: bool) -> None:
@@ -121,9 +133,7 @@ def prune(family: str, ids, method: str, fold: str) -> dict:
         sidecar, _ = permute_(model, ids, config)
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as directory:
-        model.save_pretrained(directory)
-        finish_sidecar(Path(directory), sidecar, verify=False)
-        report = verify_checkpoint(directory)
+        report = saved_and_verified(model, sidecar, Path(directory))
     if fold == "gather":
         apply_gather(model, sidecar)
     pattern = NMPattern(2, 4)
@@ -137,6 +147,21 @@ def prune(family: str, ids, method: str, fold: str) -> dict:
         "nm_linears": sum(nm),
         "verify": "passed" if report.ok else f"FAILED: {', '.join(failed)}",
     }
+
+
+def saved_and_verified(model, sidecar: Sidecar, directory: Path):
+    """Save ``model`` with its sidecar to ``directory`` and run ``nmperm verify``'s checks. A timm model
+    has no ``save_pretrained``: its weights go to a safetensors file and the checks run on the model
+    in memory (as ``tests/test_timm_vit.py`` does)."""
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(directory)
+        finish_sidecar(directory, sidecar, verify=False)
+        return verify_checkpoint(directory)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+    finish_sidecar(directory, sidecar, verify=False)
+    return verify_checksums(directory, sidecar, verify_model(model, sidecar))
 
 
 def main() -> None:
