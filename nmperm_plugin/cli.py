@@ -8,22 +8,30 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partialmethod
+from pathlib import Path
 
 import torch
 from loguru import logger
 from torch import nn
 
-from . import distributed, resume
+from . import distributed, parts, resume
 from .api import permute_
 from .checkpoint import check_output_dir, save_checkpoint, verify_checkpoint
-from .cli_options import add_config_arguments, add_device_argument, config_from_args, resolve_device
+from .cli_options import (
+    add_config_arguments,
+    add_device_argument,
+    add_parts_argument,
+    config_from_args,
+    resolve_device,
+)
 from .data import load_texts, token_windows
 from .evaluate import perplexity
 from .images import image_batches, is_image_dataset, load_images, load_vision_model, top1_accuracy
-from .models import check_seq_len, load_model
+from .models import check_seq_len, load_model, model_type_of
 from .nm import NMPattern
 from .onload import execution_device, fits_on
 from .safety import guard_output
+from .vl_data import load_captioned_images, load_vl_model, vl_batches
 
 
 def _add_prune_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
@@ -55,6 +63,14 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
 Evaluate = Callable[[nn.Module], dict] | None  # the pruned model -> figures for the sidecar
 
 
+def _perplexity(args: argparse.Namespace, tokenizer, eval_texts: list[str] | None) -> Evaluate:
+    """(--eval-dataset) the pruned model's perplexity on the first --eval-samples windows of ``eval_texts``."""
+    if eval_texts is None:
+        return None
+    evaluation = token_windows(tokenizer, eval_texts, args.eval_samples, args.seq_len, None, "--eval-samples")
+    return lambda pruned: {"perplexity": perplexity(pruned, evaluation)}
+
+
 def _text_inputs(args: argparse.Namespace) -> tuple[nn.Module, object, torch.Tensor, Evaluate]:
     """A causal LM, its tokenizer, calibration token windows and (--eval-dataset) its perplexity."""
     texts = load_texts(args.dataset)
@@ -62,10 +78,23 @@ def _text_inputs(args: argparse.Namespace) -> tuple[nn.Module, object, torch.Ten
     model, tokenizer = load_model(args.model)
     check_seq_len(model.config, args.seq_len)
     calibration = token_windows(tokenizer, texts, args.num_samples, args.seq_len, seed=args.seed)
-    if eval_texts is None:
-        return model, tokenizer, calibration, None
-    evaluation = token_windows(tokenizer, eval_texts, args.eval_samples, args.seq_len, None, "--eval-samples")
-    return model, tokenizer, calibration, lambda pruned: {"perplexity": perplexity(pruned, evaluation)}
+    return model, tokenizer, calibration, _perplexity(args, tokenizer, eval_texts)
+
+
+def _vl_inputs(args: argparse.Namespace) -> tuple[nn.Module, object, torch.Tensor | list[dict], Evaluate]:
+    """A Qwen2.5-VL or Qwen2-VL model, its processor, calibration batches of images and texts (an image
+    dataset, :mod:`nmperm_plugin.vl_data`) or token windows (a text dataset), and (--eval-dataset, text)
+    its perplexity."""
+    images = is_image_dataset(args.dataset)
+    data = load_captioned_images(args.dataset) if images else load_texts(args.dataset)
+    eval_texts = load_texts(args.eval_dataset) if args.eval_dataset else None
+    model, processor = load_vl_model(args.model, images)
+    check_seq_len(model.config, args.seq_len)
+    if images:
+        calibration = vl_batches(data, processor, args.num_samples, args.seq_len, args.seed)
+    else:
+        calibration = token_windows(processor.tokenizer, data, args.num_samples, args.seq_len, seed=args.seed)
+    return model, processor, calibration, _perplexity(args, processor.tokenizer, eval_texts)
 
 
 def _image_inputs(args: argparse.Namespace) -> tuple[nn.Module, object, list[dict], Evaluate]:
@@ -81,6 +110,31 @@ def _image_inputs(args: argparse.Namespace) -> tuple[nn.Module, object, list[dic
         raise ValueError(f"--eval-dataset {args.eval_dataset} has no labels: top-1 accuracy needs them")
     evaluation = image_batches(held_out, processor, min(args.eval_samples, len(held_out.images)), None)
     return model, processor, calibration, lambda pruned: {"top1_accuracy": top1_accuracy(pruned, evaluation)}
+
+
+def _loader(args: argparse.Namespace) -> Callable[[argparse.Namespace], tuple]:
+    """Refuse --parts that the model or the dataset cannot serve, before anything is loaded, and return
+    the loader of the model and its calibration data (:func:`_vl_inputs`, :func:`_image_inputs`,
+    :func:`_text_inputs`)."""
+    if not Path(args.model).exists():
+        return _text_inputs  # which says so
+    model_type = model_type_of(args.model) or "gguf"
+    parts.check_parts(args.parts, model_type, "--parts")
+    images = is_image_dataset(args.dataset)
+    if "vision" in args.parts and not images:
+        raise ValueError(
+            f"--parts {','.join(args.parts)}: the vision tower calibrates on images, and --dataset {args.dataset} "
+            "holds none: give a datasets folder with an Image column (and a prompt or caption column) or a folder "
+            "of images"
+        )
+    if not parts.has_vision_tower(model_type):
+        return _image_inputs if images else _text_inputs
+    if args.eval_dataset and is_image_dataset(args.eval_dataset):
+        raise ValueError(
+            f"--eval-dataset {args.eval_dataset}: a vision-language model is evaluated by its perplexity on held-out "
+            "text; give a text file, folder or datasets folder"
+        )
+    return _vl_inputs
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -111,15 +165,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
         )
     pattern = NMPattern.parse(args.pattern)
     config = config_from_args(args)
+    load = _loader(args)
     if config.method == "learned":  # every rank needs a sequence of each step: refused before any work
         distributed.check_shares(min(config.sequences_per_step, args.num_samples))
     target = distributed.on_main(lambda: check_output_dir(args.output, args.overwrite, inputs))
     args.state_dir = state_dir = resume.state_dir_of(target)
     distributed.on_main(lambda: guard_output(state_dir, inputs))
     device = resolve_device(args.device)
-    load = _image_inputs if is_image_dataset(args.dataset) else _text_inputs
     model, tokenizer, calibration, evaluate = load(args)
-    fingerprint = resume.fingerprint(model, calibration, config, device)
+    fingerprint = parts.fingerprint(model, calibration, config, args.parts, device)
     distributed.check_same("the model, the calibration data or the configuration", json.dumps(fingerprint))
     store = resume.ResumeStore(state_dir, fingerprint, restart_hint="add --no-resume").open(args.resume)
     device = execution_device(device)
@@ -129,7 +183,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         logger.info(f"nmperm: the model does not fit {device} beside the learning: its layers are onloaded in turn")
     start = time.monotonic()
     with resume.using(store):
-        sidecar, _ = permute_(model, calibration, config, device)
+        if parts.has_vision_tower(model):  # --parts checked against the model before it loaded
+            sidecar, _ = parts.permute_parts_(model, calibration, config, args.parts, device)
+        else:
+            sidecar, _ = permute_(model, calibration, config, device)
     sidecar.figures["total_seconds"] = round(time.monotonic() - start, 1)
 
     def finish():  # rank 0 alone evaluates and writes; the state goes once the output is verified
@@ -209,9 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset",
         required=True,
         help="text file, directory of text files, datasets folder; for a vision model: a folder of class "
-        "subfolders of images, or a datasets folder with an image column (and labels)",
+        "subfolders of images, or a datasets folder with an image column (and labels); for a Qwen-VL model "
+        "(--parts): a datasets folder with an image column and a text column (prompt or caption), or a folder of "
+        "images (captions: same-named .txt files)",
     )
     _add_prune_options(prune)
+    add_parts_argument(prune)
     prune.add_argument(
         "--eval-dataset", help="held-out text to measure perplexity on, or labelled images: top-1 (in the sidecar)"
     )

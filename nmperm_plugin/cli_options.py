@@ -1,5 +1,6 @@
-"""Command-line flags built from the configuration schema (:mod:`nmperm_plugin.config`), and the
-device option; used by ``nmperm prune`` and ``nmperm demo``."""
+"""Command-line flags built from the configuration schema (:mod:`nmperm_plugin.config`), the device
+option and (``nmperm prune``) the parts of a vision-language model; used by ``nmperm prune`` and
+``nmperm demo``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import typing
 import torch
 
 from .config import PermuteConfig, field_types, schema
+from .parts import DEFAULT_PARTS, parse_parts
 
 
 def flag(name: str) -> str:
@@ -79,3 +81,23 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
     return device
+
+
+def _parts(value: str) -> tuple[str, ...]:
+    try:
+        return parse_parts(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).replace("parts ", "", 1)) from None
+
+
+def add_parts_argument(parser: argparse.ArgumentParser) -> None:
+    """``--parts text|vision|vision,text``, checked as the line is parsed (:func:`~nmperm_plugin.parts.parse_parts`)."""
+    parser.add_argument(
+        "--parts",
+        type=_parts,
+        default=DEFAULT_PARTS,
+        metavar="text|vision|vision,text",
+        help="what to prune of a Qwen2.5-VL / Qwen2-VL model: text (the text decoder, as the paper; default), "
+        "vision (the vision tower; needs an image dataset) or vision,text (both, the tower first); any other "
+        "model is pruned whole, with the default",
+    )

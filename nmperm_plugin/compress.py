@@ -92,14 +92,20 @@ def calibration_ids(dataloader, max_sequences: int | None = None) -> torch.LongT
     return ids[:max_sequences] if max_sequences else ids
 
 
+def has_images(batch: Mapping) -> bool:
+    """Whether a calibration batch holds images or videos (``pixel_values``, ``pixel_values_videos``)."""
+    return any(str(key).startswith("pixel_values") for key in batch)
+
+
 def calibration_data(dataloader, max_sequences: int | None = None) -> torch.LongTensor | list[dict]:
     """What ``permute_`` calibrates on from the pipeline's dataloader: token ids (:func:`calibration_ids`)
-    when its batches hold ``input_ids``, else its samples as model-input dicts (an image model's
-    ``pixel_values`` with their ``labels``, ...), the first ``max_sequences`` of them."""
+    when its batches hold ``input_ids`` and no images, else its samples as model-input dicts (an image
+    model's ``pixel_values`` with their ``labels``; a vision-language model's ``input_ids`` with
+    ``pixel_values`` and ``image_grid_thw``, batch-first), the first ``max_sequences`` of them."""
     if dataloader is None:
         raise ValueError("LearnedPermutationModifier needs calibration data: pass dataset=... to oneshot")
     first = next(iter(dataloader), None)
-    if first is None or "input_ids" in first:
+    if first is None or ("input_ids" in first and not has_images(first)):
         return calibration_ids(dataloader, max_sequences)
     samples = samples_of(dataloader)
     return samples[:max_sequences] if max_sequences else samples

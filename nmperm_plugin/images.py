@@ -6,6 +6,9 @@
 - A ``datasets`` folder (``Dataset.save_to_disk``) with an ``Image`` column and, optionally, a
   ``label`` (or ``labels``) column of class indices; a ``DatasetDict`` gives its ``train`` split.
 
+(A vision-language model's images with their prompts or captions: :mod:`nmperm_plugin.vl_data`,
+which also takes a plain folder of images.)
+
 Images become ``pixel_values`` through the model's image processor (saved beside the model:
 ``preprocessor_config.json``), in batches of model inputs that :func:`nmperm_plugin.permute_` takes.
 """
@@ -45,17 +48,18 @@ def _class_folders(path: Path) -> list[Path]:
 
 
 def is_image_dataset(source: str | Path) -> bool:
-    """Whether ``source`` is an image dataset: a folder of class subfolders holding images, or a
-    saved ``datasets`` folder with an ``Image`` column."""
+    """Whether ``source`` is an image dataset: a folder holding images (in class subfolders, or
+    directly), or a saved ``datasets`` folder with an ``Image`` column."""
     path = Path(source)
     if not path.is_dir():
         return False
     if is_datasets_folder(path):
-        return _image_column(load_datasets_folder(path)) is not None
-    return bool(_class_folders(path))
+        return image_column(load_datasets_folder(path)) is not None
+    return _has_images(path) or bool(_class_folders(path))
 
 
-def _image_column(dataset) -> str | None:
+def image_column(dataset) -> str | None:
+    """The name of ``dataset``'s first ``Image`` column (None: it has none)."""
     import datasets
 
     return next((n for n, f in dataset.features.items() if isinstance(f, datasets.Image)), None)
@@ -79,7 +83,7 @@ def load_images(source: str | Path, label2id: dict | None = None) -> Images:
     path = Path(source)
     if is_datasets_folder(path):
         dataset = load_datasets_folder(path)
-        column = _image_column(dataset)
+        column = image_column(dataset)
         if column is None:
             raise ValueError(f"dataset {path} has no image column (columns: {dataset.column_names})")
         label = next((c for c in ("label", "labels") if c in dataset.column_names), None)
@@ -97,18 +101,23 @@ def load_images(source: str | Path, label2id: dict | None = None) -> Images:
     return Images(images, labels)
 
 
+def pick_indices(available: int, num_samples: int, seed: int | None) -> list[int]:
+    """``num_samples`` of ``available`` images' indices, in order: drawn with ``seed`` (None: the first ones)."""
+    if num_samples <= 0 or num_samples > available:
+        raise ValueError(f"{num_samples} images asked for, the dataset has {available}: lower --num-samples")
+    order = torch.arange(available)
+    if seed is not None:
+        order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))
+    return order[:num_samples].sort().values.tolist()
+
+
 def image_batches(data: Images, processor, num_samples: int, seed: int | None) -> list[dict]:
     """``num_samples`` images (drawn with ``seed``; None: the first ones) as batches of model inputs
     ``{"pixel_values", "labels"}`` (no labels when the dataset has none)."""
-    if num_samples <= 0 or num_samples > len(data.images):
-        raise ValueError(f"{num_samples} images asked for, the dataset has {len(data.images)}: lower --num-samples")
-    order = torch.arange(len(data.images))
-    if seed is not None:
-        order = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(seed))
-    pick = order[:num_samples].sort().values.tolist()
+    indices = pick_indices(len(data.images), num_samples, seed)
     batches = []
     for start in range(0, num_samples, BATCH):
-        chosen = pick[start : start + BATCH]
+        chosen = indices[start : start + BATCH]
         batch = dict(processor(images=[data.images[i] for i in chosen], return_tensors="pt"))
         if data.labels is not None:
             batch["labels"] = torch.tensor([data.labels[i] for i in chosen])
@@ -141,16 +150,22 @@ def image_processor_class(path: str | Path) -> type:
     return transformers.AutoImageProcessor
 
 
-def load_vision_model(path: str | Path) -> tuple[nn.Module, object]:
-    """``(model, image processor)`` in float32 from a transformers directory (the class its config
-    names), never running code from it; the processor must be saved beside the model."""
-    read_config(path)
+def load_image_processor(path: str | Path):
+    """The image processor saved beside the model in ``path`` (:func:`image_processor_class`), never
+    running code from it; ``FileNotFoundError`` saying how to save one when there is none."""
     if not (Path(path) / "preprocessor_config.json").is_file():
         raise FileNotFoundError(
             f"{path} has no image processor (preprocessor_config.json): save it beside the model with "
             f"processor.save_pretrained({str(path)!r})"
         )
-    processor = image_processor_class(path).from_pretrained(path, trust_remote_code=False)
+    return image_processor_class(path).from_pretrained(path, trust_remote_code=False)
+
+
+def load_vision_model(path: str | Path) -> tuple[nn.Module, object]:
+    """``(model, image processor)`` in float32 from a transformers directory (the class its config
+    names), never running code from it; the processor must be saved beside the model."""
+    read_config(path)
+    processor = load_image_processor(path)
     model = load_checkpoint_model(path)
     check_finite_parameters(model, f"model {path}")
     return model.eval(), processor

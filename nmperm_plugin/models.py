@@ -73,11 +73,23 @@ def check_model_directory(directory: str | Path, tokenizer: bool = True) -> dict
     return config
 
 
+def model_type_of(path: str | Path) -> str | None:
+    """The ``model_type`` of a transformers model directory (:func:`read_config`), None for a ``.gguf``
+    file (a text model)."""
+    return None if Path(path).suffix == ".gguf" else read_config(path)["model_type"]
+
+
+def _field(config, name: str):
+    return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
+
 def max_positions(config) -> int | None:
-    """The model's ``max_position_embeddings`` (a config object or dict), if it declares one."""
-    value = config.get("max_position_embeddings") if isinstance(config, dict) else None
-    if value is None and not isinstance(config, dict):
-        value = getattr(config, "max_position_embeddings", None)
+    """The model's ``max_position_embeddings`` (a config object or dict), if it declares one (a
+    vision-language model's: its ``text_config``'s)."""
+    value = _field(config, "max_position_embeddings")
+    text = _field(config, "text_config")
+    if value is None and text is not None:
+        value = _field(text, "max_position_embeddings")
     return value if isinstance(value, int) and value > 0 else None
 
 

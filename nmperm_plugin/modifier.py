@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager, nullcontext
+from typing import Literal
 
 import torch
 from llmcompressor.core import State, active_session
 from llmcompressor.modifiers import Modifier, ModifierFactory
 from llmcompressor.utils.dev import get_main_device
 from loguru import logger
-from pydantic import Field, PositiveInt, PrivateAttr, create_model, model_validator
+from pydantic import Field, PositiveInt, PrivateAttr, create_model, field_validator, model_validator
 
+from . import parts as vl_parts
 from . import resume
-from .api import permute_
 from .compress import PermutedState, attach, calibration_data, check_recipe, check_unpermuted, ignored_linears
 from .config import PermuteConfig, default_of, field_types, schema
 from .onload import execution_device, storage_device, undispatched
@@ -27,6 +28,12 @@ from .pipeline import PruneResult, strategy_of
 from .sidecar import Sidecar
 
 __all__ = ["LearnedPermutationModifier"]
+
+VISION_NEEDS_IMAGES = (
+    "parts vision: the vision tower calibrates on images, and the calibration dataloader gives token ids only: pass "
+    "oneshot a dataset of the model processor's outputs (input_ids, pixel_values, image_grid_thw; one image per "
+    "sample, every sample of one layout) and a data_collator that stacks them, or prune parts ['text']"
+)
 
 
 class _ModifierBase(Modifier):
@@ -49,6 +56,7 @@ class _ModifierBase(Modifier):
           fold: exact
           block_size: 64
           ignore: ["re:.*lm_head"]
+          parts: ["text"]  # a Qwen2.5-VL / Qwen2-VL model: ["vision", "text"] prunes its vision tower too
         WandaPruningModifier:
           sparsity: 0.5
           mask_structure: "2:4"
@@ -60,7 +68,8 @@ class _ModifierBase(Modifier):
     - on_initialize (before any pipeline runs, so before every other modifier calibrates)
         - check the recipe (this modifier before pruners and quantizers, same N:M pattern)
         - collect the calibration data from ``state.data.calib`` (token ids, or model-input samples)
-        - ``permute_``: its own sequential pass, learn, (apply_mask) prune, fold, verify, computing
+        - ``permute_`` (a Qwen-VL model: ``permute_parts_`` over ``parts``): its own sequential pass,
+          learn, (apply_mask) prune, fold, verify, computing
           where oneshot computes (llm-compressor's main device: a GPU when there is one), one
           decoder layer onloaded at a time when the weights are kept on the CPU
         - wrap ``model.save_pretrained`` to write the sidecar ``nmperm.json``
@@ -75,7 +84,12 @@ class _ModifierBase(Modifier):
     :param max_sequences: use at most this many calibration sequences; None uses all that the
         pipeline gives
     :param ignore: linears left dense (still permuted), in llm-compressor syntax: exact module
-        names, ``re:`` regexes, class names
+        names, ``re:`` regexes, class names (matched against the whole model's names, the vision
+        tower's linears included: ``re:model\\.visual\\.blocks\\.[0-3]\\.``)
+    :param parts: what to prune of a Qwen2.5-VL or Qwen2-VL model: ``["text"]`` (the text decoder,
+        as the paper; default), ``["vision"]`` (the vision tower), or both (the tower first, so the
+        decoder calibrates on its pruned image features); the vision tower needs image calibration
+        batches. Any other model is pruned whole, with the default; ``vision`` is refused for it
     :param allow_gather_checkpoint: save a ``fold: gather`` model anyway, as a non-standard
         checkpoint (original channel order plus the sidecar) for ``nmperm export``
     :param learning_state: a directory named ``*.nmperm-state`` where the learning state is saved
@@ -92,9 +106,20 @@ class _ModifierBase(Modifier):
     ignore: list[str] = Field(default_factory=list)
     allow_gather_checkpoint: bool = False
     learning_state: str | None = None
+    parts: list[Literal["vision", "text"]] = Field(default_factory=lambda: list(vl_parts.DEFAULT_PARTS))
 
     _sidecar: Sidecar | None = PrivateAttr(default=None)
     _result: PruneResult | None = PrivateAttr(default=None)
+
+    @field_validator("parts", mode="before")
+    @classmethod
+    def _parts_text(cls, parts):
+        return [part.strip() for part in parts.split(",")] if isinstance(parts, str) else parts  # "vision,text"
+
+    @field_validator("parts")
+    @classmethod
+    def _parts(cls, parts: list[str]) -> list[str]:
+        return list(vl_parts.parse_parts(parts))  # one order: the tower first, as it runs
 
     @model_validator(mode="after")
     def _consistent(self) -> _ModifierBase:
@@ -147,15 +172,19 @@ class _ModifierBase(Modifier):
         modifiers = _recipe_of(self)
         check_recipe(self, modifiers)
         check_unpermuted(model)
+        vl_parts.check_parts(self.parts, model)
         calibration = calibration_data(state.data.calib, self.max_sequences)
+        if "vision" in self.parts and torch.is_tensor(calibration):
+            raise ValueError(VISION_NEEDS_IMAGES)
         config = self.permute_config(len(calibration), ignored_linears(model, self.ignore))
         what = (
             f"{len(calibration)} x {calibration.shape[1]} calibration tokens"
             if torch.is_tensor(calibration)
             else f"{len(calibration)} calibration samples ({', '.join(calibration[0])})"
         )
+        chosen = f"parts {', '.join(self.parts)}, " if vl_parts.has_vision_tower(model) else ""
         logger.info(
-            f"LearnedPermutationModifier: {what}, "
+            f"LearnedPermutationModifier: {chosen}{what}, "
             f"{strategy_of(config).describe(config) if config.method == 'learned' else config.method}"
         )
         with undispatched(model) as onload_device, _keep_requires_grad(model):
@@ -166,10 +195,11 @@ class _ModifierBase(Modifier):
                     f"{storage_device(model)} (one decoder layer onloaded at a time)"
                 )
             saving = nullcontext()
-            if self.learning_state:
-                saving = resume.resumable(self.learning_state, model, calibration, config, device=device)
+            if self.learning_state:  # one state for every part's run, in order
+                setup = vl_parts.fingerprint(model, calibration, config, self.parts, device)
+                saving = resume.using(resume.ResumeStore(self.learning_state, setup).open())
             with saving as store:
-                self._sidecar, self._result = permute_(model, calibration, config, device)
+                self._sidecar, self._result = vl_parts.permute_chosen_(model, calibration, config, self.parts, device)
         names = [type(m).__name__ for m in modifiers]
         state = PermutedState(self._sidecar, self._result.pruned, self.allow_gather_checkpoint, names, store)
         attach(model, state)

@@ -5,6 +5,11 @@ The tower and the decoder are two runs of :func:`~nmperm_plugin.api.permute_` (t
 :class:`~nmperm_plugin.arch.qwen_vl_vision.QwenVisionTowerAdapter` on ``model.model.visual``), the
 tower first so that the decoder calibrates on the pruned tower's image features; ``ignore``
 regexes are written against the whole model's names for both.
+
+``nmperm prune --parts`` and ``LearnedPermutationModifier(parts=...)`` go through
+:func:`permute_chosen_` (any model: a model without a vision tower is pruned whole, ``parts``
+``("text",)``), :func:`check_parts` (refused before any work) and :func:`fingerprint` (a resumable
+run's setup names its parts).
 """
 
 from __future__ import annotations
@@ -16,14 +21,47 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from . import resume
 from .api import permute_
-from .arch.qwen_vl import TOWER, VISION, QwenVLAdapter
+from .arch.qwen_vl import TOWER, VISION, QwenVLAdapter, _renamed
 from .calibration import CalibrationData
 from .config import PermuteConfig
 from .pipeline import PruneResult
 from .sidecar import Sidecar
 
 PARTS = ("vision", "text")  # what permute_parts_ prunes, in this order
+DEFAULT_PARTS = ("text",)  # the paper's: the text decoder (of any other model: all of it)
+
+
+def parse_parts(parts: str | Sequence[str]) -> tuple[str, ...]:
+    """The chosen parts, ``"vision,text"`` or a sequence, in :data:`PARTS` order without repeats;
+    ``ValueError`` for an unknown part or none."""
+    chosen = [p.strip() for p in parts.split(",")] if isinstance(parts, str) else list(parts)
+    unknown = [part for part in chosen if part not in PARTS]
+    if unknown or not chosen:
+        raise ValueError(f"parts {chosen!r}: choose one or both of {', '.join(map(repr, PARTS))}")
+    return tuple(part for part in PARTS if part in chosen)
+
+
+def has_vision_tower(model: nn.Module | str) -> bool:
+    """Whether ``model`` (a module, or a config's ``model_type``) is a Qwen2.5-VL or Qwen2-VL model,
+    whose vision tower :func:`permute_parts_` can prune."""
+    if isinstance(model, str):
+        return model in QwenVLAdapter.model_types
+    return QwenVLAdapter().matches(model)
+
+
+def check_parts(parts: Sequence[str], model: nn.Module | str, option: str = "parts") -> None:
+    """Refuse ``"vision"`` among ``parts`` for a model (a module or its ``model_type``) without a vision
+    tower nmperm prunes, saying what to do instead."""
+    if "vision" not in parts or has_vision_tower(model):
+        return
+    kind = model if isinstance(model, str) else type(model).__name__
+    raise ValueError(
+        f"{option} {','.join(parts)}: a {kind} model has no vision tower that nmperm prunes (only Qwen2.5-VL and "
+        f"Qwen2-VL models have: model_type {' or '.join(QwenVLAdapter.model_types)}); any other model is pruned "
+        f"whole: leave {option} at its default, text"
+    )
 
 
 def tower_config(model: nn.Module, config: PermuteConfig) -> PermuteConfig:
@@ -84,10 +122,8 @@ def permute_parts_(
 
         sidecar, results = permute_parts_(model, batches, PermuteConfig(), parts=("vision", "text"))
     """
-    unknown = [part for part in parts if part not in PARTS]
-    if unknown or not parts:
-        raise ValueError(f"parts {list(parts)!r}: choose one or both of {', '.join(map(repr, PARTS))}")
-    if not QwenVLAdapter().matches(model):
+    parts = parse_parts(parts)
+    if not has_vision_tower(model):
         raise ValueError(
             f"permute_parts_ takes a Qwen2.5-VL or Qwen2-VL model (a {type(model).__name__} was given); "
             "prune a bare vision tower with permute_(tower, batches, config)"
@@ -103,3 +139,68 @@ def permute_parts_(
     if len(sidecars) == 2:
         return merge_sidecars(sidecars["vision"], sidecars["text"]), results
     return next(iter(sidecars.values())), results
+
+
+def in_model_result(result: PruneResult) -> PruneResult:
+    """A :class:`PruneResult` of the vision tower's run in the whole model's names (its learning curves
+    under ``vision_tower/<label>``)."""
+    name = f"{TOWER}.{{}}".format
+    return dataclasses.replace(
+        result,
+        sites=[_renamed(site, name) for site in result.sites],
+        perms={name(site): perm for site, perm in result.perms.items()},
+        pruned=[name(linear) for linear in result.pruned],
+        history={f"vision_tower/{label}": curve for label, curve in result.history.items()},
+    )
+
+
+def merge_results(results: dict[str, PruneResult]) -> PruneResult:
+    """One :class:`PruneResult` for the parts of :func:`permute_parts_`, in the whole model's names:
+    every part's sites, permutations, pruned linears and learning curves; the last part's retained
+    ratios per layer (the text decoder's when it is pruned: the tower's are in the sidecar's
+    ``vision_tower`` figures), both parts' seconds."""
+    parts = [in_model_result(results["vision"])] if "vision" in results else []
+    parts += [results["text"]] if "text" in results else []
+    last = parts[-1]
+    return dataclasses.replace(
+        last,
+        sites=[site for part in parts for site in part.sites],
+        perms={k: v for part in parts for k, v in part.perms.items()},
+        pruned=[linear for part in parts for linear in part.pruned],
+        history={k: v for part in parts for k, v in part.history.items()},
+        seconds=sum(part.seconds for part in parts),
+    )
+
+
+def permute_chosen_(
+    model: nn.Module,
+    calibration: CalibrationData,
+    config: PermuteConfig,
+    parts: Sequence[str] = DEFAULT_PARTS,
+    device: torch.device | str | None = None,
+) -> tuple[Sidecar, PruneResult]:
+    """``permute_`` for the chosen ``parts`` of any model: :func:`permute_parts_` for a Qwen2.5-VL or
+    Qwen2-VL model (its result: :func:`merge_results`), ``permute_(model, ...)`` for any other, whose
+    ``parts`` must be the default ``("text",)`` (the whole model; ``"vision"`` refused, :func:`check_parts`)."""
+    parts = parse_parts(parts)
+    check_parts(parts, model)
+    if not has_vision_tower(model):
+        return permute_(model, calibration, config, device)
+    sidecar, results = permute_parts_(model, calibration, config, parts, device)
+    return sidecar, merge_results(results)
+
+
+def fingerprint(
+    model: nn.Module,
+    calibration: CalibrationData,
+    config: PermuteConfig,
+    parts: Sequence[str] = DEFAULT_PARTS,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """:func:`nmperm_plugin.resume.fingerprint` of a :func:`permute_chosen_` run, a vision-language
+    model's parts among its configuration fields, so that the state of a text-only run is never resumed
+    by a run over both parts (one store holds both parts' phases, the tower's first)."""
+    found = resume.fingerprint(model, calibration, config, device)
+    if has_vision_tower(model):
+        found["config"]["parts"] = list(parse_parts(parts))
+    return found

@@ -27,6 +27,7 @@ from nmperm_plugin.registry import get_adapter
 from nmperm_plugin.run import capture_layer_inputs, run_layer
 
 VOCAB, IMAGE, VIDEO, START, END = 128, 120, 121, 122, 123
+TOKENS = (IMAGE, VIDEO, START, END)
 PATCH, TEMPORAL, MERGE = 4, 2, 2
 GRID = (1, 4, 4)  # one frame of 4 x 4 patches (a 16 x 16 image): 4 image tokens after the 2 x 2 merge
 FAMILIES = {
@@ -35,11 +36,12 @@ FAMILIES = {
 }
 
 
-def vl_model(family: str, seed: int = 0, window_size: int = 16):
+def vl_model(family: str, seed: int = 0, window_size: int = 16, vocab: int = VOCAB, tokens=TOKENS):
     """A tiny random VL model: 2 vision blocks (hidden 64, 4 heads; Qwen2.5-VL: a windowed and a full
     attention block, ``window_size`` pixels: 16 is the whole 16 x 16 image, 8 four windows of one merged
     token each) and 2 text layers (hidden 64, 4 heads, 2 KV heads, MLP 128), every bias and norm weight
-    randomised so that folding them is tested."""
+    randomised so that folding them is tested. ``vocab`` tokens, ``tokens`` the ids of the image, video,
+    vision start and end tokens."""
     config_class, model_class = FAMILIES[family]
     vision = dict(depth=2, hidden_size=64, num_heads=4, patch_size=PATCH, temporal_patch_size=TEMPORAL)
     vision |= dict(spatial_merge_size=MERGE, in_channels=3)
@@ -49,12 +51,10 @@ def vl_model(family: str, seed: int = 0, window_size: int = 16):
         else dict(embed_dim=64, mlp_ratio=2, hidden_size=64)
     )
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-    text |= dict(num_key_value_heads=2, vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    text |= dict(num_key_value_heads=2, vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     text |= dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
-    config = config_class(
-        text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
-        vision_start_token_id=START, vision_end_token_id=END,
-    )  # fmt: skip
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    config = config_class(text_config=text, vision_config=vision, **dict(zip(names, tokens, strict=True)))
     torch.manual_seed(seed)
     model = model_class(config).eval()
     with torch.no_grad():
@@ -376,3 +376,133 @@ def test_unsupported_calls_are_refused_clearly(images):
     assert vision.architecture == "qwen_vl" and all(n.startswith("model.visual.") for n in vision.frames)
     with pytest.raises(ValueError, match="differ in fold"):
         merge_sidecars(vision, text)
+
+
+# -- LearnedPermutationModifier(parts=...) ---------------------------------------------------------
+def _rows(batches: list[dict]) -> list[dict]:
+    """The batches' samples as a dataset's rows (every tensor without its batch dimension)."""
+    return [{k: v[i] for k, v in batch.items()} for batch in batches for i in range(len(batch["input_ids"]))]
+
+
+def _modifier_state(model, batches: list[dict]):
+    """A session state holding ``model`` and a dataloader of the image batches' samples, as ``oneshot``
+    prepares it with a collator that stacks them."""
+    from llmcompressor.core import State
+    from torch.utils.data import DataLoader
+
+    state = State()
+    state.update(model=model, calib_data=DataLoader(_rows(batches), batch_size=2))
+    return state
+
+
+def test_the_parts_field_is_typed_and_validated():
+    from pydantic import ValidationError
+
+    from nmperm_plugin.modifier import LearnedPermutationModifier
+
+    assert LearnedPermutationModifier().parts == ["text"]
+    assert LearnedPermutationModifier(parts=["text", "vision"]).parts == ["vision", "text"]  # the order they run in
+    assert LearnedPermutationModifier(parts="text, vision").parts == ["vision", "text"]
+    for bad, message in ((["audio"], "Input should be 'vision' or 'text'"), ([], "choose one or both")):
+        with pytest.raises(ValidationError, match=message) as raised:
+            LearnedPermutationModifier(parts=bad)
+        assert "parts" in str(raised.value)
+
+
+def test_the_modifier_keeps_the_images_of_vl_batches(images):
+    from nmperm_plugin.compress import calibration_data
+
+    state = _modifier_state(vl_model("qwen2_5_vl"), images)
+    samples = calibration_data(state.data.calib, max_sequences=4)
+    assert len(samples) == 4 and samples[0]["pixel_values"].shape == (1, 16, 96)
+    assert samples[0]["image_grid_thw"].tolist() == [[list(GRID)]]
+
+
+def test_oneshot_prunes_the_chosen_parts_with_ignore_patterns(images, tmp_path, tokenizer, one_thread, capsys):
+    """Stock ``llmcompressor.oneshot`` on a saved tiny Qwen2.5-VL with a dataset of image samples and a
+    collator that stacks them: the tower's block 0 and ``lm_head`` ignored by llm-compressor regexes."""
+    import yaml
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
+    import nmperm_plugin  # noqa: F401 - registers LearnedPermutationModifier
+    from nmperm_plugin.sidecar import Sidecar
+
+    vl_model("qwen2_5_vl", window_size=8).save_pretrained(tmp_path / "vl")
+    tokenizer.save_pretrained(tmp_path / "vl")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "vl")  # oneshot reads its saved path
+    dense = copy.deepcopy(model)
+    rows = _rows(images)
+    dataset = Dataset.from_dict({k: [row[k].tolist() for row in rows] for k in rows[0]})
+    fields = dict(method="ria", apply_mask=True, block_size=16, parts=["vision", "text"])
+    fields["ignore"] = ["re:.*lm_head", r"re:model\.visual\.blocks\.0\..*"]
+    recipe = {"sparsity_stage": {"sparsity_modifiers": {"LearnedPermutationModifier": fields}}}
+    oneshot(
+        model=model,
+        processor=tokenizer,
+        dataset=dataset,
+        recipe=yaml.safe_dump(recipe),
+        data_collator=lambda batch: {k: torch.tensor([row[k] for row in batch]) for k in batch[0]},
+        batch_size=2,
+        num_calibration_samples=len(rows),
+        shuffle_calibration_samples=False,
+        output_dir=str(tmp_path / "out"),
+    )
+    sidecar = Sidecar.load(tmp_path / "out")
+    tower = sorted(n for n in sidecar.frames if n.startswith("model.visual."))
+    assert tower == [
+        f"model.visual.blocks.1.{n}" for n in ("attn.proj", "attn.qkv", "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj")
+    ]
+    assert len(sidecar.frames) == 5 + 14 and "model.visual.hidden" in sidecar.permutations
+    kept, original = model.model.visual.blocks[0].attn.qkv.weight, dense.model.visual.blocks[0].attn.qkv.weight
+    assert torch.equal(kept.flatten().sort().values, original.flatten().sort().values)  # permuted, not pruned
+    capsys.readouterr()
+    from nmperm_plugin.cli import main
+
+    assert main(["verify", str(tmp_path / "out")]) == 0
+
+
+def test_the_modifier_refuses_vision_without_a_tower_or_images():
+    from conftest import tiny_model
+    from test_modifier import _state
+
+    from nmperm_plugin.modifier import LearnedPermutationModifier
+
+    with pytest.raises(ValueError, match=r"parts vision: a LlamaForCausalLM model has no vision tower .*leave parts"):
+        LearnedPermutationModifier(parts=["vision"], method="ria", block_size=16).initialize(_state(tiny_model()))
+    text_only = _state(vl_model("qwen2_vl"))  # token ids, no images
+    with pytest.raises(ValueError, match="the calibration dataloader gives token ids only: pass oneshot a dataset"):
+        LearnedPermutationModifier(parts=["vision", "text"], method="ria", block_size=16).initialize(text_only)
+
+
+def test_the_modifier_resumes_both_parts_from_one_learning_state(images, tmp_path, monkeypatch, one_thread):
+    """Killed in the text decoder's learning (the tower's finished), the same setup resumes and ends with
+    the permutations of an uninterrupted run; a text-only run's state is refused by a run over both."""
+    from test_resume import Interrupted, _interrupt_after
+
+    from nmperm_plugin import objectives, resume
+    from nmperm_plugin.modifier import LearnedPermutationModifier
+
+    state_dir = tmp_path / "out.nmperm-state"
+    fields = dict(block_size=16, sequences_per_step=2, select_sequences=2, select_every=2, end_to_end_steps=7)
+    fields |= dict(objective="end_to_end", parts=["vision", "text"])
+
+    def run(learning_state=None, **changes):
+        modifier = LearnedPermutationModifier(**(fields | changes), learning_state=learning_state)
+        model = vl_model("qwen2_5_vl", window_size=8)
+        modifier.initialize(_modifier_state(model, images))
+        return {k: v.tolist() for k, v in modifier.result.perms.items()}
+
+    expected = run()
+    assert {"model.visual.hidden", "hidden"} <= set(expected)  # both parts, in the model's names
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, objectives.WindowObjective, 7 + 6)  # the tower's 7 steps, then the text's 6th
+        with pytest.raises(Interrupted):
+            run(str(state_dir))
+    assert len(list(state_dir.glob("phase-*.pt"))) == 1 and (state_dir / "current.pt").exists()
+    with pytest.raises(resume.ResumeMismatchError, match=r"parts \['vision', 'text'\] there, \['text'\] now"):
+        run(str(state_dir), parts=["text"])
+    with monkeypatch.context() as patch:
+        counter = _interrupt_after(patch, objectives.WindowObjective, 10**6)
+        resumed = run(str(state_dir))
+    assert resumed == expected and counter[0] == 2  # the text's steps 6 and 7 only
