@@ -23,7 +23,7 @@ from torch import nn
 
 from . import resume
 from .api import permute_
-from .arch.qwen_vl import TOWER, VISION, QwenVLAdapter, _renamed
+from .arch.qwen_vl import TOWER, VISION, QwenVLAdapter, renamed
 from .calibration import CalibrationData
 from .config import PermuteConfig
 from .pipeline import PruneResult
@@ -147,7 +147,7 @@ def in_model_result(result: PruneResult) -> PruneResult:
     name = f"{TOWER}.{{}}".format
     return dataclasses.replace(
         result,
-        sites=[_renamed(site, name) for site in result.sites],
+        sites=[renamed(site, name) for site in result.sites],
         perms={name(site): perm for site, perm in result.perms.items()},
         pruned=[name(linear) for linear in result.pruned],
         history={f"vision_tower/{label}": curve for label, curve in result.history.items()},

@@ -100,17 +100,17 @@ class QwenVLAdapter(DecoderAdapter):
         """The text decoder's sites and the vision tower's, in the model's names (``model.visual.``
         before the tower's): a checkpoint of :func:`~nmperm_plugin.parts.permute_parts_` may record both."""
         tower = model.get_submodule(TOWER)
-        return self.sites(model, fold) + [_renamed(s, lambda n: f"{TOWER}.{n}") for s in VISION.sites(tower, fold)]
+        return self.sites(model, fold) + [renamed(s, lambda n: f"{TOWER}.{n}") for s in VISION.sites(tower, fold)]
 
     def apply_gather(self, model: nn.Module, site: Site, perm: torch.Tensor) -> None:
         """A text decoder's site here, a vision tower's (``model.visual.``...) by the tower's adapter."""
         if not site.name.startswith(f"{TOWER}."):
             super().apply_gather(model, site, perm)
             return
-        in_tower = _renamed(site, lambda n: n.removeprefix(f"{TOWER}."))
+        in_tower = renamed(site, lambda n: n.removeprefix(f"{TOWER}."))
         VISION.apply_gather(model.get_submodule(TOWER), in_tower, perm)
 
 
-def _renamed(site: Site, rename: Callable[[str], str]) -> Site:
+def renamed(site: Site, rename: Callable[[str], str]) -> Site:
     """``site`` with ``rename`` applied to its name and its linears' names."""
     return dataclasses.replace(site, name=rename(site.name), linears=tuple(rename(n) for n in site.linears))
