@@ -152,6 +152,29 @@ def assert_same_function(actual: torch.Tensor, expected: torch.Tensor, tolerance
     assert error <= tolerance, f"outputs differ by {error:.3g} of their scale (> {tolerance:g})"
 
 
+@torch.no_grad()
+def randomise_vectors_(model, names: tuple[str, ...] = ("token",)):
+    """Add noise to every vector parameter (norms, biases, LayerScale) and to the parameters whose name
+    holds one of ``names`` (tokens, position embeddings), which random inits leave constant or near
+    zero: a permutation a fold forgot to apply to them would go unnoticed. Returns ``model``."""
+    for name, parameter in model.named_parameters():
+        if parameter.ndim == 1 or any(part in name for part in names):
+            parameter.add_(torch.randn_like(parameter) * 0.2)
+    return model
+
+
+@pytest.fixture
+def images() -> list[dict]:
+    """Two batches of three 16x16 RGB images with class labels (of 10), as an image processor and a
+    collator give them."""
+    generator = torch.Generator().manual_seed(1)
+    batch = lambda: {  # noqa: E731
+        "pixel_values": torch.randn(3, 3, 16, 16, generator=generator),
+        "labels": torch.randint(0, 10, (3,), generator=generator),
+    }
+    return [batch(), batch()]
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Many tiny matmuls (llm-compressor's pipelines) run far faster on one thread on a shared 2-core machine."""

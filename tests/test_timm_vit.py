@@ -16,7 +16,7 @@ try:
 except Exception as error:  # noqa: BLE001 - not installed, or torchvision does not import beside this torch
     pytest.skip(f"timm is not importable ({error}); see README: timm tests", allow_module_level=True)
 
-from conftest import assert_pruned_nm, assert_same_function
+from conftest import assert_pruned_nm, assert_same_function, randomise_vectors_
 from test_architectures import exact_fold, gather_fold
 
 from nmperm_plugin import PermuteConfig, permute_
@@ -46,21 +46,7 @@ def timm_vit(variant: str = "token", seed: int = 0, **overrides) -> VisionTransf
     torch.manual_seed(seed)
     kwargs = dict(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0, num_classes=10)
     model = VisionTransformer(**(kwargs | VARIANTS[variant] | overrides)).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.ndim == 1 or "token" in name or "pos_embed" in name:
-                parameter.add_(torch.randn_like(parameter) * 0.2)
-    return model
-
-
-@pytest.fixture
-def images() -> list[dict]:
-    generator = torch.Generator().manual_seed(1)
-    batch = lambda: {  # noqa: E731
-        "pixel_values": torch.randn(3, 3, 16, 16, generator=generator),
-        "labels": torch.randint(0, 10, (3,), generator=generator),
-    }
-    return [batch(), batch()]
+    return randomise_vectors_(model, ("token", "pos_embed"))
 
 
 def pixels(images) -> torch.Tensor:

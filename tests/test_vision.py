@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_pruned_nm, assert_same_function, tiny_model, verify_saved
+from conftest import assert_pruned_nm, assert_same_function, randomise_vectors_, tiny_model, verify_saved
 from test_architectures import exact_fold, gather_fold
 from transformers import (
     CLIPVisionConfig,
@@ -57,22 +57,7 @@ def vision_model(family: str, seed: int = 0):
     )  # fmt: skip
     torch.manual_seed(seed)
     model = model_class(config).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.ndim == 1 or "token" in name or "position_embedding" in name:
-                parameter.add_(torch.randn_like(parameter) * 0.2)
-    return model
-
-
-@pytest.fixture
-def images() -> list[dict]:
-    """Two batches of three images with class labels, as an image processor and a collator give them."""
-    generator = torch.Generator().manual_seed(1)
-    batch = lambda: {  # noqa: E731
-        "pixel_values": torch.randn(3, 3, 16, 16, generator=generator),
-        "labels": torch.randint(0, 10, (3,), generator=generator),
-    }
-    return [batch(), batch()]
+    return randomise_vectors_(model, ("token", "position_embedding"))
 
 
 def pixels(images):
