@@ -5,14 +5,16 @@ and, optionally, a text column (the first of :data:`TEXT_COLUMNS`: a prompt or a
 folder of images (any depth), each with an optional caption in a text file of the same name
 (``cat.png``, ``cat.txt``).
 
-:class:`QwenVLProcessor` turns them into model inputs as transformers' ``Qwen2_5_VLProcessor`` does,
-from the tokenizer and the image processor saved beside the model (so without torchvision, which
-that processor's video half needs): each sample's prompt is the model's chat template (the
-processor's ``chat_template.json`` / ``chat_template.jinja``, else the tokenizer's) over one user
-turn holding the image and the text, or ``<|vision_start|><|image_pad|><|vision_end|>text`` when
-the model has none; the image processor gives ``pixel_values`` and ``image_grid_thw``, and the one
-``<|image_pad|>`` becomes ``t * h * w / merge_size ** 2`` of them, one per merged patch;
-``mm_token_type_ids`` marks them.
+:class:`QwenVLProcessor` turns them into model inputs as transformers' ``Qwen2_5_VLProcessor`` does
+(``tests/test_qwen_vl_processor.py`` compares the two), from the tokenizer and the image processor
+saved beside the model (``preprocessor_config.json``, as the hub's checkpoints have it, or the
+``image_processor`` entry of ``processor_config.json``, where transformers 5's
+``processor.save_pretrained`` puts it), so without torchvision, which that processor's video half
+needs: each sample's prompt is the model's chat template (the processor's ``chat_template.json`` /
+``chat_template.jinja``, else the tokenizer's) over one user turn holding the image and the text, or
+``<|vision_start|><|image_pad|><|vision_end|>text`` when the model has none; the image processor
+(its PIL form) gives ``pixel_values`` and ``image_grid_thw``, and the one ``<|image_pad|>`` becomes
+``t * h * w / merge_size ** 2`` of them, one per merged patch; ``mm_token_type_ids`` marks them.
 
 The layer walk takes the rotary positions and attention bounds from the first sample, so every
 sample has one layout (:func:`vl_batches`): the images are resized to the first one's size (one
@@ -106,6 +108,29 @@ def _chat_template(directory: Path, tokenizer) -> str | None:
     return getattr(tokenizer, "chat_template", None)
 
 
+def _nested_image_processor(directory: Path) -> dict | None:
+    """The ``image_processor`` entry of ``directory``'s ``processor_config.json``, if it has one."""
+    saved = directory / "processor_config.json"
+    entry = json.loads(saved.read_text(encoding="utf-8")).get("image_processor") if saved.is_file() else None
+    return entry if isinstance(entry, dict) else None
+
+
+def _load_image_processor(directory: Path):
+    """The image processor saved beside the model: ``preprocessor_config.json`` (:func:`load_image_processor`),
+    else ``processor_config.json``'s ``image_processor`` entry, in its PIL form where transformers has one."""
+    entry = _nested_image_processor(directory)
+    if (directory / "preprocessor_config.json").is_file() or entry is None:
+        return load_image_processor(directory)  # FileNotFoundError saying how to save one when there is none
+    import transformers
+
+    name = entry.get("image_processor_type") or ""
+    for candidate in (f"{name}Pil", name.removesuffix("Fast") + "Pil", name):
+        found = getattr(transformers, candidate, None) if candidate else None
+        if isinstance(found, type):
+            return found.from_pretrained(directory, trust_remote_code=False)
+    return transformers.AutoImageProcessor.from_pretrained(directory, trust_remote_code=False)
+
+
 def _check_matches(directory: Path, config: dict, tokenizer, image_processor) -> int:
     """The model's image token id, once the tokenizer and the image processor are found to be its own."""
     image_token_id = config.get("image_token_id")
@@ -146,8 +171,8 @@ class QwenVLProcessor:
         directory = Path(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
         image_processor = None
-        if images or (directory / "preprocessor_config.json").is_file():
-            image_processor = load_image_processor(directory)
+        if images or (directory / "preprocessor_config.json").is_file() or _nested_image_processor(directory):
+            image_processor = _load_image_processor(directory)
         token = None if image_processor is None else _check_matches(directory, config, tokenizer, image_processor)
         return cls(directory, tokenizer, image_processor, _chat_template(directory, tokenizer), token)
 
@@ -225,7 +250,7 @@ def vl_inputs(data: Captioned, processor: QwenVLProcessor, indices: list[int], s
         raise ValueError("the prompts place the image at different tokens: the chat template must put it first")
     length = _common_length(rows, int(placeholders[0][-1]) + 1, seq_len)
     ids = torch.stack([row[:length] for row in rows])
-    marks = (ids == processor.image_token_id).int()
+    marks = (ids == processor.image_token_id).long()  # int64, as the processor's
     text = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": marks}
     return per_sample_images(text | pixels)
 
