@@ -45,21 +45,30 @@ def _nth_and_topn(values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def _slot_gain(candidates: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """``gain[c, g] = sum_r relu(candidates[r, c] - threshold[r, g])``, chunked over c.
+    """``gain[c, g] = sum_r relu(candidates[r, c] - threshold[r, g])``, in tiles of rows and candidates.
 
-    One work buffer serves every chunk: a fresh 16 MB temporary per chunk would fragment the heap
+    A tile (``[rows, candidates, groups]``) holds at most ``_CHUNK_ELEMENTS`` values, however many
+    rows there are: a site's stacked scores can have 10^5 rows (the exact ``hidden`` site stacks
+    five linears of every layer), where a tile of all rows per candidate would not fit any cache.
+    One work buffer serves every tile: a fresh 16 MB temporary per tile would fragment the heap
     (glibc serves that size below its mmap threshold), so peak memory would grow with the number of
-    chunks (8.6 GB at 4096 x 2048 scores, docs/benchmarks.md "Scaling").
+    tiles (8.6 GB at 4096 x 2048 scores, docs/benchmarks.md "Scaling").
     """
     rows, count = candidates.shape
     groups = threshold.shape[1]
-    step = max(1, _CHUNK_ELEMENTS // max(rows * groups, 1))
-    work = candidates.new_empty(rows, min(step, count), groups)
-    gain = candidates.new_empty(count, groups)
-    for c in range(0, count, step):
-        chunk = work[:, : min(step, count - c)]
-        torch.sub(candidates[:, c : c + step, None], threshold[:, None, :], out=chunk).clamp_min_(0)
-        torch.sum(chunk, dim=0, out=gain[c : c + step])
+    tile_candidates = min(count, max(1, _CHUNK_ELEMENTS // max(groups, 1)))
+    tile_rows = min(rows, max(1, _CHUNK_ELEMENTS // max(tile_candidates * groups, 1)))
+    work = candidates.new_empty(tile_rows, tile_candidates, groups)
+    partial = candidates.new_empty(tile_candidates, groups)
+    gain = candidates.new_zeros(count, groups)
+    for c in range(0, count, tile_candidates):
+        width = min(tile_candidates, count - c)
+        for r in range(0, rows, tile_rows):
+            height = min(tile_rows, rows - r)
+            tile = work[:height, :width]
+            torch.sub(candidates[r : r + height, c : c + width, None], threshold[r : r + height, None, :], out=tile)
+            torch.sum(tile.clamp_min_(0), dim=0, out=partial[:width])
+            gain[c : c + width] += partial[:width]
     return gain
 
 

@@ -39,7 +39,8 @@ def test_allocation_separates_top_channels():
     assert groups == {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize("chunk_elements", [1, 7 * 13 * 3, 2**22])  # one candidate a chunk; ragged last chunk; one
+# one row and candidate a tile; 3 candidates a tile (ragged); 2 rows of all candidates (ragged); one tile
+@pytest.mark.parametrize("chunk_elements", [1, 13 * 3, 10 * 13 * 2 + 5, 2**22])
 def test_slot_gain_is_the_formula_at_any_chunk_size(chunk_elements, monkeypatch):
     generator = torch.Generator().manual_seed(0)
     candidates, threshold = torch.rand(7, 10, generator=generator), torch.rand(7, 13, generator=generator)
