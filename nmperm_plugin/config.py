@@ -97,16 +97,13 @@ class PermuteConfig:
         "auto", "precision of end_to_end's learning passes (auto: bfloat16 where fast)", lambda: TRAIN_DTYPES
     )
     lr: float = option(0.1, "learning rate of the cost matrices", minimum=0)
-    lr_end: float | None = option(
-        None, "learning rate at the last step, reached linearly from lr (none: lr throughout)", minimum=0
-    )
     tau_start: float = option(1.0, "Sinkhorn temperature at the first step", minimum=1e-6)
     tau_end: float = option(0.1, "Sinkhorn temperature at the last step", minimum=1e-6)
     mask_tau: float = option(0.5, "temperature of the soft N:M mask in backward", minimum=1e-6)
     sinkhorn_iters: int = option(5, "Sinkhorn normalisation rounds", minimum=1)
     select_every: int = option(4, "steps between rankings of the current hard permutation", minimum=1)
     select_from: float = option(
-        0.0,
+        0.5,
         "share of the learner's steps before the first ranking (the start and the last step are always ranked)",
         minimum=0,
     )
@@ -142,7 +139,7 @@ class PermuteConfig:
         """The learner's hyper-parameters for a run of ``steps`` steps."""
         return LearnConfig(
             steps, self.lr, self.tau_start, self.tau_end, self.mask_tau, self.sinkhorn_iters, self.select_every,
-            self.lr_end, self.select_from,
+            self.select_from,
         )  # fmt: skip
 
 

@@ -33,17 +33,13 @@ class LearnConfig:
     mask_tau: float = 0.5
     sinkhorn_iters: int = 5
     select_every: int = 2
-    lr_end: float | None = None  # learning rate at the last step (linear from ``lr``); None: constant
-    select_from: float = 0.0  # share of the steps before the first ranking (the start is always ranked)
+    select_from: float = 0.5  # share of the steps before the first ranking (the start is always ranked)
 
     def ranks(self, step: int) -> bool:
         """Whether the hard permutation after ``step`` steps is ranked: every ``select_every`` steps
         from ``select_from`` of the run on, and after the last step."""
         late = step >= self.select_from * self.steps
         return step == self.steps or (late and step % self.select_every == 0)
-
-    def lr_at(self, step: int) -> float:
-        return self.lr if self.lr_end is None else anneal(step, self.steps, self.lr, self.lr_end)
 
 
 def module_key(site: str) -> str:
@@ -180,7 +176,7 @@ def learn(
     description: str = "learn",
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Train the permuters of ``effective`` on ``objective``; return the best hard permutations and
-    the learning curve (``step``, ``tau``, ``lr``, ``loss``, ``select``).
+    the learning curve (``step``, ``tau``, ``loss``, ``select``).
 
     With a :mod:`~nmperm_plugin.resume` store active, this call is one phase of a resumable run: a
     phase the interrupted run finished returns its saved result (and restores the random states it
@@ -217,16 +213,13 @@ def learn(
         range(first, config.steps), desc=description, leave=False, disable=quiet, initial=first, total=config.steps
     ):
         tau = anneal(step, config.steps, config.tau_start, config.tau_end)
-        lr = config.lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         loss = objective.loss(effective.soft(tau), step)
         optimizer.zero_grad()
         loss.backward()
         distributed.sum_gradients(effective.permuters.parameters())
         optimizer.step()
         loss_value = distributed.sum_float(float(loss.detach()))
-        record = {"step": step + 1, "tau": tau, "lr": lr, "loss": loss_value, "select": None}
+        record = {"step": step + 1, "tau": tau, "loss": loss_value, "select": None}
         if config.ranks(step + 1):
             perms = effective.hard_perms()
             record["select"] = objective.select(effective.hard(perms))
