@@ -96,7 +96,10 @@ class PermuteConfig:
     train_dtype: str = option(
         "auto", "precision of end_to_end's learning passes (auto: bfloat16 where fast)", lambda: TRAIN_DTYPES
     )
-    lr: float = option(0.1, "learning rate of the cost matrices", minimum=0)
+    lr: float = option(0.1, "learning rate of the cost matrices at the first step", minimum=0)
+    lr_end: float | None = option(
+        0.01, "learning rate at the last step, reached linearly from lr as tau is (equal to lr: constant)", minimum=0
+    )
     tau_start: float = option(1.0, "Sinkhorn temperature at the first step", minimum=1e-6)
     tau_end: float = option(0.1, "Sinkhorn temperature at the last step", minimum=1e-6)
     mask_tau: float = option(0.5, "temperature of the soft N:M mask in backward", minimum=1e-6)
@@ -139,7 +142,7 @@ class PermuteConfig:
         """The learner's hyper-parameters for a run of ``steps`` steps."""
         return LearnConfig(
             steps, self.lr, self.tau_start, self.tau_end, self.mask_tau, self.sinkhorn_iters, self.select_every,
-            self.select_from,
+            self.lr_end, self.select_from,
         )  # fmt: skip
 
 

@@ -33,6 +33,7 @@ class LearnConfig:
     mask_tau: float = 0.5
     sinkhorn_iters: int = 5
     select_every: int = 2
+    lr_end: float | None = None  # learning rate at the last step (linear from ``lr``); None: constant
     select_from: float = 0.5  # share of the steps before the first ranking (the start is always ranked)
 
     def ranks(self, step: int) -> bool:
@@ -40,6 +41,10 @@ class LearnConfig:
         from ``select_from`` of the run on, and after the last step."""
         late = step >= self.select_from * self.steps
         return step == self.steps or (late and step % self.select_every == 0)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step ``step`` (from 0): ``lr``, falling linearly to ``lr_end`` when set."""
+        return self.lr if self.lr_end is None else anneal(step, self.steps, self.lr, self.lr_end)
 
 
 def module_key(site: str) -> str:
@@ -176,7 +181,7 @@ def learn(
     description: str = "learn",
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Train the permuters of ``effective`` on ``objective``; return the best hard permutations and
-    the learning curve (``step``, ``tau``, ``loss``, ``select``).
+    the learning curve (``step``, ``tau``, ``lr``, ``loss``, ``select``).
 
     With a :mod:`~nmperm_plugin.resume` store active, this call is one phase of a resumable run: a
     phase the interrupted run finished returns its saved result (and restores the random states it
@@ -212,14 +217,16 @@ def learn(
     for step in tqdm(
         range(first, config.steps), desc=description, leave=False, disable=quiet, initial=first, total=config.steps
     ):
-        tau = anneal(step, config.steps, config.tau_start, config.tau_end)
+        tau, lr = anneal(step, config.steps, config.tau_start, config.tau_end), config.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         loss = objective.loss(effective.soft(tau), step)
         optimizer.zero_grad()
         loss.backward()
         distributed.sum_gradients(effective.permuters.parameters())
         optimizer.step()
         loss_value = distributed.sum_float(float(loss.detach()))
-        record = {"step": step + 1, "tau": tau, "loss": loss_value, "select": None}
+        record = {"step": step + 1, "tau": tau, "lr": lr, "loss": loss_value, "select": None}
         if config.ranks(step + 1):
             perms = effective.hard_perms()
             record["select"] = objective.select(effective.hard(perms))

@@ -1,4 +1,4 @@
-"""The learner: which steps rank their hard permutation."""
+"""The learner's schedules: the learning rate's decay and which steps rank their hard permutation."""
 
 import pytest
 import torch
@@ -45,10 +45,24 @@ def test_ranking_late_leaves_the_trajectory_as_it_was():
     assert [h["select"] for h in late if h["select"] is not None] == [every[s]["select"] for s in _ranked(late)]
 
 
-def test_select_from_reaches_the_learner_and_is_checked():
-    assert PermuteConfig().learner(10).select_from == 0.5
-    assert PermuteConfig(select_from=0.25).learner(10).select_from == 0.25
+def test_lr_end_decays_the_learning_rate_linearly_and_moves_the_cost_matrices_less():
+    final = []
+    constant, decayed = (_learn(LearnConfig(steps=5, lr=0.5, lr_end=end), final) for end in (None, 0.1))
+    assert [h["lr"] for h in constant[1:]] == [0.5] * 5
+    assert [h["lr"] for h in decayed[1:]] == pytest.approx([0.5, 0.4, 0.3, 0.2, 0.1])
+    start = torch.eye(16)  # BlockPermuter's start: the identity plus noise of 0.01
+    moved = [(logits - start).abs().sum() for logits in final]
+    assert moved[1] < 0.8 * moved[0]  # Adam's steps are about lr each: 1.5 in all against 2.5
+
+
+def test_schedule_fields_reach_the_learner_and_are_checked():
+    default = PermuteConfig().learner(10)
+    assert (default.lr, default.lr_end, default.select_from) == (0.1, 0.01, 0.5)
+    learner = PermuteConfig(lr=0.2, lr_end=None, select_from=0.25).learner(10)
+    assert (learner.lr_at(0), learner.lr_at(9), learner.select_from) == (0.2, 0.2, 0.25)
     with pytest.raises(ValueError, match="select_from is a share of the steps"):
         PermuteConfig(select_from=1.5)
     with pytest.raises(ValueError, match="select_from must be at least 0"):
         PermuteConfig(select_from=-0.1)
+    with pytest.raises(ValueError, match="lr_end must be at least 0"):
+        PermuteConfig(lr_end=-0.1)

@@ -15,7 +15,8 @@ from nmperm_plugin.pipeline import make_run
 from nmperm_plugin.registry import get_adapter
 from nmperm_plugin.run import capture_layer_inputs
 
-FAST = dict(block_size=16, sequences_per_step=2, select_sequences=2, end_to_end_steps=3, select_every=1)
+FAST = dict(block_size=16, sequences_per_step=2, select_sequences=2, end_to_end_steps=3)
+FAST |= dict(select_every=1, select_from=0.0)  # rank every step
 
 
 def _stack_and_inputs(model, input_ids):
