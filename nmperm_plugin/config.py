@@ -98,7 +98,7 @@ class PermuteConfig:
     )
     lr: float = option(0.1, "learning rate of the cost matrices at the first step", minimum=0)
     lr_end: float | None = option(
-        0.01, "learning rate at the last step, reached linearly from lr as tau is (equal to lr: constant)", minimum=0
+        None, "learning rate at the last step, reached linearly from lr as tau is (unset: lr throughout)", minimum=0
     )
     tau_start: float = option(1.0, "Sinkhorn temperature at the first step", minimum=1e-6)
     tau_end: float = option(0.1, "Sinkhorn temperature at the last step", minimum=1e-6)

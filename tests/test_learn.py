@@ -57,9 +57,10 @@ def test_lr_end_decays_the_learning_rate_linearly_and_moves_the_cost_matrices_le
 
 def test_schedule_fields_reach_the_learner_and_are_checked():
     default = PermuteConfig().learner(10)
-    assert (default.lr, default.lr_end, default.select_from) == (0.1, 0.01, 0.5)
-    learner = PermuteConfig(lr=0.2, lr_end=None, select_from=0.25).learner(10)
-    assert (learner.lr_at(0), learner.lr_at(9), learner.select_from) == (0.2, 0.2, 0.25)
+    assert (default.lr, default.lr_end, default.select_from) == (0.1, None, 0.5)
+    assert (default.lr_at(0), default.lr_at(9)) == (0.1, 0.1)
+    learner = PermuteConfig(lr=0.2, lr_end=0.02, select_from=0.25).learner(10)
+    assert (learner.lr_at(0), learner.lr_at(9), learner.select_from) == pytest.approx((0.2, 0.02, 0.25))
     with pytest.raises(ValueError, match="select_from is a share of the steps"):
         PermuteConfig(select_from=1.5)
     with pytest.raises(ValueError, match="select_from must be at least 0"):
