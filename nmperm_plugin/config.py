@@ -33,13 +33,14 @@ def option(
     help: str,
     choices: Callable[[], tuple[str, ...]] | None = None,
     minimum: float | None = None,
+    maximum: float | None = None,
     front_ends: tuple[str, ...] = FRONT_ENDS,
     modifier_default=dataclasses.MISSING,
 ):
     """A schema field: ``choices`` is called when validating (plugins may add values), ``minimum``
-    is an inclusive lower bound, ``front_ends`` where the field is exposed, ``modifier_default`` a
+    and ``maximum`` are inclusive bounds, ``front_ends`` where the field is exposed, ``modifier_default`` a
     different default for the llm-compressor modifier (it then runs between pipeline stages)."""
-    metadata = dict(help=help, choices=choices, minimum=minimum, front_ends=front_ends)
+    metadata = dict(help=help, choices=choices, minimum=minimum, maximum=maximum, front_ends=front_ends)
     if modifier_default is not dataclasses.MISSING:
         metadata["modifier_default"] = modifier_default
     return field(default=default, metadata=metadata)
@@ -109,6 +110,7 @@ class PermuteConfig:
         0.5,
         "share of the learner's steps before the first ranking (the start and the last step are always ranked)",
         minimum=0,
+        maximum=1,
     )
 
     def __post_init__(self) -> None:
@@ -124,8 +126,6 @@ class PermuteConfig:
                 "learn_hidden applies to method='learned' with fold='exact' (gather has no global site) and a "
                 "data-driven objective (layerwise, end_to_end or staged)"
             )
-        if self.select_from > 1:
-            raise ValueError(f"select_from is a share of the steps, from 0 to 1; got {self.select_from}")
         if self.unstructured and self.method != "identity":
             raise ValueError("unstructured masks need no permutation: use method='identity'")
 
@@ -147,11 +147,13 @@ class PermuteConfig:
 
 
 def _check_field(spec: dataclasses.Field, value) -> None:
-    choices, minimum = spec.metadata["choices"], spec.metadata["minimum"]
+    choices, minimum, maximum = (spec.metadata[k] for k in ("choices", "minimum", "maximum"))
     if choices is not None and value not in choices():
         raise ValueError(f"unknown {spec.name} {value!r}; choose one of {', '.join(choices())}")
     if minimum is not None and value is not None and value < minimum:
         raise ValueError(f"{spec.name} must be at least {minimum:g}, got {value}")
+    if maximum is not None and value is not None and value > maximum:
+        raise ValueError(f"{spec.name} must be at most {maximum:g}, got {value}")
 
 
 def schema(front_end: str | None = None) -> list[dataclasses.Field]:
@@ -170,6 +172,15 @@ def default_of(spec: dataclasses.Field, front_end: str):
     return spec.metadata.get("modifier_default", spec.default) if front_end == "modifier" else spec.default
 
 
+def _bounds(minimum: float | None, maximum: float | None) -> str:
+    """A field's allowed range for the docs table: ``>= 0``, ``<= 1``, ``0 to 1`` or nothing."""
+    if minimum is not None and maximum is not None:
+        return f"{minimum:g} to {maximum:g}"
+    if minimum is not None:
+        return f">= {minimum:g}"
+    return "" if maximum is None else f"<= {maximum:g}"
+
+
 def markdown_table() -> str:
     """The fields as a markdown table (``docs/configuration.md`` holds it; a test keeps it current)."""
     rows = ["| field | CLI flag | default | allowed | meaning |", "|---|---|---|---|---|"]
@@ -181,7 +192,7 @@ def markdown_table() -> str:
         if spec.metadata["choices"] is not None:
             allowed = ", ".join(spec.metadata["choices"]())
         else:
-            allowed = "" if spec.metadata["minimum"] is None else f">= {spec.metadata['minimum']:g}"
+            allowed = _bounds(spec.metadata["minimum"], spec.metadata["maximum"])
         rows.append(f"| `{spec.name}` | {flag} | `{default}` | {allowed} | {spec.metadata['help']} |")
     return "\n".join(rows)
 

@@ -61,7 +61,7 @@ def test_schedule_fields_reach_the_learner_and_are_checked():
     assert (default.lr_at(0), default.lr_at(9)) == (0.1, 0.1)
     learner = PermuteConfig(lr=0.2, lr_end=0.02, select_from=0.25).learner(10)
     assert (learner.lr_at(0), learner.lr_at(9), learner.select_from) == pytest.approx((0.2, 0.02, 0.25))
-    with pytest.raises(ValueError, match="select_from is a share of the steps"):
+    with pytest.raises(ValueError, match="select_from must be at most 1, got 1.5"):
         PermuteConfig(select_from=1.5)
     with pytest.raises(ValueError, match="select_from must be at least 0"):
         PermuteConfig(select_from=-0.1)
