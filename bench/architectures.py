@@ -47,6 +47,8 @@ try:  # timm's ViT: only in an environment where timm imports (README, "timm tes
 except BaseException:  # noqa: BLE001 - the test module skips itself (pytest's Skipped) without timm
     TIMM = ()
 
+from result_files import result_pair  # noqa: E402
+
 from nmperm_plugin import PermuteConfig, permute_  # noqa: E402
 from nmperm_plugin.checkpoint import finish_sidecar, verify_checkpoint, verify_checksums, verify_model  # noqa: E402
 from nmperm_plugin.fold import apply_gather, fold_permutations_  # noqa: E402
@@ -197,10 +199,10 @@ def main() -> None:
         "seconds": round(time.perf_counter() - start, 1),
         "rows": rows,
     }
-    output = Path(args.output)
-    output.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    output.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {output}.json and .md in {result['seconds']} s")
+    json_path, md_path = result_pair(args.output)
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    md_path.write_text(markdown(result))
+    print(f"wrote {json_path} and {md_path.name} in {result['seconds']} s")
 
 
 def markdown(result: dict) -> str:

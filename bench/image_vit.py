@@ -23,7 +23,8 @@ cross-entropy. "Recovered" is the share of the accuracy lost to 2:4 that a metho
 ``(acc - acc_2:4) / (acc_dense - acc_2:4)``.
 
 Run: ``flock /tmp/nmperm-cpu.lock python bench/image_vit.py`` (about 3 minutes on 2 cores, the
-training included); writes ``bench/results/image-vit-digits-2of4-3seeds.{json,md}``.
+training included); writes ``bench/results/image-vit-digits-2of4-3seeds.{json,md}``. ``--set FIELD=VALUE``
+sets ``PermuteConfig`` fields of the learned rows (``--set lr_end=0.01 --output /tmp/vit-lr-end-0.01``).
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from result_files import result_pair  # noqa: E402
+
 from nmperm_plugin import PermuteConfig, permute_  # noqa: E402
 from nmperm_plugin.nm import NMPattern, is_nm  # noqa: E402
+from recipes import parse_overrides  # noqa: E402
 
 METHODS = {
     "2:4, no permutation": dict(method="identity"),
@@ -145,7 +149,8 @@ def prune(dense, data, method: dict, args, seed: int) -> tuple[torch.nn.Module, 
     the share of the Wanda score its masks keep (``retained_ratio``, mean over layers)."""
     model = copy.deepcopy(dense)
     settings = dict(sequences_per_step=args.per_step, select_sequences=args.select, end_to_end_steps=args.steps)
-    config = PermuteConfig(pattern="2:4", scorer="wanda", fold="exact", seed=seed, **(settings | method))
+    learned = parse_overrides(args.set) if method["method"] == "learned" else {}
+    config = PermuteConfig(pattern="2:4", scorer="wanda", fold="exact", seed=seed, **(settings | method | learned))
     start = time.monotonic()
     sidecar, _ = permute_(model, data, config)
     seconds = time.monotonic() - start
@@ -255,6 +260,9 @@ def main() -> None:
     parser.add_argument("--per-step", type=int, default=16, help="images per learning step")
     parser.add_argument("--select", type=int, default=64, help="images that rank hard permutations")
     parser.add_argument("--steps", type=int, default=None, help="end_to_end steps (default: the configuration's)")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="PermuteConfig fields of the learned rows"
+    )
     parser.add_argument("--cache", default="/tmp/nmperm-image-vit", help="where the trained model is kept")
     parser.add_argument("--output", default=str(ROOT / "bench/results/image-vit-digits-2of4-3seeds"))
     parser.add_argument("--from-json", help="recompute the summary and the table of a result file, run nothing")
@@ -294,6 +302,7 @@ def main() -> None:
             "end_to_end_steps": args.steps or PermuteConfig(fold="exact").total_steps,
             "scorer": "wanda",
             "fold": "exact",
+            "learned_overrides": parse_overrides(args.set),
         },  # fmt: skip
         "seeds": args.seeds,
         "dense": dense_eval,
@@ -306,8 +315,9 @@ def main() -> None:
 
 def write(result: dict, output: Path) -> None:
     """``output``.json and .md, and the table on stdout."""
-    output.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    output.with_suffix(".md").write_text(markdown(result))
+    json_path, md_path = result_pair(output)
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    md_path.write_text(markdown(result))
     print(markdown(result))
 
 
