@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from result_files import write_pair
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 MODES = {"1 rank x 2 threads": (1, 2), "2 ranks x 1 thread": (2, 1), "1 rank x 1 thread": (1, 1)}
@@ -172,9 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         "runs": [{k: v for k, v in r.items() if k != "permutations"} for r in runs],
         "command": "python bench/distributed_speed.py " + " ".join(argv or sys.argv[1:]),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1))
-    args.output.with_suffix(".md").write_text(markdown(result))
+    write_pair(args.output, result, markdown(result))
     print(markdown(result))
 
 

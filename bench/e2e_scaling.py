@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from result_files import write_pair
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 SHAPES = {  # hidden, layers, intermediate, heads, kv heads, vocab, tied
@@ -171,9 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     result = {"machine": {"platform": platform.platform(), "device": args.device}, "rows": rows}
     path = args.output or RESULTS / f"e2e-scaling-{args.device}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    path.with_suffix(".md").write_text(markdown([r for r in rows if "error" not in r]) + "\n")
+    path, _ = write_pair(path, result, markdown([r for r in rows if "error" not in r]) + "\n")
     print(f"wrote {path}")
     return 0
 

@@ -20,7 +20,6 @@ tried and dropped: after the first steps no block qualifies (docs/scaling.md).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from result_files import write_pair
 
 # (name, decoder layers, intermediate size, hidden size): blocks = layers * (intermediate + hidden) / 64
 SHAPES = (("smollm2-135m", 30, 1536, 576), ("llama-3.2-1b", 16, 8192, 2048), ("llama-2-7b", 32, 11008, 4096))
@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.trace:
         trace = trace_learning(args.num_samples, args.steps, args.seed)
         settings = {"num_samples": args.num_samples, "steps": args.steps, "seed": args.seed}
-        args.output.write_text(json.dumps({"host": host} | settings | trace, indent=1))
-        args.output.with_suffix(".md").write_text(trace_markdown(trace))
+        write_pair(args.output, {"host": host} | settings | trace, trace_markdown(trace))
         print(trace_markdown(trace))
         return 0
     threads = sorted({1, *args.threads})
@@ -153,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| {r['seconds_by_threads'][most]:.3f} | {r['seconds'] / r['seconds_by_threads'][most]:.2f}x |"
         for r in rows
     ]
-    args.output.write_text(json.dumps({"host": host, "threads": threads, "rows": rows}, indent=1))
-    args.output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_pair(args.output, {"host": host, "threads": threads, "rows": rows}, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

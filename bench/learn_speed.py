@@ -15,12 +15,12 @@ Medians of ``--repeats``; writes ``bench/results/learn-speed-<time>.json`` and a
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from result_files import write_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -161,10 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         "end_to_end": end_to_end_rows(args.num_samples, args.repeats),
     }
     output = args.output or RESULTS / f"learn-speed-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=1))
     table = markdown(result)
-    output.with_suffix(".md").write_text(table)
+    write_pair(output, result, table)
     print(table)
     return 0
 

@@ -32,6 +32,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "bench"))  # loaded by path in tests/test_bench_configs.py
+
+from result_files import write_pair  # noqa: E402
+
 PLOTS = RESULTS / "plots"
 
 # name -> PermuteConfig fields (None: the dense model, no pruning)
@@ -326,8 +330,7 @@ def resummarise(paths: list[Path], output: Path | None) -> int:
     args = first | {"seeds": seeds, "merged_from": [str(path) for path in paths]}
     output = output or paths[0]
     summary = summarise(rows)
-    output.write_text(json.dumps({"args": args, "summary": summary, "rows": rows}, indent=1))
-    output.with_suffix(".md").write_text(markdown(summary, header_of(args)))
+    write_pair(output, {"args": args, "summary": summary, "rows": rows}, markdown(summary, header_of(args)))
     print(markdown(summary, header_of(args)))
     for path in plots(rows, summary, output.stem):
         print("plot:", path)
@@ -377,8 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarise(rows)
         header = header_of(vars(args))
         result = {"args": vars(args) | {"output": str(output)}, "summary": summary, "rows": rows}
-        output.write_text(json.dumps(result, indent=1))  # rewritten after every job: a partial run keeps its rows
-        output.with_suffix(".md").write_text(markdown(summary, header))
+        write_pair(output, result, markdown(summary, header))  # rewritten after every job: a partial run keeps its rows
     print(markdown(summary, header))
     for path in plots(rows, summary, output.stem):
         print("plot:", path)

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import yaml
 from loguru import logger
+from result_files import write_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -213,8 +214,7 @@ def merge(paths: list[Path], output: Path) -> int:
         )
         lines.append(f"| {variant} | {cells} | {statistics.median(values):.2f} | {gap} |")
     result = {"files": [p.name for p in paths], "runs": runs, "summary": summary}
-    output.write_text(json.dumps(result, indent=1))
-    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_pair(output, result, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -1,7 +1,8 @@
-"""Where a benchmark whose ``--output`` names a pair of result files writes them."""
+"""Where a benchmark whose ``--output`` names a pair of result files writes them, and the writing."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -11,3 +12,13 @@ def result_pair(output: str | Path) -> tuple[Path, Path]:
     output = Path(output)
     stem = output.with_suffix("") if output.suffix in (".json", ".md") else output
     return stem.parent / f"{stem.name}.json", stem.parent / f"{stem.name}.md"
+
+
+def write_pair(output: str | Path, result: dict, markdown: str, **dumps) -> tuple[Path, Path]:
+    """``result`` as JSON (``json.dumps`` with ``indent=1`` and ``dumps``) and ``markdown`` at
+    :func:`result_pair` of ``output``, its folder made if missing; returns the two paths."""
+    json_path, md_path = result_pair(output)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1, **dumps))
+    md_path.write_text(markdown)
+    return json_path, md_path
