@@ -97,17 +97,21 @@ class PermuteConfig:
     train_dtype: str = option(
         "auto", "precision of end_to_end's learning passes (auto: bfloat16 where fast)", lambda: TRAIN_DTYPES
     )
-    lr: float = option(0.1, "learning rate of the cost matrices at the first step", minimum=0)
+    lr: float = option(LearnConfig.lr, "learning rate of the cost matrices at the first step", minimum=0)
     lr_end: float | None = option(
-        None, "learning rate at the last step, reached linearly from lr as tau is (unset: lr throughout)", minimum=0
+        LearnConfig.lr_end,
+        "learning rate at the last step, reached linearly from lr as tau is (unset: lr throughout)",
+        minimum=0,
     )
-    tau_start: float = option(1.0, "Sinkhorn temperature at the first step", minimum=1e-6)
-    tau_end: float = option(0.1, "Sinkhorn temperature at the last step", minimum=1e-6)
-    mask_tau: float = option(0.5, "temperature of the soft N:M mask in backward", minimum=1e-6)
-    sinkhorn_iters: int = option(5, "Sinkhorn normalisation rounds", minimum=1)
-    select_every: int = option(4, "steps between rankings of the current hard permutation", minimum=1)
+    tau_start: float = option(LearnConfig.tau_start, "Sinkhorn temperature at the first step", minimum=1e-6)
+    tau_end: float = option(LearnConfig.tau_end, "Sinkhorn temperature at the last step", minimum=1e-6)
+    mask_tau: float = option(LearnConfig.mask_tau, "temperature of the soft N:M mask in backward", minimum=1e-6)
+    sinkhorn_iters: int = option(LearnConfig.sinkhorn_iters, "Sinkhorn normalisation rounds", minimum=1)
+    select_every: int = option(
+        LearnConfig.select_every, "steps between rankings of the current hard permutation", minimum=1
+    )
     select_from: float = option(
-        0.5,
+        LearnConfig.select_from,
         "share of the learner's steps before the first ranking (the start and the last step are always ranked)",
         minimum=0,
         maximum=1,

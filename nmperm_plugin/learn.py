@@ -24,7 +24,8 @@ from .sinkhorn import anneal
 @dataclass
 class LearnConfig:
     """Hyper-parameters of one learning run (SPEC 2). Built from a
-    :class:`~nmperm_plugin.config.PermuteConfig` when used, with the steps its objective resolves."""
+    :class:`~nmperm_plugin.config.PermuteConfig` when used, with the steps its objective resolves;
+    its defaults are the configuration's (``PermuteConfig`` takes them from here)."""
 
     steps: int
     lr: float = 0.1
@@ -32,7 +33,7 @@ class LearnConfig:
     tau_end: float = 0.1
     mask_tau: float = 0.5
     sinkhorn_iters: int = 5
-    select_every: int = 2
+    select_every: int = 4
     lr_end: float | None = None  # learning rate at the last step (linear from ``lr``); None: constant
     select_from: float = 0.5  # share of the steps before the first ranking (the start is always ranked)
 

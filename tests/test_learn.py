@@ -57,6 +57,7 @@ def test_lr_end_decays_the_learning_rate_linearly_and_moves_the_cost_matrices_le
 
 def test_schedule_fields_reach_the_learner_and_are_checked():
     default = PermuteConfig().learner(10)
+    assert default == LearnConfig(10)  # one set of defaults
     assert (default.lr, default.lr_end, default.select_from) == (0.1, None, 0.5)
     assert (default.lr_at(0), default.lr_at(9)) == (0.1, 0.1)
     learner = PermuteConfig(lr=0.2, lr_end=0.02, select_from=0.25).learner(10)
