@@ -47,7 +47,7 @@ try:  # timm's ViT: only in an environment where timm imports (README, "timm tes
 except BaseException:  # noqa: BLE001 - the test module skips itself (pytest's Skipped) without timm
     TIMM = ()
 
-from result_files import result_pair  # noqa: E402
+from result_files import write_pair  # noqa: E402
 
 from nmperm_plugin import PermuteConfig, permute_  # noqa: E402
 from nmperm_plugin.checkpoint import finish_sidecar, verify_checkpoint, verify_checksums, verify_model  # noqa: E402
@@ -199,9 +199,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - start, 1),
         "rows": rows,
     }
-    json_path, md_path = result_pair(args.output)
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
-    md_path.write_text(markdown(result))
+    json_path, md_path = write_pair(args.output, result, markdown(result))
     print(f"wrote {json_path} and {md_path.name} in {result['seconds']} s")
 
 

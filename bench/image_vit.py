@@ -44,7 +44,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from result_files import result_pair  # noqa: E402
+from result_files import write_pair  # noqa: E402
 
 from nmperm_plugin import PermuteConfig, permute_  # noqa: E402
 from nmperm_plugin.nm import NMPattern, is_nm  # noqa: E402
@@ -315,9 +315,7 @@ def main() -> None:
 
 def write(result: dict, output: Path) -> None:
     """``output``.json and .md, and the table on stdout."""
-    json_path, md_path = result_pair(output)
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
-    md_path.write_text(markdown(result))
+    write_pair(output, result, markdown(result))
     print(markdown(result))
 
 

@@ -14,11 +14,11 @@ def result_pair(output: str | Path) -> tuple[Path, Path]:
     return stem.parent / f"{stem.name}.json", stem.parent / f"{stem.name}.md"
 
 
-def write_pair(output: str | Path, result: dict, markdown: str, **dumps) -> tuple[Path, Path]:
-    """``result`` as JSON (``json.dumps`` with ``indent=1`` and ``dumps``) and ``markdown`` at
-    :func:`result_pair` of ``output``, its folder made if missing; returns the two paths."""
+def write_pair(output: str | Path, result: dict, markdown: str) -> tuple[Path, Path]:
+    """``result`` as JSON (indent 1, a final newline) and ``markdown`` at :func:`result_pair` of
+    ``output``, its folder made if missing; returns the two paths."""
     json_path, md_path = result_pair(output)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=1, **dumps))
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
     md_path.write_text(markdown)
     return json_path, md_path
