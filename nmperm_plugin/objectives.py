@@ -24,12 +24,35 @@ def first(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+class EpochBatches:
+    """The sequence indices of each learning step: the ``count`` sequences in a new random order every
+    epoch, ``per_step`` at a time, so each is seen once per pass (not drawn with replacement across
+    steps). Epoch ``e``'s order depends only on a seed drawn from ``generator`` at construction and on
+    ``e``, so step ``s``'s batch needs no state: a resumed run draws what the interrupted one would."""
+
+    def __init__(self, count: int, per_step: int, generator: torch.Generator) -> None:
+        self.count, self.per_step = count, min(per_step, count)
+        self.seed = int(torch.randint(2**62, (), generator=generator))
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._orders:  # keep the last one only
+            rng = torch.Generator().manual_seed(self.seed + epoch)
+            self._orders = {epoch: torch.randperm(self.count, generator=rng)}
+        return self._orders[epoch]
+
+    def __call__(self, step: int) -> torch.Tensor:
+        """The ``per_step`` indices of step ``step`` (from 0)."""
+        positions = range(step * self.per_step, (step + 1) * self.per_step)
+        return torch.stack([self._order(p // self.count)[p % self.count] for p in positions])
+
+
 class LayerwiseObjective(Objective):
     """Match one decoder layer's output to the dense model's output at that layer.
 
     ``inputs`` come from the already pruned (and permuted) earlier layers, ``targets`` from the dense
-    model, so the loss sees how errors compound. A random subset of ``per_step`` sequences drives
-    each step; a fixed subset of ``select_count`` sequences ranks the hard permutations.
+    model, so the loss sees how errors compound. The next ``per_step`` sequences of a shuffled pass
+    drive each step (:class:`EpochBatches`); a fixed subset of ``select_count`` sequences ranks the hard permutations.
     """
 
     def __init__(
@@ -44,10 +67,10 @@ class LayerwiseObjective(Objective):
     ) -> None:
         self.layer, self.kwargs = layer, layer_kwargs
         self.inputs, self.targets = inputs, targets
-        self.per_step, self.generator = min(per_step, len(inputs)), generator
+        self.batches, self.generator = EpochBatches(len(inputs), per_step, generator), generator
         self.select_index = torch.arange(min(select_count, len(inputs)))
         self.scale = targets.square().mean()
-        distributed.check_shares(self.per_step)
+        distributed.check_shares(self.batches.per_step)
 
     def _error(self, weights: Mapping[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
         inputs = self.inputs[index]
@@ -55,13 +78,13 @@ class LayerwiseObjective(Objective):
         return (output - self.targets[index]).square().mean() / self.scale
 
     def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
-        index = torch.randperm(len(self.inputs), generator=self.generator)[: self.per_step]
+        index = self.batches(step)
         mine = distributed.share(index)
         return self._error(weights, mine) * (len(mine) / len(index))  # ranks' gradients are summed (learn)
 
     @torch.no_grad()
     def select(self, weights: Mapping[str, torch.Tensor]) -> float:
-        chunks = distributed.share(self.select_index).split(max(self.per_step, 1))
+        chunks = distributed.share(self.select_index).split(self.batches.per_step)
         total = sum(float(self._error(weights, c)) * len(c) for c in chunks)
         return distributed.sum_float(total) / len(self.select_index)
 
@@ -84,10 +107,11 @@ class JointLayerwiseObjective(Objective):
         generator: torch.Generator,
     ) -> None:
         self.layers, self.kwargs, self.inputs, self.targets, self.params = layers, layer_kwargs, inputs, targets, params
-        self.per_step, self.layers_per_step, self.generator = per_step, layers_per_step, generator
+        self.layers_per_step, self.generator = layers_per_step, generator
+        self.batches = EpochBatches(len(inputs[0]), per_step, generator)
         self.select_index = torch.arange(min(select_count, len(inputs[0])))
         self.scales = [t.square().mean() for t in targets]
-        distributed.check_shares(min(per_step, len(inputs[0])))
+        distributed.check_shares(self.batches.per_step)
 
     def _error(self, weights: Mapping[str, torch.Tensor], layer: int, index: torch.Tensor) -> torch.Tensor:
         prefix, module = self.layers[layer]
@@ -98,7 +122,7 @@ class JointLayerwiseObjective(Objective):
 
     def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
         chosen = torch.randperm(len(self.layers), generator=self.generator)[: self.layers_per_step]
-        index = torch.randperm(len(self.inputs[0]), generator=self.generator)[: self.per_step]
+        index = self.batches(step)
         mine = distributed.share(index)
         error = sum(self._error(weights, int(layer), mine) for layer in chosen) / len(chosen)
         return error * (len(mine) / len(index))  # ranks' gradients are summed (learn)
@@ -231,11 +255,11 @@ class WindowObjective(Objective):
         self.targets = KeptTargets(targets) if isinstance(targets, list) else targets
         self.stack, self.window, self.inputs, self.labels = stack, window, inputs, labels
         self.alpha, self.autocast, self.checkpoint = alpha, autocast, checkpoint
-        self.per_step, self.generator = min(per_step, len(inputs)), generator
+        self.batches, self.generator = EpochBatches(len(inputs), per_step, generator), generator
         self.select_index = torch.arange(min(select_count, len(inputs)))
         self.device = inputs.device if labels is None else labels.device
         self.ends_model = window.stop == len(stack.layers)
-        distributed.check_shares(self.per_step)
+        distributed.check_shares(self.batches.per_step)
 
     def _layer(self, index: int, weights: LazyWeights, hidden: torch.Tensor) -> torch.Tensor:
         prefix = self.stack.prefixes[index]
@@ -267,7 +291,7 @@ class WindowObjective(Objective):
         return self.stack.distill(output, dense), distill
 
     def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
-        index = torch.randperm(len(self.inputs), generator=self.generator)[: self.per_step]
+        index = self.batches(step)
         mine = distributed.share(index)
         cross_entropy, distill = self._terms(weights, mine, train=True)
         loss = cross_entropy + self.alpha * distill if self.ends_model else distill
@@ -276,7 +300,7 @@ class WindowObjective(Objective):
     @torch.no_grad()
     def select(self, weights: Mapping[str, torch.Tensor]) -> float:
         total = 0.0
-        for chunk in distributed.share(self.select_index).split(max(self.per_step, 1)):
+        for chunk in distributed.share(self.select_index).split(self.batches.per_step):
             cross_entropy, distill = self._terms(weights, chunk, train=False)
             total += float(cross_entropy if self.ends_model else distill) * len(chunk)
         return distributed.sum_float(total) / len(self.select_index)

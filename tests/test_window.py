@@ -10,7 +10,7 @@ from conftest import assert_same_function, tiny_model
 from nmperm_plugin import PermuteConfig, permute_
 from nmperm_plugin.learn import LazyWeights, Member
 from nmperm_plugin.nm import NMPattern, is_nm
-from nmperm_plugin.objectives import LayerStack, WindowObjective
+from nmperm_plugin.objectives import EpochBatches, LayerStack, WindowObjective
 from nmperm_plugin.pipeline import make_run
 from nmperm_plugin.registry import get_adapter
 from nmperm_plugin.run import capture_layer_inputs
@@ -191,3 +191,18 @@ def test_auto_recomputes_the_dense_targets_when_they_do_not_fit(input_ids, monke
     assert any("dense targets" in line and "each step recomputes its own" in line for line in lines)
     with pytest.raises(MemoryError, match="dense targets"):  # asked to keep them: refused before the work
         permute_(tiny_model("llama"), input_ids, PermuteConfig(**FAST, objective="end_to_end", dense_targets="keep"))
+
+
+@pytest.mark.parametrize("count, per_step", [(8, 1), (8, 3), (5, 5), (4, 6)])
+def test_steps_take_every_sequence_once_per_pass_and_need_no_state(count, per_step):
+    batches = EpochBatches(count, per_step, torch.Generator().manual_seed(0))
+    drawn = torch.cat([batches(step) for step in range(4 * count)])  # 4 x count x per_step positions
+    taken = min(per_step, count)
+    assert all(len(batches(step)) == taken for step in range(3))
+    passes = drawn.reshape(-1, count)  # one row per pass over the sequences, in order
+    assert all(sorted(row.tolist()) == list(range(count)) for row in passes)
+    assert len({tuple(row.tolist()) for row in passes}) > 1  # a new order every pass
+    fresh = EpochBatches(count, per_step, torch.Generator().manual_seed(0))
+    assert torch.equal(fresh(7), batches(7)) and torch.equal(fresh(2), batches(2))  # any step, in any order
+    other = EpochBatches(count, per_step, torch.Generator().manual_seed(1))
+    assert not torch.equal(torch.cat([other(s) for s in range(count)]), drawn[: count * taken])
