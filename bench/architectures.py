@@ -2,7 +2,7 @@
 
 For every family (the tiny random models of tests/conftest.py, float32, 2 layers, hidden 64):
 
-- the largest relative logit difference (``nmperm_plugin.ops.function_error``) after folding random
+- the largest relative logit difference (``nmperm_plugin.core.ops.function_error``) after folding random
   permutations of every site, exact and gather (tolerance 1e-5 in the tests);
 - ``permute_`` with the default ``PermuteConfig`` (the learned method and its default objective) and
   with the RIA heuristic, exact and gather (where the family has it): whether every pruned linear is 2:4
@@ -50,13 +50,13 @@ except BaseException:  # noqa: BLE001 - the test module skips itself (pytest's S
 from result_files import write_pair  # noqa: E402
 
 from nmperm_plugin import PermuteConfig, permute_  # noqa: E402
-from nmperm_plugin.checkpoint import finish_sidecar, verify_checkpoint, verify_checksums, verify_model  # noqa: E402
-from nmperm_plugin.fold import apply_gather, fold_permutations_  # noqa: E402
-from nmperm_plugin.nm import NMPattern, is_nm  # noqa: E402
-from nmperm_plugin.ops import function_error  # noqa: E402
+from nmperm_plugin.core.nm import NMPattern, is_nm  # noqa: E402
+from nmperm_plugin.core.ops import function_error  # noqa: E402
+from nmperm_plugin.io.checkpoint import finish_sidecar, verify_checkpoint, verify_checksums, verify_model  # noqa: E402
+from nmperm_plugin.io.sidecar import Sidecar  # noqa: E402
+from nmperm_plugin.learn.fold import apply_gather, fold_permutations_  # noqa: E402
 from nmperm_plugin.parts import permute_parts_  # noqa: E402
-from nmperm_plugin.registry import get_adapter  # noqa: E402
-from nmperm_plugin.sidecar import Sidecar  # noqa: E402
+from nmperm_plugin.plugins.registry import get_adapter  # noqa: E402
 
 TOWER_AND_TEXT = {f"{family} (tower + text)": family for family in VL_FAMILIES}  # permute_parts_, both parts
 NAMES = ("llama (reference)", *FAMILIES, *VISION, *VL_FAMILIES, *TOWER_AND_TEXT, *TIMM)

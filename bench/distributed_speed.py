@@ -50,10 +50,12 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")
-    import nmperm_plugin.strategies as strategies
-    from nmperm_plugin import PermuteConfig, distributed, objectives, permute_and_prune_
-    from nmperm_plugin.data import load_texts, token_windows
-    from nmperm_plugin.models import default_model_path, load_model
+    import nmperm_plugin.learn.objectives as strategies
+    from nmperm_plugin import PermuteConfig, permute_and_prune_
+    from nmperm_plugin.data.text import load_texts, token_windows
+    from nmperm_plugin.io.models import default_model_path, load_model
+    from nmperm_plugin.learn import losses as objectives
+    from nmperm_plugin.runtime import distributed
 
     model, tokenizer = load_model(default_model_path())
     calibration = token_windows(tokenizer, load_texts("builtin:wiki-calibration"), args.num_samples, args.seq_len, 0)

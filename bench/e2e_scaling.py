@@ -79,10 +79,10 @@ def worker(job: dict) -> dict:
     import torch
 
     from nmperm_plugin import PermuteConfig
-    from nmperm_plugin.objectives import training_dtype
-    from nmperm_plugin.pipeline import make_run
-    from nmperm_plugin.run import capture_layer_inputs
-    from nmperm_plugin.strategies import layer_stack, window_learning
+    from nmperm_plugin.learn.losses import training_dtype
+    from nmperm_plugin.learn.objectives import layer_stack, window_learning
+    from nmperm_plugin.learn.pipeline import make_run
+    from nmperm_plugin.learn.run import capture_layer_inputs
 
     device = torch.device(job["device"])
     model = build_model(job["shape"], getattr(torch, job["dtype"]), device)

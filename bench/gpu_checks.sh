@@ -56,8 +56,8 @@ if (($(left) >= 60)); then
 import sys
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from nmperm_plugin.nm import NMPattern, nm_mask
-from nmperm_plugin.sidecar import Sidecar
+from nmperm_plugin.core.nm import NMPattern, nm_mask
+from nmperm_plugin.io.sidecar import Sidecar
 
 torch.manual_seed(0)
 config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

@@ -37,7 +37,7 @@ BLOCK = 64
 def time_hardening(blocks: int, threads: list[int], repeats: int = 11) -> dict[int, float]:
     """Median seconds of ``hungarian`` on ``blocks`` doubly stochastic 64 x 64 matrices, by thread
     count; the counts alternate within each repeat, so a busy moment of the host hits all of them."""
-    from nmperm_plugin.sinkhorn import hungarian, log_sinkhorn
+    from nmperm_plugin.core.sinkhorn import hungarian, log_sinkhorn
 
     soft = log_sinkhorn(torch.randn(blocks, BLOCK, BLOCK, generator=torch.Generator().manual_seed(0)), 5).exp()
     times: dict[int, list[float]] = {count: [] for count in threads}
@@ -60,7 +60,7 @@ def argmax_is_permutation(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def shortcut_hungarian(soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The candidate: ``sinkhorn.hungarian`` with the blocks whose argmax is a permutation solved in one
     batch, SciPy for the others only. Returns the permutations and which blocks the shortcut solved."""
-    from nmperm_plugin.sinkhorn import hungarian
+    from nmperm_plugin.core.sinkhorn import hungarian
 
     mats = soft.detach().float().reshape(-1, *soft.shape[-2:]).nan_to_num(nan=0.0)
     perms, solved = argmax_is_permutation(mats)
@@ -71,9 +71,10 @@ def shortcut_hungarian(soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def trace_learning(num_samples: int, steps: int | None, seed: int) -> dict:
     """Hardening calls of one end_to_end learning run on SmolLM2-135M (see the module docstring)."""
-    from nmperm_plugin import PermuteConfig, permute_, permuter, sinkhorn
-    from nmperm_plugin.data import load_texts, token_windows
-    from nmperm_plugin.models import default_model_path, load_model
+    from nmperm_plugin import PermuteConfig, permute_
+    from nmperm_plugin.core import permuter, sinkhorn
+    from nmperm_plugin.data.text import load_texts, token_windows
+    from nmperm_plugin.io.models import default_model_path, load_model
 
     calls, solve = [], sinkhorn.hungarian
 

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from result_files import write_pair  # noqa: E402
 
 from nmperm_plugin import PermuteConfig, permute_  # noqa: E402
-from nmperm_plugin.nm import NMPattern, is_nm  # noqa: E402
+from nmperm_plugin.core.nm import NMPattern, is_nm  # noqa: E402
 from recipes import parse_overrides  # noqa: E402
 
 METHODS = {

@@ -46,8 +46,8 @@ def median_seconds(run, repeats: int) -> float:
 
 
 def effective_weight_row(name: str, out: int, channels: int, generator: torch.Generator, repeats: int) -> dict:
-    from nmperm_plugin.nm import NMPattern
-    from nmperm_plugin.permuter import BlockPermuter, block_matrix_effective_weight
+    from nmperm_plugin.core.nm import NMPattern
+    from nmperm_plugin.core.permuter import BlockPermuter, block_matrix_effective_weight
 
     pattern = NMPattern(2, 4)
     weight = torch.randn(out, channels, generator=generator)
@@ -73,11 +73,11 @@ def effective_weight_rows(repeats: int) -> list[dict]:
 
 def end_to_end_rows(num_samples: int, repeats: int) -> dict:
     """Build the end_to_end objective as the pipeline does (gather), then time its passes."""
-    import nmperm_plugin.pipeline as pipeline
-    import nmperm_plugin.strategies as strategies
+    import nmperm_plugin.learn.objectives as strategies
+    import nmperm_plugin.learn.pipeline as pipeline
     from nmperm_plugin import PermuteConfig
-    from nmperm_plugin.data import load_texts, token_windows
-    from nmperm_plugin.models import default_model_path, load_model
+    from nmperm_plugin.data.text import load_texts, token_windows
+    from nmperm_plugin.io.models import default_model_path, load_model
 
     model, tokenizer = load_model(default_model_path())
     calibration = token_windows(tokenizer, load_texts("builtin:wiki-calibration"), num_samples, 512, seed=0)
@@ -110,8 +110,8 @@ def end_to_end_rows(num_samples: int, repeats: int) -> dict:
 
 
 def assignment_rows(repeats: int) -> list[dict]:
-    import nmperm_plugin.baselines as baselines
-    from nmperm_plugin.nm import NMPattern
+    import nmperm_plugin.core.solvers as baselines
+    from nmperm_plugin.core.nm import NMPattern
 
     generator = torch.Generator().manual_seed(0)
     norms = torch.empty(576).exponential_(generator=generator) ** 2

@@ -122,9 +122,9 @@ def worker(job: dict) -> dict:
     import torch
 
     from nmperm_plugin import permute_
-    from nmperm_plugin.data import load_texts, token_windows
-    from nmperm_plugin.evaluate import perplexity
-    from nmperm_plugin.models import default_model_path, load_model
+    from nmperm_plugin.data.text import load_texts, token_windows
+    from nmperm_plugin.eval.perplexity import perplexity
+    from nmperm_plugin.io.models import default_model_path, load_model
 
     torch.set_num_threads(job["threads"])
     torch.manual_seed(job["seed"])

@@ -95,7 +95,7 @@ def tiny_model_and_tokenizer(texts: list[str]):
 
 def saved_model(directory: Path, tiny: bool, texts: list[str]) -> tuple[Path, object]:
     """Save the benchmark model and its tokenizer to ``directory`` (``oneshot`` loads from there)."""
-    from nmperm_plugin.models import default_model_path, load_model
+    from nmperm_plugin.io.models import default_model_path, load_model
 
     model, tokenizer = tiny_model_and_tokenizer(texts) if tiny else load_model(default_model_path())
     model.save_pretrained(directory)
@@ -138,9 +138,9 @@ def run_variant(variant: str, model_dir: Path, calibration, evaluation, args, ov
     from datasets import Dataset
     from llmcompressor import oneshot
 
-    from nmperm_plugin.compress import sidecar_of
-    from nmperm_plugin.evaluate import perplexity
-    from nmperm_plugin.nm import NMPattern, is_nm
+    from nmperm_plugin.core.nm import NMPattern, is_nm
+    from nmperm_plugin.eval.perplexity import perplexity
+    from nmperm_plugin.llmcompressor.compress import sidecar_of
 
     dataset = Dataset.from_dict(
         {"input_ids": calibration.tolist(), "attention_mask": torch.ones_like(calibration).tolist()}
@@ -227,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     import nmperm_plugin  # noqa: F401 - registers LearnedPermutationModifier
-    from nmperm_plugin.data import load_texts, token_windows
-    from nmperm_plugin.evaluate import perplexity
+    from nmperm_plugin.data.text import load_texts, token_windows
+    from nmperm_plugin.eval.perplexity import perplexity
 
     overrides = parse_overrides(args.set)
     calibration_texts = load_texts("builtin:wiki-calibration")

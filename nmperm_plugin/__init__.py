@@ -6,11 +6,11 @@ Importing the package registers :class:`LearnedPermutationModifier` with llm-com
 
 from .api import permute_
 from .config import PermuteConfig
-from .fold import fold_
-from .learn import LearnConfig
-from .nm import NMPattern, is_nm, nm_mask
-from .pipeline import PruneResult, permute_and_prune_
-from .sidecar import Sidecar
+from .core.nm import NMPattern, is_nm, nm_mask
+from .io.sidecar import Sidecar
+from .learn.fold import fold_
+from .learn.learner import LearnConfig
+from .learn.pipeline import PruneResult, permute_and_prune_
 
 __all__ = [
     "LearnConfig",
@@ -27,7 +27,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 try:  # registers LearnedPermutationModifier with llm-compressor's ModifierFactory
-    from .modifier import LearnedPermutationModifier  # noqa: F401 - exported below
+    from .llmcompressor.modifier import LearnedPermutationModifier  # noqa: F401 - exported below
 except ImportError as _error:  # llm-compressor is not installed: the rest of the package works without it
     if _error.name is None or not _error.name.startswith(("llmcompressor", "compressed_tensors")):
         raise

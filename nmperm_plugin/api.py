@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .calibration import CalibrationData, samples_of, to_device
 from .config import PermuteConfig
-from .fold import fold_
-from .onload import execution_device
-from .ops import function_error, function_tolerance
-from .pipeline import PruneResult, permute_and_prune_
-from .registry import get_adapter
-from .sidecar import Sidecar
+from .core.ops import function_error, function_tolerance
+from .data.calibration import CalibrationData, samples_of, to_device
+from .io.sidecar import Sidecar
+from .learn.fold import fold_
+from .learn.pipeline import PruneResult, permute_and_prune_
+from .plugins.registry import get_adapter
+from .runtime.onload import execution_device
 
 
 def permute_(
@@ -22,7 +22,7 @@ def permute_(
 
     ``calibration`` is ``[num_sequences, seq_len]`` token ids, or an iterable of batches of model
     inputs as a processor returns them (dicts of tensors with the batch first: ``pixel_values``,
-    ``input_ids``, ``labels``, ...; :mod:`nmperm_plugin.calibration`). With labels (and always for a
+    ``input_ids``, ``labels``, ...; :mod:`nmperm_plugin.data.calibration`). With labels (and always for a
     causal LM, whose labels are its next tokens) the learned objectives use the model's own loss.
     ``device``: where to compute (None: where the model's weights are); a model kept on the CPU
     learns on a GPU with ``device="cuda"``, one decoder layer copied there at a time (layer

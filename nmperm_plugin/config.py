@@ -1,8 +1,8 @@
 """The one configuration schema of a permutation run.
 
 Every field is declared once here, with its default, help text, allowed values and lower bound.
-The ``nmperm`` flags (:mod:`nmperm_plugin.cli_options`), the llm-compressor modifier's fields
-(:mod:`nmperm_plugin.modifier`) and the table in ``docs/configuration.md`` are built from it, so a
+The ``nmperm`` flags (:mod:`nmperm_plugin.cli.options`), the llm-compressor modifier's fields
+(:mod:`nmperm_plugin.llmcompressor.modifier`) and the table in ``docs/configuration.md`` are built from it, so a
 new field appears everywhere at once (``tests/test_config.py`` checks that it does).
 
 Step counts are two fields, resolved by the objective when it runs and never written back:
@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .arch import FOLD_MODES
-from .learn import LearnConfig
-from .nm import NMPattern
-from .objectives import CHECKPOINTING, DENSE_TARGETS, TRAIN_DTYPES
-from .registry import mask_generators, objectives, solvers
+from .core.nm import NMPattern
+from .learn.learner import LearnConfig
+from .learn.losses import CHECKPOINTING, DENSE_TARGETS, TRAIN_DTYPES
+from .plugins.registry import mask_generators, objectives, solvers
 
 FRONT_ENDS = ("cli", "modifier")
 # end_to_end steps in all, by fold, when end_to_end_steps is unset (gather learns twice the sites;

@@ -21,13 +21,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import resume
 from .api import permute_
 from .arch.qwen_vl import TOWER, VISION, QwenVLAdapter, renamed
-from .calibration import CalibrationData
 from .config import PermuteConfig
-from .pipeline import PruneResult
-from .sidecar import Sidecar
+from .data.calibration import CalibrationData
+from .io.sidecar import Sidecar
+from .learn.pipeline import PruneResult
+from .runtime import resume
 
 PARTS = ("vision", "text")  # what permute_parts_ prunes, in this order
 DEFAULT_PARTS = ("text",)  # the paper's: the text decoder (of any other model: all of it)
@@ -197,7 +197,7 @@ def fingerprint(
     parts: Sequence[str] = DEFAULT_PARTS,
     device: torch.device | str = "cpu",
 ) -> dict:
-    """:func:`nmperm_plugin.resume.fingerprint` of a :func:`permute_chosen_` run, a vision-language
+    """:func:`nmperm_plugin.runtime.resume.fingerprint` of a :func:`permute_chosen_` run, a vision-language
     model's parts among its configuration fields, so that the state of a text-only run is never resumed
     by a run over both parts (one store holds both parts' phases, the tower's first)."""
     found = resume.fingerprint(model, calibration, config, device)

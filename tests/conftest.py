@@ -118,8 +118,8 @@ def verify_saved(model, sidecar, directory, capsys) -> dict:
     the report, which must have passed and loaded the model as its own class."""
     import json
 
-    from nmperm_plugin.checkpoint import finish_sidecar
-    from nmperm_plugin.cli import main
+    from nmperm_plugin.cli.commands import main
+    from nmperm_plugin.io.checkpoint import finish_sidecar
 
     model.save_pretrained(directory)
     finish_sidecar(directory, sidecar, verify=False)
@@ -132,9 +132,9 @@ def verify_saved(model, sidecar, directory, capsys) -> dict:
 
 def assert_pruned_nm(model, sidecar) -> None:
     """Every linear in ``sidecar``'s frames is 2:4 (``fold: gather``: in the serving form, which
-    :func:`nmperm_plugin.fold.apply_gather` builds in place)."""
-    from nmperm_plugin.fold import apply_gather
-    from nmperm_plugin.nm import NMPattern, is_nm
+    :func:`nmperm_plugin.learn.fold.apply_gather` builds in place)."""
+    from nmperm_plugin.core.nm import NMPattern, is_nm
+    from nmperm_plugin.learn.fold import apply_gather
 
     if sidecar.fold == "gather":
         apply_gather(model, sidecar)
@@ -144,9 +144,9 @@ def assert_pruned_nm(model, sidecar) -> None:
 
 
 def assert_same_function(actual: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-5) -> None:
-    """Outputs agree to ``tolerance`` of their scale (``nmperm_plugin.ops.function_error``): a folded
+    """Outputs agree to ``tolerance`` of their scale (``nmperm_plugin.core.ops.function_error``): a folded
     model's logits differ only by rounding, which grows with the logits' magnitude and differs by host."""
-    from nmperm_plugin.ops import function_error
+    from nmperm_plugin.core.ops import function_error
 
     error = function_error(expected, actual)
     assert error <= tolerance, f"outputs differ by {error:.3g} of their scale (> {tolerance:g})"

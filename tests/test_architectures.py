@@ -13,13 +13,13 @@ from test_fold import random_perms
 from nmperm_plugin import PermuteConfig, permute_
 from nmperm_plugin.arch.gemma import GemmaAdapter
 from nmperm_plugin.arch.phi3 import Phi3Adapter
-from nmperm_plugin.checkpoint import finish_sidecar
-from nmperm_plugin.cli import main
-from nmperm_plugin.fold import GatherLinear, GatherNorm, apply_gather, fold_permutations_
-from nmperm_plugin.nm import NMPattern, is_nm
-from nmperm_plugin.ops import function_error
-from nmperm_plugin.registry import get_adapter
-from nmperm_plugin.sidecar import Sidecar
+from nmperm_plugin.cli.commands import main
+from nmperm_plugin.core.nm import NMPattern, is_nm
+from nmperm_plugin.core.ops import function_error
+from nmperm_plugin.io.checkpoint import finish_sidecar
+from nmperm_plugin.io.sidecar import Sidecar
+from nmperm_plugin.learn.fold import GatherLinear, GatherNorm, apply_gather, fold_permutations_
+from nmperm_plugin.plugins.registry import get_adapter
 
 GATHER_FAMILIES = [f for f in FAMILIES if f != "opt-postnorm"]
 ADAPTER = {"gemma2": "gemma", "gemma3_text": "gemma", "phi3": "phi3", "opt": "opt", "opt-projected": "opt"}
@@ -193,8 +193,8 @@ def test_verify_catches_a_broken_fused_weight(ids, tmp_path):
 def test_layers_with_different_attention_inputs_get_their_own(ids):
     """Gemma 3's sliding and global layers (own masks, own rotary embeddings), Gemma 2 beyond its window:
     the layer-by-layer walk must run each layer as the model does (run.capture_layer_inputs)."""
-    from nmperm_plugin.pipeline import make_run
-    from nmperm_plugin.run import capture_layer_inputs, run_layer
+    from nmperm_plugin.learn.pipeline import make_run
+    from nmperm_plugin.learn.run import capture_layer_inputs, run_layer
 
     for family in ("gemma3_text", "gemma2"):
         model = family_model(family)

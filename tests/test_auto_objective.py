@@ -10,8 +10,8 @@ from loguru import logger
 from transformers import AutoModelForCausalLM
 
 from nmperm_plugin import PermuteConfig, permute_
-from nmperm_plugin.objectives import WindowObjective
-from nmperm_plugin.strategies import Auto
+from nmperm_plugin.learn.losses import WindowObjective
+from nmperm_plugin.learn.objectives import Auto
 
 FAST = dict(block_size=16, sequences_per_step=2, select_sequences=2, end_to_end_steps=3, select_every=1)
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from nmperm_plugin import baselines
-from nmperm_plugin.baselines import HEURISTICS, _slot_gain, allocation, assignment, swap_search
-from nmperm_plugin.nm import NMPattern, retained_score
+from nmperm_plugin.core import solvers as baselines
+from nmperm_plugin.core.nm import NMPattern, retained_score
+from nmperm_plugin.core.solvers import HEURISTICS, _slot_gain, allocation, assignment, swap_search
 
 
 def _ratio(scores, perm, pattern):

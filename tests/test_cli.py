@@ -5,8 +5,8 @@ import torch
 from conftest import assert_same_function, tiny_model, unsupported_model
 from transformers import AutoModelForCausalLM
 
-from nmperm_plugin.cli import main
-from nmperm_plugin.sidecar import Sidecar
+from nmperm_plugin.cli.commands import main
+from nmperm_plugin.io.sidecar import Sidecar
 
 FAST = ["--num-samples", "4", "--seq-len", "32", "--block-size", "16", "--steps-per-layer", "2"]
 FAST += ["--end-to-end-steps", "2"]
@@ -205,7 +205,7 @@ def test_missing_sidecar_is_explained(tmp_path, capsys):
 
 
 def test_corpus_is_shipped_and_disjoint():
-    from nmperm_plugin.data import load_texts
+    from nmperm_plugin.data.text import load_texts
 
     calibration, evaluation = load_texts("builtin:wiki-calibration")[0], load_texts("builtin:wiki-evaluation")[0]
     assert len(calibration) > 150_000 and len(evaluation) > 150_000
@@ -214,7 +214,7 @@ def test_corpus_is_shipped_and_disjoint():
 
 
 def test_train_dtype_reaches_the_config_and_bad_values_are_refused(saved_model, tmp_path, monkeypatch, capsys):
-    import nmperm_plugin.cli as cli
+    import nmperm_plugin.cli.commands as cli
 
     model_dir, text = saved_model
     seen = []

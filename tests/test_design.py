@@ -13,16 +13,16 @@ from conftest import assert_same_function, tiny_model
 
 import nmperm_plugin
 from nmperm_plugin import PermuteConfig, permute_
-from nmperm_plugin.cli import build_parser, main
-from nmperm_plugin.cli_options import flag
+from nmperm_plugin.cli.commands import build_parser, main
+from nmperm_plugin.cli.options import flag
 from nmperm_plugin.config import default_of, markdown_table, schema
-from nmperm_plugin.hooks import hookimpl
-from nmperm_plugin.modifier import LearnedPermutationModifier
-from nmperm_plugin.nm import NMPattern, is_nm
-from nmperm_plugin.ops import function_error, function_tolerance
-from nmperm_plugin.registry import plugin_manager
-from nmperm_plugin.sidecar import SIDECAR_NAME, Sidecar
-from nmperm_plugin.strategies import Layerwise
+from nmperm_plugin.core.nm import NMPattern, is_nm
+from nmperm_plugin.core.ops import function_error, function_tolerance
+from nmperm_plugin.io.sidecar import SIDECAR_NAME, Sidecar
+from nmperm_plugin.learn.objectives import Layerwise
+from nmperm_plugin.llmcompressor.modifier import LearnedPermutationModifier
+from nmperm_plugin.plugins.hooks import hookimpl
+from nmperm_plugin.plugins.registry import plugin_manager
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_cli_flags_build_the_same_config_as_python():
     args = _prune_parser().parse_args(
         ["m", "--dataset", "d", "--lr", "0.3", "--end-to-end-steps", "7", "--learn-hidden", "--ignore", "a", "b"]
     )
-    config = nmperm_plugin.cli_options.config_from_args(args)
+    config = nmperm_plugin.cli.options.config_from_args(args)
     assert config == PermuteConfig(lr=0.3, end_to_end_steps=7, learn_hidden=True, ignore=("a", "b"))
     assert _prune_parser().parse_args(["m", "--dataset", "d", "--permute-only"]).apply_mask is False
 
@@ -90,7 +90,7 @@ def test_no_import_cycles_between_package_modules():
 
 
 # -- a third-party objective: the loss is the decoder layer's cosine error (a dozen lines) -------------
-class CosineError(nmperm_plugin.learn.Objective):
+class CosineError(nmperm_plugin.learn.learner.Objective):
     def __init__(self, layer, kwargs, inputs, target):
         self.layer, self.kwargs, self.inputs, self.target = layer, kwargs, inputs, target
 

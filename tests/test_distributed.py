@@ -14,8 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import tiny_model
 
-from nmperm_plugin import PermuteConfig, distributed, permute_
-from nmperm_plugin.checkpoint import verify_checkpoint
+from nmperm_plugin import PermuteConfig, permute_
+from nmperm_plugin.io.checkpoint import verify_checkpoint
+from nmperm_plugin.runtime import distributed
 
 BIN = Path(sys.executable).parent
 CASES = {

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from nmperm_plugin.core.nm import NMPattern, is_nm, nm_mask
 from nmperm_plugin.export import (
     CONVERTED,
     DENSE,
@@ -23,8 +24,7 @@ from nmperm_plugin.export import (
     validate_linear,
 )
 from nmperm_plugin.export.cli import add_export_parser, run_export
-from nmperm_plugin.nm import NMPattern, is_nm, nm_mask
-from nmperm_plugin.sidecar import SIDECAR_NAME, Sidecar
+from nmperm_plugin.io.sidecar import SIDECAR_NAME, Sidecar
 
 TWO_FOUR = NMPattern(2, 4)
 PRUNED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
@@ -345,7 +345,7 @@ def test_layer_listed_but_not_nm_and_unknown_layer_fail_the_check(tmp_path):
 
 def _wrap_o_proj_with_gathers(perms: dict[int, torch.Tensor]):
     """A stand-in for ``apply_gather`` that realises an ``attn_out`` permutation per layer with GatherLinear."""
-    from nmperm_plugin.fold import GatherLinear
+    from nmperm_plugin.learn.fold import GatherLinear
 
     calls = []
 
@@ -362,7 +362,7 @@ def _wrap_o_proj_with_gathers(perms: dict[int, torch.Tensor]):
 
 
 def test_gather_checkpoint_gets_its_gathers_before_validation(tmp_path, monkeypatch):
-    import nmperm_plugin.fold as fold
+    import nmperm_plugin.learn.fold as fold
 
     model = tiny_llama()
     names = pruned_names()
@@ -393,7 +393,7 @@ def test_gather_checkpoint_gets_its_gathers_before_validation(tmp_path, monkeypa
 
 
 def test_gather_checkpoint_without_gathers_is_reported_not_converted(tmp_path, monkeypatch):
-    import nmperm_plugin.fold as fold
+    import nmperm_plugin.learn.fold as fold
 
     model = tiny_llama()
     prune_model_(model, pruned_names())
@@ -409,7 +409,7 @@ def test_gather_checkpoint_without_gathers_is_reported_not_converted(tmp_path, m
 
 
 def test_real_apply_gather_makes_every_pruned_layer_2to4(tmp_path):
-    from nmperm_plugin.registry import get_adapter
+    from nmperm_plugin.plugins.registry import get_adapter
 
     model = tiny_llama()
     modules = dict(model.named_modules())

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import assert_same_function, tiny_model, unsupported_model
 
-from nmperm_plugin.fold import GatherLinear, GatherNorm, apply_gather, fold_permutations_
-from nmperm_plugin.ops import tied_head_perm
-from nmperm_plugin.registry import get_adapter
-from nmperm_plugin.sidecar import Sidecar
+from nmperm_plugin.core.ops import tied_head_perm
+from nmperm_plugin.io.sidecar import Sidecar
+from nmperm_plugin.learn.fold import GatherLinear, GatherNorm, apply_gather, fold_permutations_
+from nmperm_plugin.plugins.registry import get_adapter
 
 CASES = [
     ("llama", 2, False),

@@ -5,9 +5,9 @@ import torch
 from conftest import tiny_model
 
 from nmperm_plugin import PermuteConfig, permute_
-from nmperm_plugin.hooks import hookimpl
-from nmperm_plugin.registry import architectures, get_mask_generator, mask_generators, plugin_manager, solvers
-from nmperm_plugin.scores import ChannelStats, MaskGenerator
+from nmperm_plugin.core.scores import ChannelStats, MaskGenerator
+from nmperm_plugin.plugins.hooks import hookimpl
+from nmperm_plugin.plugins.registry import architectures, get_mask_generator, mask_generators, plugin_manager, solvers
 
 
 def test_builtins_registered_through_hooks():

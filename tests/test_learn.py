@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from nmperm_plugin import PermuteConfig
-from nmperm_plugin.learn import EffectiveWeights, LearnConfig, Member, RetainedObjective, learn
-from nmperm_plugin.nm import NMPattern
-from nmperm_plugin.permuter import BlockPermuter
+from nmperm_plugin.core.nm import NMPattern
+from nmperm_plugin.core.permuter import BlockPermuter
+from nmperm_plugin.learn.learner import EffectiveWeights, LearnConfig, Member, RetainedObjective, learn
 
 PATTERN = NMPattern(2, 4)
 

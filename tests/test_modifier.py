@@ -13,11 +13,11 @@ from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
 import nmperm_plugin
-from nmperm_plugin.compress import calibration_ids, ignored_linears, sidecar_of, strip_sparsity_config
-from nmperm_plugin.modifier import LearnedPermutationModifier
-from nmperm_plugin.nm import NMPattern, is_nm
-from nmperm_plugin.pipeline import strategy_of
-from nmperm_plugin.sidecar import SIDECAR_NAME, Sidecar
+from nmperm_plugin.core.nm import NMPattern, is_nm
+from nmperm_plugin.io.sidecar import SIDECAR_NAME, Sidecar
+from nmperm_plugin.learn.pipeline import strategy_of
+from nmperm_plugin.llmcompressor.compress import calibration_ids, ignored_linears, sidecar_of, strip_sparsity_config
+from nmperm_plugin.llmcompressor.modifier import LearnedPermutationModifier
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 

@@ -16,10 +16,10 @@ from transformers.pytorch_utils import Conv1D
 from nmperm_plugin import permute_
 from nmperm_plugin.arch.gpt2 import GPT2Adapter
 from nmperm_plugin.arch.moe import MixtralAdapter, MoEAdapter, QwenMoEAdapter
-from nmperm_plugin.checkpoint import finish_sidecar
-from nmperm_plugin.nm import NMPattern, is_nm
-from nmperm_plugin.ops import function_error
-from nmperm_plugin.registry import get_adapter
+from nmperm_plugin.core.nm import NMPattern, is_nm
+from nmperm_plugin.core.ops import function_error
+from nmperm_plugin.io.checkpoint import finish_sidecar
+from nmperm_plugin.plugins.registry import get_adapter
 
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 PATTERN = NMPattern(2, 4)
@@ -186,9 +186,9 @@ def test_modifier_with_apply_mask_prunes_and_saves_a_verified_checkpoint(family,
     from llmcompressor.core import State
     from torch.utils.data import DataLoader
 
-    from nmperm_plugin.checkpoint import verify_checkpoint
-    from nmperm_plugin.modifier import LearnedPermutationModifier
-    from nmperm_plugin.sidecar import Sidecar
+    from nmperm_plugin.io.checkpoint import verify_checkpoint
+    from nmperm_plugin.io.sidecar import Sidecar
+    from nmperm_plugin.llmcompressor.modifier import LearnedPermutationModifier
 
     model = family_model(family)
     rows = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(3))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nmperm_plugin.nm import (
+from nmperm_plugin.core.nm import (
     NMPattern,
     is_nm,
     nm_mask,

@@ -10,8 +10,8 @@ from conftest import assert_same_function, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
 from nmperm_plugin import PermuteConfig, permute_
-from nmperm_plugin.onload import call_on, execution_device, head_on, module_tensors, undispatched
-from nmperm_plugin.registry import get_adapter
+from nmperm_plugin.plugins.registry import get_adapter
+from nmperm_plugin.runtime.onload import call_on, execution_device, head_on, module_tensors, undispatched
 
 FAST = dict(block_size=16, sequences_per_step=2, select_sequences=2, end_to_end_steps=3, select_every=1)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
@@ -100,8 +100,8 @@ def test_a_cpu_model_learns_on_the_gpu_like_a_gpu_model_with_a_fraction_of_its_m
 
 
 def test_a_model_fits_a_device_when_its_weights_take_at_most_half_its_free_memory(monkeypatch):
-    from nmperm_plugin import checks
-    from nmperm_plugin.onload import fits_on
+    from nmperm_plugin.io import checks
+    from nmperm_plugin.runtime.onload import fits_on
 
     model = tiny_model()
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(

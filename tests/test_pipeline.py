@@ -6,11 +6,11 @@ import torch
 from conftest import assert_same_function, tiny_model
 
 from nmperm_plugin import PermuteConfig, permute_
-from nmperm_plugin.fold import apply_gather
-from nmperm_plugin.learn import LearnConfig, learn
-from nmperm_plugin.nm import NMPattern, is_nm
-from nmperm_plugin.pipeline import make_run
-from nmperm_plugin.run import Run, capture_layer_inputs, run_layer
+from nmperm_plugin.core.nm import NMPattern, is_nm
+from nmperm_plugin.learn.fold import apply_gather
+from nmperm_plugin.learn.learner import LearnConfig, learn
+from nmperm_plugin.learn.pipeline import make_run
+from nmperm_plugin.learn.run import Run, capture_layer_inputs, run_layer
 
 FAST = dict(steps_per_layer=3, end_to_end_steps=3, select_every=1)
 
@@ -68,7 +68,7 @@ def test_learned_beats_or_matches_its_start_and_gradients_flow(input_ids):
     for site in sites + [s for s in run.sites if s.layer is None]:
         run.solve(site, scores if site.layer == 0 else {n: torch.rand(64, 64) for n in site.linears})
     effective = run.effective(run.members(run.layer_linears(0), scores, run.layer_prefixes[0]), sites)
-    from nmperm_plugin.objectives import LayerwiseObjective
+    from nmperm_plugin.learn.losses import LayerwiseObjective
 
     target = run_layer(run.layers[0], hidden, kwargs[0])
     objective = LayerwiseObjective(run.layers[0], kwargs[0], hidden, target, 2, 4, torch.Generator())
@@ -89,7 +89,7 @@ def test_steps_are_resolved_when_used_never_written_back():
     assert replace(layerwise, objective="end_to_end").total_steps == 80  # no per-layer count carried over
     assert replace(layerwise, objective="end_to_end", fold="gather").total_steps == 120
     assert PermuteConfig(objective="end_to_end", end_to_end_steps=5).total_steps == 5
-    from nmperm_plugin.registry import get_objective
+    from nmperm_plugin.plugins.registry import get_objective
 
     staged = get_objective("staged").describe(PermuteConfig(objective="staged"))
     assert "20 steps per decoder layer" in staged and "80 steps in all" in staged
@@ -168,7 +168,7 @@ def test_end_to_end_exact_learns_hidden_only_when_asked(learn_hidden, input_ids,
 
 @pytest.mark.parametrize("train_dtype,learning_dtype", [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
 def test_end_to_end_learns_in_train_dtype_and_selects_in_float32(train_dtype, learning_dtype, input_ids, monkeypatch):
-    import nmperm_plugin.strategies as strategies
+    import nmperm_plugin.learn.objectives as strategies
 
     model = tiny_model()
     dtypes = []
@@ -194,7 +194,7 @@ def test_end_to_end_learns_in_train_dtype_and_selects_in_float32(train_dtype, le
 
 
 def test_auto_train_dtype_is_bfloat16_only_where_it_is_fast(monkeypatch):
-    import nmperm_plugin.objectives as objectives
+    import nmperm_plugin.learn.losses as objectives
 
     cpu = torch.device("cpu")
     assert objectives.training_dtype("float32", cpu) is None

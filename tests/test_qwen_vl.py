@@ -19,12 +19,12 @@ from transformers import (
 
 from nmperm_plugin import PermuteConfig, permute_
 from nmperm_plugin.arch.qwen_vl import per_sample_images
-from nmperm_plugin.fold import GatherLinear, GatherNorm
-from nmperm_plugin.nm import NMPattern, is_nm
-from nmperm_plugin.ops import function_error
+from nmperm_plugin.core.nm import NMPattern, is_nm
+from nmperm_plugin.core.ops import function_error
+from nmperm_plugin.learn.fold import GatherLinear, GatherNorm
+from nmperm_plugin.learn.run import capture_layer_inputs, run_layer
 from nmperm_plugin.parts import merge_sidecars, permute_parts_
-from nmperm_plugin.registry import get_adapter
-from nmperm_plugin.run import capture_layer_inputs, run_layer
+from nmperm_plugin.plugins.registry import get_adapter
 
 VOCAB, IMAGE, VIDEO, START, END = 128, 120, 121, 122, 123
 TOKENS = (IMAGE, VIDEO, START, END)
@@ -398,7 +398,7 @@ def _modifier_state(model, batches: list[dict]):
 def test_the_parts_field_is_typed_and_validated():
     from pydantic import ValidationError
 
-    from nmperm_plugin.modifier import LearnedPermutationModifier
+    from nmperm_plugin.llmcompressor.modifier import LearnedPermutationModifier
 
     assert LearnedPermutationModifier().parts == ["text"]
     assert LearnedPermutationModifier(parts=["text", "vision"]).parts == ["vision", "text"]  # the order they run in
@@ -410,7 +410,7 @@ def test_the_parts_field_is_typed_and_validated():
 
 
 def test_the_modifier_keeps_the_images_of_vl_batches(images):
-    from nmperm_plugin.compress import calibration_data
+    from nmperm_plugin.llmcompressor.compress import calibration_data
 
     state = _modifier_state(vl_model("qwen2_5_vl"), images)
     samples = calibration_data(state.data.calib, max_sequences=4)
@@ -426,7 +426,7 @@ def test_oneshot_prunes_the_chosen_parts_with_ignore_patterns(images, tmp_path, 
     from llmcompressor import oneshot
 
     import nmperm_plugin  # noqa: F401 - registers LearnedPermutationModifier
-    from nmperm_plugin.sidecar import Sidecar
+    from nmperm_plugin.io.sidecar import Sidecar
 
     vl_model("qwen2_5_vl", window_size=8).save_pretrained(tmp_path / "vl")
     tokenizer.save_pretrained(tmp_path / "vl")
@@ -457,7 +457,7 @@ def test_oneshot_prunes_the_chosen_parts_with_ignore_patterns(images, tmp_path, 
     kept, original = model.model.visual.blocks[0].attn.qkv.weight, dense.model.visual.blocks[0].attn.qkv.weight
     assert torch.equal(kept.flatten().sort().values, original.flatten().sort().values)  # permuted, not pruned
     capsys.readouterr()
-    from nmperm_plugin.cli import main
+    from nmperm_plugin.cli.commands import main
 
     assert main(["verify", str(tmp_path / "out")]) == 0
 
@@ -466,7 +466,7 @@ def test_the_modifier_refuses_vision_without_a_tower_or_images():
     from conftest import tiny_model
     from test_modifier import _state
 
-    from nmperm_plugin.modifier import LearnedPermutationModifier
+    from nmperm_plugin.llmcompressor.modifier import LearnedPermutationModifier
 
     with pytest.raises(ValueError, match=r"parts vision: a LlamaForCausalLM model has no vision tower .*leave parts"):
         LearnedPermutationModifier(parts=["vision"], method="ria", block_size=16).initialize(_state(tiny_model()))
@@ -480,8 +480,9 @@ def test_the_modifier_resumes_both_parts_from_one_learning_state(images, tmp_pat
     the permutations of an uninterrupted run; a text-only run's state is refused by a run over both."""
     from test_resume import Interrupted, _interrupt_after
 
-    from nmperm_plugin import objectives, resume
-    from nmperm_plugin.modifier import LearnedPermutationModifier
+    from nmperm_plugin.learn import losses as objectives
+    from nmperm_plugin.llmcompressor.modifier import LearnedPermutationModifier
+    from nmperm_plugin.runtime import resume
 
     state_dir = tmp_path / "out.nmperm-state"
     fields = dict(block_size=16, sequences_per_step=2, select_sequences=2, select_every=2, end_to_end_steps=7)

@@ -1,6 +1,6 @@
 """``nmperm prune --parts`` on a tiny random Qwen2.5-VL saved with an offline processor (a BPE tokenizer
 with the vision special tokens, ``Qwen2VLImageProcessor`` with 4-pixel patches): image-and-text
-calibration from a ``datasets`` folder or a folder of images (:mod:`nmperm_plugin.vl_data`), the
+calibration from a ``datasets`` folder or a folder of images (:mod:`nmperm_plugin.data.vl`), the
 chosen parts pruned, the processor written beside the output, ``nmperm verify`` passing; and the
 refusals before anything loads."""
 
@@ -14,10 +14,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-import nmperm_plugin.cli as cli
-from nmperm_plugin.cli import main
-from nmperm_plugin.sidecar import Sidecar
-from nmperm_plugin.vl_data import Captioned, QwenVLProcessor, load_captioned_images, vl_batches
+import nmperm_plugin.cli.commands as cli
+from nmperm_plugin.cli.commands import main
+from nmperm_plugin.data.vl import Captioned, QwenVLProcessor, load_captioned_images, vl_batches
+from nmperm_plugin.io.sidecar import Sidecar
 
 SPECIALS = ["<unk>", "<eos>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 TOKENS = (3, 5, 2, 4)  # the model's image, video, vision start and end token ids: the tokenizer's
@@ -151,7 +151,7 @@ def test_refusals_come_before_the_model_loads(case, message, saved_vl, tmp_path,
 def test_an_image_dataset_needs_the_image_processor_before_the_model_loads(saved_vl, tmp_path, monkeypatch, capsys):
     import shutil
 
-    import nmperm_plugin.vl_data as vl_data
+    import nmperm_plugin.data.vl as vl_data
 
     shutil.copytree(saved_vl / "vl", tmp_path / "vl", ignore=shutil.ignore_patterns("preprocessor_config.json"))
     monkeypatch.setattr(vl_data, "load_checkpoint_model", _no_work)

@@ -1,9 +1,9 @@
-"""nmperm's Qwen-VL processor (:class:`~nmperm_plugin.vl_data.QwenVLProcessor`, a tokenizer and the PIL
+"""nmperm's Qwen-VL processor (:class:`~nmperm_plugin.data.vl.QwenVLProcessor`, a tokenizer and the PIL
 image processor) against transformers' own ``Qwen2_5_VLProcessor`` and ``Qwen2VLProcessor``: the same
 ``input_ids`` (the image placeholder repeated per merged patch), ``attention_mask``,
 ``mm_token_type_ids``, ``image_grid_thw`` and ``pixel_values`` for images of several sizes, with and
 without a caption, through the Qwen2-VL chat template or the plain prompt; and the calibration
-batches (:func:`~nmperm_plugin.vl_data.vl_batches`) against the real processor run on each sample.
+batches (:func:`~nmperm_plugin.data.vl.vl_batches`) against the real processor run on each sample.
 
 The checkpoint directories are laid out as the hub's are (``preprocessor_config.json``,
 ``chat_template.json``) and as transformers 5's ``processor.save_pretrained`` writes them
@@ -36,7 +36,7 @@ from test_qwen_vl_cli import TOKENS, vl_tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from nmperm_plugin.arch.qwen_vl import per_sample_images
-from nmperm_plugin.vl_data import Captioned, QwenVLProcessor, vl_batches, vl_inputs
+from nmperm_plugin.data.vl import Captioned, QwenVLProcessor, vl_batches, vl_inputs
 
 QWEN2_VL_CHAT = (  # Qwen2-VL-Instruct's and Qwen2.5-VL-Instruct's chat template, as their chat_template.json
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"

@@ -14,9 +14,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import nmperm_plugin  # noqa: F401 - registers LearnedPermutationModifier
-from nmperm_plugin.checkpoint import verify_checkpoint
-from nmperm_plugin.nm import NMPattern, is_nm
-from nmperm_plugin.sidecar import SIDECAR_NAME, Sidecar
+from nmperm_plugin.core.nm import NMPattern, is_nm
+from nmperm_plugin.io.checkpoint import verify_checkpoint
+from nmperm_plugin.io.sidecar import SIDECAR_NAME, Sidecar
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 PROBE = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(7))
@@ -252,9 +252,9 @@ def test_no_calibration_data_is_refused(tiny_dir):
         _run(tiny_dir, _recipe_text(), dataset=None)
 
 
-# -- nmperm prune --recipe (nmperm_plugin.recipe_cli.run_recipe) -------------------------------------
+# -- nmperm prune --recipe (nmperm_plugin.llmcompressor.recipe.run_recipe) -------------------------------------
 def test_run_recipe_writes_a_verified_checkpoint(saved_model, tmp_path):
-    from nmperm_plugin.recipe_cli import run_recipe
+    from nmperm_plugin.llmcompressor.recipe import run_recipe
 
     model_dir, text = saved_model
     out = tmp_path / "pruned"
@@ -275,7 +275,7 @@ def _no_work(*args, **kwargs):
     [("non-empty", FileExistsError), ("typo", ValueError), ("gather", ValueError), ("missing", FileNotFoundError)],
 )
 def test_run_recipe_refuses_before_any_work(case, error, tmp_path, monkeypatch):
-    from nmperm_plugin import recipe_cli
+    from nmperm_plugin.llmcompressor import recipe as recipe_cli
 
     monkeypatch.setattr(recipe_cli, "_model_directory", _no_work)
     out, recipe = tmp_path / "out", tmp_path / "recipe.yaml"

@@ -17,9 +17,11 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from nmperm_plugin import PermuteConfig, objectives, permute_and_prune_, resume
-from nmperm_plugin.checkpoint import verify_checkpoint
-from nmperm_plugin.cli import main
+from nmperm_plugin import PermuteConfig, permute_and_prune_
+from nmperm_plugin.cli.commands import main
+from nmperm_plugin.io.checkpoint import verify_checkpoint
+from nmperm_plugin.learn import losses as objectives
+from nmperm_plugin.runtime import resume
 
 CASES = {
     "end_to_end": dict(objective="end_to_end", end_to_end_steps=7),
@@ -134,8 +136,8 @@ def test_a_foreign_directory_is_never_used_nor_deleted(tmp_path):
 SLOW_CLI = textwrap.dedent(
     """
     import sys, time
-    from nmperm_plugin import objectives
-    from nmperm_plugin.cli import main
+    from nmperm_plugin.learn import losses as objectives
+    from nmperm_plugin.cli.commands import main
 
     real = objectives.WindowObjective.loss
 
@@ -253,7 +255,7 @@ def test_cli_refuses_a_changed_command_and_no_resume_starts_over(saved_model_mod
 def test_the_modifier_resumes_from_its_learning_state_and_deletes_it_once_saved(tmp_path, monkeypatch, one_thread):
     from test_modifier import _state
 
-    from nmperm_plugin.modifier import LearnedPermutationModifier
+    from nmperm_plugin.llmcompressor.modifier import LearnedPermutationModifier
 
     state_dir = tmp_path / "out.nmperm-state"
     fields = dict(block_size=16, sequences_per_step=2, select_sequences=2, select_every=2, end_to_end_steps=7)

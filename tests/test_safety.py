@@ -1,7 +1,7 @@
 """Issue 19, "nothing lost, nothing lied about": one test (or more) per case of the issue.
 
 Every destructive case runs against a scratch folder under ``tmp_path``; the root and home guards
-are tested with every filesystem-changing call of :mod:`nmperm_plugin.safety` replaced by a trap,
+are tested with every filesystem-changing call of :mod:`nmperm_plugin.io.safety` replaced by a trap,
 so a regression fails the test instead of deleting anything.
 """
 
@@ -21,16 +21,16 @@ import torch
 from conftest import TEXT, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import nmperm_plugin.cli as cli
-from nmperm_plugin import safety
-from nmperm_plugin.baselines import allocation
-from nmperm_plugin.checkpoint import save_checkpoint, verify_checkpoint
-from nmperm_plugin.cli import main
-from nmperm_plugin.nm import NMPattern
-from nmperm_plugin.sidecar import SIDECAR_NAME, Sidecar
+import nmperm_plugin.cli.commands as cli
+from nmperm_plugin.cli.commands import main
+from nmperm_plugin.core.nm import NMPattern
+from nmperm_plugin.core.solvers import allocation
+from nmperm_plugin.io import safety
+from nmperm_plugin.io.checkpoint import save_checkpoint, verify_checkpoint
+from nmperm_plugin.io.sidecar import SIDECAR_NAME, Sidecar
 
 FAST = ["--num-samples", "4", "--seq-len", "32", "--block-size", "16"]
-PACKAGE = Path(safety.__file__).resolve().parent
+PACKAGE = Path(safety.__file__).resolve().parents[1]  # the nmperm_plugin folder
 
 
 def _save(model, tokenizer, directory: Path) -> Path:
@@ -226,7 +226,7 @@ def test_eval_dataset_checked_before_work(saved_model, tmp_path, monkeypatch, ca
 
 
 def test_recipe_with_conflicting_flags_is_refused_naming_them(saved_model, tmp_path, monkeypatch, capsys):
-    import nmperm_plugin.recipe_cli as recipe_cli
+    import nmperm_plugin.llmcompressor.recipe as recipe_cli
 
     model_dir, text = saved_model
     monkeypatch.setattr(recipe_cli, "run_recipe", _no_work)
@@ -282,7 +282,7 @@ def test_overflowing_activations_are_named_not_scipy(tokenizer, tmp_path, capsys
 
 
 def test_wrote_is_printed_only_after_the_written_model_passed_verify(saved_model, tmp_path, monkeypatch, capsys):
-    import nmperm_plugin.checkpoint as checkpoint
+    import nmperm_plugin.io.checkpoint as checkpoint
 
     model_dir, text = saved_model
     failing = checkpoint.Verification()
@@ -431,7 +431,7 @@ def test_damaged_sidecar_is_a_one_line_error_naming_the_file(copy_of, capsys, ca
 def test_undecodable_dataset_bytes_warn_and_binary_files_are_refused(tmp_path):
     from loguru import logger
 
-    from nmperm_plugin.data import load_texts
+    from nmperm_plugin.data.text import load_texts
 
     messages: list[str] = []
     sink = logger.add(messages.append, level="WARNING")
@@ -479,7 +479,7 @@ def test_head_smaller_than_m_is_refused_not_a_crash(tokenizer, tmp_path, capsys)
 # -- 7. no code from a model directory ------------------------------------------------------------
 @pytest.mark.parametrize("model_type", ["llama", "evilnet"])
 def test_loading_never_runs_code_from_the_model_directory(saved_model, tmp_path, capsys, model_type):
-    from nmperm_plugin.models import load_model
+    from nmperm_plugin.io.models import load_model
 
     model_dir, text = saved_model
     evil = Path(shutil.copytree(model_dir, tmp_path / "evil"))
@@ -505,7 +505,7 @@ WRITER = textwrap.dedent(
     package = types.ModuleType("nmperm_plugin")  # load safety.py without the package's heavy __init__
     package.__path__ = [sys.argv[3]]
     sys.modules["nmperm_plugin"] = package
-    from nmperm_plugin import safety
+    from nmperm_plugin.io import safety
 
     target, mode = sys.argv[1], sys.argv[2]
 

@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from nmperm_plugin.learn import EffectiveWeights, Member
-from nmperm_plugin.nm import NMPattern, hard_mask, is_nm
-from nmperm_plugin.permuter import BlockPermuter, block_matrix_effective_weight, hard_together, sample_together
-from nmperm_plugin.sinkhorn import anneal, hungarian, log_sinkhorn, perm_matrix, straight_through
+from nmperm_plugin.core.nm import NMPattern, hard_mask, is_nm
+from nmperm_plugin.core.permuter import BlockPermuter, block_matrix_effective_weight, hard_together, sample_together
+from nmperm_plugin.core.sinkhorn import anneal, hungarian, log_sinkhorn, perm_matrix, straight_through
+from nmperm_plugin.learn.learner import EffectiveWeights, Member
 
 
 def _is_perm(perm: torch.Tensor) -> bool:

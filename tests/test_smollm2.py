@@ -8,8 +8,8 @@ import torch
 from conftest import assert_same_function
 from transformers import AutoModelForCausalLM
 
-from nmperm_plugin.cli import main
-from nmperm_plugin.models import default_model_path, load_model
+from nmperm_plugin.cli.commands import main
+from nmperm_plugin.io.models import default_model_path, load_model
 
 pytestmark = [
     pytest.mark.slow,

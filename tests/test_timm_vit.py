@@ -20,10 +20,10 @@ from conftest import assert_pruned_nm, assert_same_function, randomise_vectors_
 from test_architectures import exact_fold, gather_fold
 
 from nmperm_plugin import PermuteConfig, permute_
-from nmperm_plugin.checkpoint import finish_sidecar, verify_checksums, verify_model
-from nmperm_plugin.fold import GatherLinear, GatherNorm
-from nmperm_plugin.ops import function_error
-from nmperm_plugin.registry import get_adapter
+from nmperm_plugin.core.ops import function_error
+from nmperm_plugin.io.checkpoint import finish_sidecar, verify_checksums, verify_model
+from nmperm_plugin.learn.fold import GatherLinear, GatherNorm
+from nmperm_plugin.plugins.registry import get_adapter
 
 VARIANTS = {
     "token": {},

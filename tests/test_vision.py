@@ -22,16 +22,16 @@ from transformers import (
 
 from nmperm_plugin import PermuteConfig, permute_
 from nmperm_plugin.arch.vit import ViTAdapter
-from nmperm_plugin.calibration import samples_of, stack_labels
-from nmperm_plugin.cli import main
-from nmperm_plugin.fold import GatherLinear, GatherNorm
-from nmperm_plugin.learn import LazyWeights, Member
-from nmperm_plugin.objectives import LayerStack, WindowObjective
-from nmperm_plugin.ops import function_error
-from nmperm_plugin.pipeline import make_run
-from nmperm_plugin.registry import get_adapter
-from nmperm_plugin.run import capture_layer_inputs
-from nmperm_plugin.sidecar import Sidecar
+from nmperm_plugin.cli.commands import main
+from nmperm_plugin.core.ops import function_error
+from nmperm_plugin.data.calibration import samples_of, stack_labels
+from nmperm_plugin.io.sidecar import Sidecar
+from nmperm_plugin.learn.fold import GatherLinear, GatherNorm
+from nmperm_plugin.learn.learner import LazyWeights, Member
+from nmperm_plugin.learn.losses import LayerStack, WindowObjective
+from nmperm_plugin.learn.pipeline import make_run
+from nmperm_plugin.learn.run import capture_layer_inputs
+from nmperm_plugin.plugins.registry import get_adapter
 
 VISION = {
     "vit": (ViTConfig, ViTForImageClassification, "vit"),
@@ -282,7 +282,7 @@ def saved_vit(tmp_path):
 
 @pytest.mark.parametrize("dataset", ["images", "dataset"])
 def test_nmperm_prune_takes_an_image_dataset(saved_vit, dataset, capsys):
-    from nmperm_plugin.images import is_image_dataset
+    from nmperm_plugin.data.images import is_image_dataset
 
     assert is_image_dataset(saved_vit / dataset) and not is_image_dataset(saved_vit / "vit")
     out = saved_vit / "out"
@@ -301,7 +301,7 @@ def test_nmperm_prune_takes_an_image_dataset(saved_vit, dataset, capsys):
 
 
 def test_image_folder_classes_must_be_the_models(saved_vit):
-    from nmperm_plugin.images import load_images
+    from nmperm_plugin.data.images import load_images
 
     (saved_vit / "images" / "cat").mkdir()
     (saved_vit / "images" / "0" / "0.png").rename(saved_vit / "images" / "cat" / "0.png")
@@ -314,9 +314,9 @@ def test_the_modifier_calibrates_on_image_batches_from_the_pipeline(images):
     from llmcompressor.core import State
     from torch.utils.data import DataLoader
 
-    from nmperm_plugin.compress import calibration_data
-    from nmperm_plugin.modifier import LearnedPermutationModifier
-    from nmperm_plugin.nm import NMPattern, is_nm
+    from nmperm_plugin.core.nm import NMPattern, is_nm
+    from nmperm_plugin.llmcompressor.compress import calibration_data
+    from nmperm_plugin.llmcompressor.modifier import LearnedPermutationModifier
 
     pairs = [pair for b in images for pair in zip(b["pixel_values"], b["labels"], strict=True)]
     rows = [{"pixel_values": p, "labels": y} for p, y in pairs]

@@ -8,12 +8,12 @@ import torch
 from conftest import assert_same_function, tiny_model
 
 from nmperm_plugin import PermuteConfig, permute_
-from nmperm_plugin.learn import LazyWeights, Member
-from nmperm_plugin.nm import NMPattern, is_nm
-from nmperm_plugin.objectives import EpochBatches, LayerStack, WindowObjective
-from nmperm_plugin.pipeline import make_run
-from nmperm_plugin.registry import get_adapter
-from nmperm_plugin.run import capture_layer_inputs
+from nmperm_plugin.core.nm import NMPattern, is_nm
+from nmperm_plugin.learn.learner import LazyWeights, Member
+from nmperm_plugin.learn.losses import EpochBatches, LayerStack, WindowObjective
+from nmperm_plugin.learn.pipeline import make_run
+from nmperm_plugin.learn.run import capture_layer_inputs
+from nmperm_plugin.plugins.registry import get_adapter
 
 FAST = dict(block_size=16, sequences_per_step=2, select_sequences=2, end_to_end_steps=3)
 FAST |= dict(select_every=1, select_from=0.0)  # rank every step
@@ -109,7 +109,7 @@ def test_windows_learn_their_own_sites_keep_function_and_prune_nm(input_ids, fol
     pruned = copy.deepcopy(model)
     sidecar, _ = permute_(pruned, input_ids, config)
     if fold == "gather":
-        from nmperm_plugin.fold import apply_gather
+        from nmperm_plugin.learn.fold import apply_gather
 
         apply_gather(pruned, sidecar)
     for name in sidecar.frames:
@@ -176,7 +176,8 @@ def test_recomputed_dense_targets_learn_what_kept_ones_do(objective, input_ids, 
 def test_auto_recomputes_the_dense_targets_when_they_do_not_fit(input_ids, monkeypatch):
     from loguru import logger
 
-    from nmperm_plugin import checks, strategies
+    from nmperm_plugin.io import checks
+    from nmperm_plugin.learn import objectives as strategies
 
     monkeypatch.setattr(checks, "available_memory", lambda device: 1024)  # 1 KiB free on the host
     chosen, lines = [], []

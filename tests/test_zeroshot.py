@@ -13,8 +13,8 @@ import torch
 from conftest import TEXT, tiny_model
 from transformers import PreTrainedTokenizerFast
 
-from nmperm_plugin import zeroshot
-from nmperm_plugin.cli import build_parser, main
+from nmperm_plugin.cli.commands import build_parser, main
+from nmperm_plugin.eval import zeroshot
 
 # never skipped in CI (.ci/run installs both): there a missing install must fail, not hide the tests
 needs_lm_eval = pytest.mark.skipif(
@@ -201,7 +201,7 @@ def test_cli_eval_tasks_and_perplexity_json(saved_model, capsys):
 @needs_lm_eval
 @needs_data
 def test_gguf_model_runs_a_task(capsys):
-    from nmperm_plugin.models import default_model_path
+    from nmperm_plugin.io.models import default_model_path
 
     assert main(["eval", str(default_model_path()), "--tasks", "arc_easy", "--limit", "2", "--json"]) == 0
     entry = json.loads(capsys.readouterr().out)["tasks"]["arc_easy"]

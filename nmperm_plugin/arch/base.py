@@ -67,7 +67,7 @@ class Adapter:
 
     Subclasses implement :meth:`matches`, :meth:`decoder_layers`, :meth:`sites`, :meth:`fold_exact`,
     :meth:`folds_exactly` and :meth:`apply_gather` (from the tensor operations in
-    :mod:`nmperm_plugin.ops`); register them through the ``nmperm_architectures`` hook. Decoder-only
+    :mod:`nmperm_plugin.core.ops`); register them through the ``nmperm_architectures`` hook. Decoder-only
     Transformers subclass :class:`nmperm_plugin.arch.decoder.DecoderAdapter` instead and only name
     their modules.
     """
@@ -86,7 +86,7 @@ class Adapter:
 
     def serving_sites(self, model: nn.Module, fold: str) -> list[Site]:
         """Every site whose permutation a checkpoint of ``model`` may record, what
-        :func:`nmperm_plugin.fold.apply_gather` looks a sidecar's frames up in: here :meth:`sites`. A
+        :func:`nmperm_plugin.learn.fold.apply_gather` looks a sidecar's frames up in: here :meth:`sites`. A
         model pruned part by part (a vision-language model's tower and text decoder, each a run of its
         own) lists every part's, and its :meth:`apply_gather` takes them all."""
         return self.sites(model, fold)

@@ -28,7 +28,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..ops import permute_channels_, permute_embedding_, permute_inputs_, permute_outputs_
+from ..core.ops import permute_channels_, permute_embedding_, permute_inputs_, permute_outputs_
 from .base import Adapter, Site, feature_distillation
 from .decoder import DecoderAdapter, permute_norm_
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..ops import GatherLinear, GatherNorm, permute_embedding_, permute_inputs_, permute_outputs_
+from ..core.ops import GatherLinear, GatherNorm, permute_embedding_, permute_inputs_, permute_outputs_
 from .base import Adapter, Site
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..ops import permute_embedding_, permute_inputs_, permute_outputs_
+from ..core.ops import permute_embedding_, permute_inputs_, permute_outputs_
 from .base import Site
 from .decoder import DecoderAdapter, permute_norm_
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..ops import permute_outputs_
+from ..core.ops import permute_outputs_
 from .base import Site
 from .decoder import DecoderAdapter
 from .qwen_vl_vision import QwenVisionTowerAdapter

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..ops import permute_inputs_, permute_outputs_
+from ..core.ops import permute_inputs_, permute_outputs_
 from .base import feature_distillation
 from .decoder import DecoderAdapter, MLPBranch, permute_norm_
 

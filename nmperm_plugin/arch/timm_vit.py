@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..ops import permute_channels_, permute_inputs_, permute_outputs_
+from ..core.ops import permute_channels_, permute_inputs_, permute_outputs_
 from .base import Adapter, Site, class_cross_entropy
 from .decoder import DecoderAdapter, permute_norm_
 

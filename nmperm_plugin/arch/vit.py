@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..ops import permute_channels_, permute_inputs_, permute_outputs_
+from ..core.ops import permute_channels_, permute_inputs_, permute_outputs_
 from .base import Adapter, class_cross_entropy
 from .decoder import DecoderAdapter, find, permute_norm_
 

@@ -29,7 +29,7 @@ from loguru import logger
 from torch import nn
 
 from .. import compat
-from ..nm import NMPattern, is_nm, nm_violations
+from ..core.nm import NMPattern, is_nm, nm_violations
 from .validate import BACKEND_LABELS, BACKENDS, FP8_MIN_COLS, FP8_MIN_ROWS, SEMI_SPARSE_DTYPES, torch_dtype_name
 
 TWO_FOUR = NMPattern(2, 4)

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import compat
-from ..sidecar import SIDECAR_NAME, Sidecar
+from ..io.sidecar import SIDECAR_NAME, Sidecar
 from .pack import roundtrip_exact
 from .report import CONVERTED, DENSE, READY, ExportReport, LayerResult
 from .sparsify import Float8SemiSparseWeightConfig, SemiSparseWeightConfig, SparsifyConfig, sparsify_
@@ -107,7 +107,7 @@ def prepare_gathers_(model: nn.Module, sidecar: Sidecar | None) -> None:
         return
     if any(is_gather_module(module) for module in model.modules()):
         return
-    from nmperm_plugin.fold import apply_gather
+    from ..learn.fold import apply_gather
 
     logger.info("fold: gather checkpoint: applying the per-layer gathers so the pruned weights become N:M")
     apply_gather(model, sidecar)
@@ -116,7 +116,7 @@ def prepare_gathers_(model: nn.Module, sidecar: Sidecar | None) -> None:
 def linearise_(model: nn.Module) -> None:
     """Weights stored other than as ``nn.Linear`` (GPT-2's ``Conv1D``, fused experts) as ``nn.Linear``
     layers, in place, through the model's adapter (``to_linear_``; no adapter: the model as it is)."""
-    from nmperm_plugin.registry import find_adapter
+    from ..plugins.registry import find_adapter
 
     adapter = find_adapter(model)
     if adapter is not None:
@@ -321,7 +321,7 @@ def export_checkpoint(
 ) -> tuple[nn.Module, ExportReport]:
     """Load an nmperm checkpoint (model + ``nmperm.json``) and run :func:`to_torchao_` on it.
 
-    ``fold: gather`` checkpoints get their gathers applied (``nmperm_plugin.fold.apply_gather``) so the
+    ``fold: gather`` checkpoints get their gathers applied (``nmperm_plugin.learn.fold.apply_gather``) so the
     pruned weights are N:M before validation. Raises ``FileNotFoundError``/``ValueError`` for a
     directory that is not an nmperm checkpoint, before anything is loaded.
     """

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compat import semi_structured_tile
-from ..nm import NMPattern, is_nm, nm_violations
+from ..core.nm import NMPattern, is_nm, nm_violations
 from .report import DENSE, READY, LayerResult
 
 BACKENDS = ("cusparselt", "cutlass")
@@ -71,7 +71,7 @@ def pattern_reasons(weight: torch.Tensor, declared: NMPattern | None, gather_hin
         return [f"pattern is {declared}, backend needs exactly 2:4"]
     reason = f"not 2:4 as stored: {nm_violations(weight, TWO_FOUR)} groups of 4 hold more than 2 non-zeros"
     if gather_hint:
-        reason += " (fold: gather checkpoint: apply nmperm_plugin.fold.apply_gather first; export_checkpoint does)"
+        reason += " (fold: gather checkpoint: apply learn.fold.apply_gather first; export_checkpoint does)"
     return [reason]
 
 

@@ -1,0 +1,241 @@
+"""Writing and verifying checkpoints: all or nothing, never over an existing one without consent."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from loguru import logger
+from torch import nn
+
+from ..core.nm import NMPattern, nm_violations
+from ..plugins.registry import adapter_named, find_adapter, get_adapter
+from . import safety
+from .checks import check_weight_files, non_finite_tensors, weight_checksums
+from .sidecar import FORMAT, Sidecar
+
+Inputs = Iterable[tuple[str, "str | Path | None"]]
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint just written fails ``nmperm verify``'s checks: it is not put in place."""
+
+
+def check_output_dir(directory: str | Path, overwrite: bool, inputs: Inputs = ()) -> Path:
+    """Everything about the output that can be checked before long work (:func:`safety.check_output`):
+    not a protected path or an input (``inputs``: ``(label, path)``), replaceable only if nmperm wrote
+    it, creatable. Returns the absolute path."""
+    return safety.check_output(directory, overwrite, inputs, note=logger.warning)
+
+
+def save_checkpoint(
+    model: nn.Module,
+    tokenizer,
+    directory: str | Path,
+    sidecar: Sidecar,
+    overwrite: bool,
+    inputs: Inputs = (),
+    verify: bool = True,
+) -> Path:
+    """Save model, tokenizer and sidecar (with checksums of every pruned weight) to a staging sibling
+    of ``directory``, verify it as ``nmperm verify`` does, then swap it in atomically
+    (:func:`safety.atomic_write`): a failure or a kill leaves the old output (or none) in place."""
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        finish_sidecar(staging, sidecar, verify)
+
+    target = safety.atomic_write(directory, write, overwrite, inputs, note=logger.warning)
+    logger.info(f"wrote {target}")
+    return target
+
+
+def finish_sidecar(directory: Path, sidecar: Sidecar, verify: bool = True) -> Sidecar:
+    """Record the checksums of the pruned weights written in ``directory`` in ``sidecar``, save it, and
+    (``verify``) check the directory as ``nmperm verify`` does; :class:`CheckpointError` if it fails."""
+    sidecar.checksums = weight_checksums(directory, sidecar.frames, checkpoint_key_of(sidecar))
+    sidecar.save(directory)
+    if verify:
+        report = verify_checkpoint(directory)
+        if not report.ok:
+            failed = "; ".join(f"{c['check']}: {c['detail']}" for c in report.checks if not c["ok"])
+            raise CheckpointError(f"the written checkpoint fails verification, not saving it: {failed}")
+        sidecar.verification["checks"] = report.checks
+        sidecar.save(directory)
+    return sidecar
+
+
+@dataclass
+class Verification:
+    """Result of :func:`verify_checkpoint`: one entry per check, ``ok`` only if all pass; a ``note``
+    is a check that could not be made (it does not fail the verification, it is shown)."""
+
+    checks: list[dict] = field(default_factory=list)
+
+    def add(self, name: str, ok: bool, detail: str = "", note: bool = False) -> None:
+        entry = {"check": name, "ok": bool(ok), "detail": detail}
+        if note:
+            entry["note"] = True
+        self.checks.append(entry)
+
+    @property
+    def ok(self) -> bool:
+        return all(c["ok"] for c in self.checks)
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "checks": self.checks}
+
+    def render(self) -> str:
+        def tag(c: dict) -> str:
+            return "note" if c.get("note") else "ok  " if c["ok"] else "FAIL"
+
+        lines = [f"{tag(c)}  {c['check']}  {c['detail']}" for c in self.checks]
+        return "\n".join(lines + [f"verification {'passed' if self.ok else 'FAILED'}"])
+
+
+def _linear_weight(model: nn.Module, name: str) -> torch.Tensor:
+    return model.get_submodule(name).weight.detach()
+
+
+def checkpoint_key_of(sidecar: Sidecar) -> Callable[[str], str] | None:
+    """How the sidecar's architecture names a pruned linear's weight in the checkpoint (None: as
+    ``{linear}.weight``, or an architecture no adapter registers)."""
+    adapter = adapter_named(sidecar.architecture)
+    return None if adapter is None else adapter.checkpoint_key
+
+
+def linear_form(model: nn.Module) -> contextlib.AbstractContextManager:
+    """``model``'s adapter's :meth:`~nmperm_plugin.arch.base.Adapter.linear_form` (every pruned weight
+    an ``nn.Linear`` ``[out, in]``), or the model as it is when no adapter handles it."""
+    adapter = find_adapter(model)
+    return contextlib.nullcontext() if adapter is None else adapter.linear_form(model)
+
+
+def pruned_linears(sidecar: Sidecar) -> list[str]:
+    """Every linear the sidecar says is pruned: its frames and (format 2) its checksums."""
+    return sorted(set(sidecar.frames) | set(sidecar.checksums))
+
+
+def _nm_failures(model: nn.Module, sidecar: Sidecar, names: list[str], pattern: NMPattern) -> list[str]:
+    """What is wrong with each of the pruned linears ``names`` (missing, no frame, not N:M in its frame)."""
+    bad = []
+    for name in names:
+        try:
+            weight = _linear_weight(model, name)
+        except AttributeError:
+            bad.append(f"{name}: missing from the model")
+            continue
+        if name not in sidecar.frames:
+            bad.append(f"{name}: no frame in the sidecar")
+            continue
+        frame = sidecar.frame_of(name)
+        if frame is not None:
+            if len(frame) != weight.shape[1]:
+                bad.append(f"{name}: permutation has {len(frame)} entries for {weight.shape[1]} inputs")
+                continue
+            weight = weight[:, frame]
+        violations = nm_violations(weight, pattern) if weight.shape[1] % pattern.m == 0 else -1
+        if violations:
+            bad.append(f"{name}: {violations} groups break {pattern}" if violations > 0 else f"{name}: shape")
+    return bad
+
+
+def verify_model(model: nn.Module, sidecar: Sidecar, report: Verification | None = None) -> Verification:
+    """Every pruned linear the sidecar lists is N:M (under its recorded permutation), the permutations
+    are valid, the frames and checksums list the same linears, and every weight is finite."""
+    report = report or Verification()
+    pattern = NMPattern.parse(sidecar.pattern)
+    for site, perm in sidecar.permutations.items():
+        valid = sorted(perm) == list(range(len(perm)))
+        report.add(f"permutation {site}", valid, f"{len(perm)} channels" if valid else "not a permutation")
+    if sidecar.checksums:
+        only_frames = sorted(set(sidecar.frames) - set(sidecar.checksums))
+        only_sums = sorted(set(sidecar.checksums) - set(sidecar.frames))
+        detail = "; ".join(
+            [f"no checksum for {', '.join(only_frames[:3])}"] * bool(only_frames)
+            + [f"no frame for {', '.join(only_sums[:3])}"] * bool(only_sums)
+        )
+        report.add("frames and checksums list the same pruned linears", not detail, detail or f"{len(sidecar.frames)}")
+    names = pruned_linears(sidecar)
+    with linear_form(model):
+        bad = _nm_failures(model, sidecar, names, pattern)
+    report.add(f"{len(names)} pruned linears are {pattern}", not bad, "; ".join(bad[:5]))
+    found = non_finite_tensors(model.named_parameters())
+    shown = "; ".join(f"{n}: {b} of {t} NaN/inf" for n, b, t in found[:5])
+    report.add("every weight is finite", not found, shown or f"{sum(1 for _ in model.parameters())} tensors")
+    config = getattr(model, "config", None)
+    sparsity = getattr(getattr(config, "quantization_config", None), "sparsity_config", None)
+    declared = sparsity if isinstance(sparsity, dict) else getattr(sparsity, "__dict__", {})
+    report.add(
+        "no 2:4 sparsity_config (vLLM loads it as a dense model)",
+        not declared or "2:4" not in str(declared.get("sparsity_structure", "")),
+        str(declared.get("sparsity_structure", "none")) if declared else "none",
+    )
+    return report
+
+
+def verify_checksums(directory: str | Path, sidecar: Sidecar, report: Verification) -> Verification:
+    """Compare the sha256 of every pruned weight stored in ``directory`` with the sidecar's record."""
+    if not sidecar.checksums:
+        why = "none recorded" if sidecar.format == FORMAT else f"sidecar format {sidecar.format} records none"
+        report.add("checksums of the pruned weights", True, f"not checked: {why}", note=True)
+        return report
+    written = weight_checksums(directory, sidecar.checksums, checkpoint_key_of(sidecar))
+    absent = [n for n in sidecar.checksums if n not in written]
+    changed = [n for n, e in sidecar.checksums.items() if n in written and written[n]["sha256"] != e["sha256"]]
+    parts = []
+    if changed:
+        parts.append(f"changed since written: {', '.join(changed[:5])}")
+    if absent:
+        parts.append(f"not in the safetensors files: {', '.join(absent[:5])}")
+    report.add(f"checksums of {len(sidecar.checksums)} pruned weights match", not parts, "; ".join(parts) or "sha256")
+    return report
+
+
+def checkpoint_class(directory: str | Path) -> type:
+    """The ``transformers`` class that ``directory``'s config names (``architectures``: a ViT's
+    ``ViTForImageClassification``), else ``AutoModelForCausalLM``; never a class from the checkpoint."""
+    import transformers
+
+    names = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=False).architectures or []
+    found = getattr(transformers, names[0], None) if names else None
+    is_model = isinstance(found, type) and issubclass(found, transformers.PreTrainedModel)
+    return found if is_model else transformers.AutoModelForCausalLM
+
+
+def load_checkpoint_model(directory: str | Path) -> nn.Module:
+    """The model in ``directory`` (:func:`checkpoint_class`) in float32, never running code from it,
+    safetensors first."""
+    files = check_weight_files(directory)
+    return checkpoint_class(directory).from_pretrained(
+        directory,
+        dtype="float32",
+        trust_remote_code=False,
+        use_safetensors=True if files[0].suffix == ".safetensors" else None,
+    )
+
+
+def verify_checkpoint(directory: str | Path) -> Verification:
+    """Load ``directory`` (:func:`load_checkpoint_model`) and check it against its sidecar:
+    every pruned linear N:M, every weight finite, the pruned weights' checksums as written."""
+    report = Verification()
+    sidecar = Sidecar.load(directory)
+    try:
+        model = load_checkpoint_model(directory)
+    except Exception as error:  # noqa: BLE001 - any load failure is the finding
+        report.add("loads with from_pretrained", False, f"{type(error).__name__}: {error}")
+        return report
+    report.add("loads with from_pretrained", True, type(model).__name__)
+    model_type = getattr(model.config, "model_type", "?")
+    try:
+        adapter = get_adapter(model)
+        report.add("architecture matches the sidecar", adapter.name == sidecar.architecture, model_type)
+    except ValueError as error:
+        report.add("architecture matches the sidecar", False, str(error))
+    verify_model(model, sidecar, report)
+    return verify_checksums(directory, sidecar, report)

@@ -1,0 +1,266 @@
+"""One learner for every objective: Adam on the cost matrices, annealed temperature, and selection
+of the best hard permutation seen (the heuristic start included), judged by the objective itself.
+
+An objective provides ``loss(weights)`` (differentiable) and ``select(weights)`` (a float, lower is
+better) over a dict of effective weights; :class:`EffectiveWeights` turns permuters into them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from loguru import logger
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.nm import NMPattern, hard_mask, retained_score, unstructured_bound
+from ..core.permuter import hard_together, sample_together
+from ..core.sinkhorn import anneal
+from ..runtime import distributed, resume
+
+
+@dataclass
+class LearnConfig:
+    """Hyper-parameters of one learning run (SPEC 2). Built from a
+    :class:`~nmperm_plugin.config.PermuteConfig` when used, with the steps its objective resolves;
+    its defaults are the configuration's (``PermuteConfig`` takes them from here)."""
+
+    steps: int
+    lr: float = 0.1
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    mask_tau: float = 0.5
+    sinkhorn_iters: int = 5
+    select_every: int = 4
+    lr_end: float | None = None  # learning rate at the last step (linear from ``lr``); None: constant
+    select_from: float = 0.5  # share of the steps before the first ranking (the start is always ranked)
+
+    def ranks(self, step: int) -> bool:
+        """Whether the hard permutation after ``step`` steps is ranked: every ``select_every`` steps
+        from ``select_from`` of the run on, and after the last step."""
+        late = step >= self.select_from * self.steps
+        return step == self.steps or (late and step % self.select_every == 0)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step ``step`` (from 0): ``lr``, falling linearly to ``lr_end`` when set."""
+        return self.lr if self.lr_end is None else anneal(step, self.steps, self.lr, self.lr_end)
+
+
+def module_key(site: str) -> str:
+    """A site name as a ``ModuleDict`` key (no dots allowed there)."""
+    return site.replace(".", "/")
+
+
+def site_name(key: str) -> str:
+    return key.replace("/", ".")
+
+
+@dataclass
+class Member:
+    """One linear weight inside an objective: its parameter name, weight, normalised scores and site."""
+
+    param: str
+    weight: torch.Tensor  # [out, in], frozen
+    scores: torch.Tensor  # [out, in]
+    site: str
+
+
+@dataclass
+class EffectiveWeights:
+    """Builds ``{param: W_eff}`` from the permuters (soft-backward) or from fixed permutations."""
+
+    members: list[Member]
+    permuters: nn.ModuleDict
+    fixed: dict[str, torch.Tensor] = field(default_factory=dict)  # site -> perm, not learned
+    pattern: NMPattern = NMPattern(2, 4)
+    mask_tau: float = 0.5
+    sinkhorn_iters: int = 5
+    cache_fixed: bool = False  # keep the (constant) effective weights of fixed sites: one masked copy of them
+    device: torch.device | None = None  # where effective weights are built (None: where the members are)
+    _fixed_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def soft(self, tau: float) -> LazyWeights:
+        keys = list(self.permuters)
+        samples = sample_together([self.permuters[k] for k in keys], tau, self.sinkhorn_iters)
+        sampled = {site_name(key): sample for key, sample in zip(keys, samples, strict=True)}
+        return LazyWeights(self.members, lambda member: self._weight(member, sampled))
+
+    def _weight(self, member: Member, sampled: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        if member.site in sampled:
+            matrices, perm = sampled[member.site]
+            permuter = self.permuters[module_key(member.site)]
+            weight, scores = self._onloaded(member)
+            return permuter.effective_weight(weight, scores, matrices, perm, self.pattern, self.mask_tau)
+        return self._masked(member, self.fixed[member.site])
+
+    def _onloaded(self, member: Member) -> tuple[torch.Tensor, torch.Tensor]:
+        """``member``'s weight and scores on the device effective weights are built on."""
+        if self.device is None:
+            return member.weight, member.scores
+        return member.weight.to(self.device, non_blocking=True), member.scores.to(self.device, non_blocking=True)
+
+    def _masked(self, member: Member, perm: torch.Tensor) -> torch.Tensor:
+        """``member``'s weight with its N:M mask in the order ``perm`` (cached for a fixed site)."""
+        fixed = perm is self.fixed.get(member.site) and module_key(member.site) not in self.permuters
+        if self.cache_fixed and fixed and member.param in self._fixed_weights:
+            return self._fixed_weights[member.param]
+        weight, scores = self._onloaded(member)
+        masked = weight * hard_mask(scores, perm, self.pattern)
+        if self.cache_fixed and fixed:
+            self._fixed_weights[member.param] = masked
+        return masked
+
+    def hard_perms(self) -> dict[str, torch.Tensor]:
+        keys = list(self.permuters)
+        hard = hard_together([self.permuters[k] for k in keys])
+        return self.fixed | {site_name(key): perm for key, (_, perm) in zip(keys, hard, strict=True)}
+
+    def hard(self, perms: dict[str, torch.Tensor] | None = None) -> LazyWeights:
+        perms = self.hard_perms() if perms is None else perms
+        return LazyWeights(self.members, lambda m: self._masked(m, perms[m.site]))
+
+
+class LazyWeights(Mapping):
+    """``{param: W_eff}`` computed on first access, so an objective pays only for the weights it uses."""
+
+    def __init__(self, members: list[Member], compute: Callable[[Member], torch.Tensor]) -> None:
+        self._members = {m.param: m for m in members}
+        self._compute = compute
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, param: str) -> torch.Tensor:
+        if param not in self._cache:
+            self._cache[param] = self.compute(param)
+        return self._cache[param]
+
+    def compute(self, param: str) -> torch.Tensor:
+        """The effective weight of ``param``, not kept (an objective that frees it after use)."""
+        return self._compute(self._members[param])
+
+    def __iter__(self):
+        return iter(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+
+class Objective:
+    """``loss`` drives the gradient; ``select`` ranks hard permutations (lower is better)."""
+
+    def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def select(self, weights: Mapping[str, torch.Tensor]) -> float:
+        return float(self.loss(weights, -1))
+
+
+class RetainedObjective(Objective):
+    """Maximise the retained score (no data beyond the scores).
+
+    Its members carry the scores as their weight, so an effective weight is the kept scores.
+    """
+
+    def __init__(self, members: list[Member], pattern: NMPattern) -> None:
+        self.bound = sum(float(unstructured_bound(m.scores, pattern)) for m in members)
+
+    def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
+        # every rank computes the same loss and the ranks' gradients are summed: count it once
+        return -sum(w.sum() for w in weights.values()) / (self.bound * distributed.world_size())
+
+    @torch.no_grad()
+    def select(self, weights: Mapping[str, torch.Tensor]) -> float:
+        return float(-sum(w.sum() for w in weights.values()) / self.bound)
+
+
+def learn(
+    effective: EffectiveWeights,
+    objective: Objective,
+    config: LearnConfig,
+    description: str = "learn",
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Train the permuters of ``effective`` on ``objective``; return the best hard permutations and
+    the learning curve (``step``, ``tau``, ``lr``, ``loss``, ``select``).
+
+    With a :mod:`~nmperm_plugin.runtime.resume` store active, this call is one phase of a resumable run: a
+    phase the interrupted run finished returns its saved result (and restores the random states it
+    left), a phase it was in continues from its last saved step, and progress is saved as it goes.
+    Under ``torch.distributed`` the ranks must start from the same permuters (checked)."""
+    if config.steps < 0:
+        raise ValueError(f"learner steps must be 0 or more, got {config.steps}")
+    generator = getattr(objective, "generator", None)  # the run's rng, which the objectives draw from
+    store = resume.active()
+    phase = store.begin(description) if store is not None else None
+    if phase is not None and (done := phase.finished()) is not None:
+        resume.restore_generators(generator, done["generators"])
+        logger.debug(f"{description}: finished before the interruption, its saved result is used")
+        return _placed(done["perms"], effective), done["history"]
+    if distributed.world_size() > 1:
+        state = [t for _, t in sorted(effective.permuters.state_dict().items())] + list(effective.fixed.values())
+        distributed.check_same(f"the starting permutations of {description!r}", distributed.digest(state))
+    optimizer = torch.optim.Adam(effective.permuters.parameters(), lr=config.lr)
+    snapshot = phase.progress() if phase is not None else None
+    if snapshot is None:
+        best_perms = effective.hard_perms()
+        best = objective.select(effective.hard(best_perms))
+        history = [{"step": 0, "tau": config.tau_start, "loss": None, "select": best}]
+        first = 0
+    else:
+        effective.permuters.load_state_dict(snapshot["permuters"])
+        optimizer.load_state_dict(snapshot["optimizer"])
+        best_perms = _placed(snapshot["best_perms"], effective)
+        best, history, first = snapshot["best"], snapshot["history"], snapshot["step"]
+        resume.restore_generators(generator, snapshot["generators"])
+        logger.info(f"nmperm: {description}: resuming at step {first} of {config.steps}")
+    quiet = config.steps == 0 or not distributed.is_main()
+    for step in tqdm(
+        range(first, config.steps), desc=description, leave=False, disable=quiet, initial=first, total=config.steps
+    ):
+        tau, lr = anneal(step, config.steps, config.tau_start, config.tau_end), config.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = objective.loss(effective.soft(tau), step)
+        optimizer.zero_grad()
+        loss.backward()
+        distributed.sum_gradients(effective.permuters.parameters())
+        optimizer.step()
+        loss_value = distributed.sum_float(float(loss.detach()))
+        record = {"step": step + 1, "tau": tau, "lr": lr, "loss": loss_value, "select": None}
+        if config.ranks(step + 1):
+            perms = effective.hard_perms()
+            record["select"] = objective.select(effective.hard(perms))
+            if record["select"] < best:
+                best, best_perms = record["select"], perms
+        history.append(record)
+        if phase is not None and step + 1 < config.steps and phase.due(step + 1):
+            phase.save_progress(
+                {
+                    "step": step + 1,
+                    "permuters": effective.permuters.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "best": best,
+                    "best_perms": best_perms,
+                    "history": history,
+                    "generators": resume.generator_states(generator),
+                }
+            )
+    if phase is not None:
+        phase.finish({"perms": best_perms, "history": history, "generators": resume.generator_states(generator)})
+    start = history[0]["select"]
+    logger.debug(f"{description}: select {start:.5g} -> {best:.5g}")
+    return best_perms, history
+
+
+def _placed(perms: dict[str, torch.Tensor], effective: EffectiveWeights) -> dict[str, torch.Tensor]:
+    """Saved permutations (on the CPU) where :meth:`EffectiveWeights.hard_perms` would put them."""
+    devices = {site: perm.device for site, perm in effective.fixed.items()}
+    devices |= {site_name(key): permuter.base.device for key, permuter in effective.permuters.items()}
+    return {site: perm.to(devices.get(site, perm.device)) for site, perm in perms.items()}
+
+
+def retained_ratio(members: list[Member], perms: dict[str, torch.Tensor], pattern: NMPattern) -> float:
+    """Retained score over the unstructured bound, summed over members."""
+    kept = sum(float(retained_score(m.scores[:, perms[m.site].to(m.scores.device)], pattern)) for m in members)
+    return kept / sum(float(unstructured_bound(m.scores, pattern)) for m in members)

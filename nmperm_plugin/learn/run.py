@@ -1,0 +1,306 @@
+"""The state of one permutation run and the steps every objective is made of: capture the first
+decoder layer's inputs, collect statistics, score, solve a site with a heuristic, build learnable
+effective weights, run a layer with its masks, apply the masks.
+
+Nothing here changes the model's weights except :meth:`Run.apply_masks`; a pruned layer's output is
+computed with its masked weights substituted (``functional_call``). A run may execute on another
+device than the one that stores the weights (:mod:`nmperm_plugin.runtime.onload`): each layer's tensors are
+then copied to the execution device for each call, and scores stay beside the weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch import Adapter, Site
+from ..core.nm import hard_mask
+from ..core.ops import tied_head_perm
+from ..core.permuter import BlockPermuter
+from ..core.scores import ChannelStats, check_finite_stats
+from ..data.calibration import CalibrationData, samples_of, stack_labels, to_device
+from ..io.checks import check_fits_in_memory
+from ..runtime.onload import call_on, head_on, moved, storage_device
+from .learner import EffectiveWeights, Member, module_key, retained_ratio
+from .losses import first
+
+if TYPE_CHECKING:
+    from ..config import PermuteConfig
+
+
+class _Stop(Exception):
+    pass
+
+
+def _keyword_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A layer call's arguments after its hidden states, by name (positional ones too, e.g. a ViT
+    layer's ``attention_mask``), without the cache; ``use_cache`` (decoders) set to False."""
+    names = list(inspect.signature(module.forward).parameters)[1:]
+    kept = dict(zip(names, args[1:], strict=False)) | kwargs
+    kept = {k: v for k, v in kept.items() if k not in ("hidden_states", "past_key_values")}
+    return kept | {"use_cache": False} if "use_cache" in kept else kept
+
+
+def capture_layer_inputs(
+    model: nn.Module, layers: nn.ModuleList, calibration: torch.Tensor | list[dict]
+) -> tuple[torch.Tensor, list[dict]]:
+    """The first decoder layer's input for every sample (``[N, T, D]``) and each decoder layer's
+    keyword arguments (attention mask, position embeddings: layers of different types get different
+    ones, e.g. Gemma's sliding-window and global layers), taken from the first sample.
+
+    ``calibration``: token ids ``[N, T]``, or each sample's model inputs (:attr:`Run.samples`: the
+    adapter's :meth:`~nmperm_plugin.arch.base.Adapter.model_inputs`, batch dimension 1)."""
+    samples = samples_of(calibration) if isinstance(calibration, torch.Tensor) else calibration
+    hidden: list[torch.Tensor] = []
+    layer_kwargs: list[dict | None] = [None] * len(layers)
+
+    def hook(index, module, args, kwargs):
+        if index == 0:
+            hidden.append(args[0] if args else kwargs["hidden_states"])
+        if layer_kwargs[index] is None:
+            layer_kwargs[index] = _keyword_arguments(module, args, kwargs)
+        if index + 1 == len(layers) or layer_kwargs[index + 1] is not None:
+            raise _Stop
+
+    handles = [layer.register_forward_pre_hook(partial(hook, i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for sample in samples:
+                try:
+                    model(**sample)
+                except _Stop:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat(hidden), layer_kwargs
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, weights: dict | None = None) -> torch.Tensor:
+    """``layer``'s output for ``hidden`` (``[N, T, D]``, 4 sequences at a time), with ``weights``
+    (parameter name -> tensor) substituted when given."""
+    weights = weights or {}
+    return torch.cat([first(call_on(layer, weights, (h,), kwargs, h.device)) for h in hidden.split(4)])
+
+
+@torch.no_grad()
+def collect_stats(
+    layer: nn.Module, names: dict[str, nn.Linear], hidden: torch.Tensor, kwargs: dict, hessian: bool
+) -> tuple[dict[str, ChannelStats], torch.Tensor]:
+    """Input statistics of the named linears of ``layer`` over ``hidden``, and the layer's output
+    (the same forward: a dense pass runs each layer once)."""
+    stats = {name: ChannelStats.empty(lin.in_features, hessian, hidden.device) for name, lin in names.items()}
+    handles = [
+        lin.register_forward_hook(lambda mod, args, out, s=stats[name]: s.update(args[0]))
+        for name, lin in names.items()
+    ]
+    try:
+        output = run_layer(layer, hidden, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    check_finite_stats(stats)  # NaN/inf inputs: an error naming the linear, before any solver sees them
+    return stats, output
+
+
+def solve_site(site: Site, scores: dict[str, torch.Tensor], solver, pattern, rng) -> torch.Tensor:
+    """One permutation for ``site`` from its linears' stacked scores (per head group when tied)."""
+    stacked = torch.cat([scores[name] for name in site.linears]).cpu()  # [rows, C]; the heuristics run on CPU
+    if site.tied_heads is None:
+        return solver(stacked, pattern, rng)
+    size = site.head_size
+    heads = torch.tensor(site.tied_heads)
+    per_group = []
+    for group in range(int(heads.max()) + 1):
+        columns = [stacked[:, h * size : (h + 1) * size] for h in (heads == group).nonzero().flatten().tolist()]
+        per_group.append(solver(torch.cat(columns), pattern, rng))
+    return tied_head_perm(site.tied_heads, torch.stack(per_group))
+
+
+def block_size_of(site: Site, wanted: int, m: int) -> int:
+    """The largest block size up to ``wanted`` that divides the site and is a multiple of M (a head when tied)."""
+    if site.tied_heads is not None:
+        return site.head_size
+    size = min(wanted, site.channels)
+    while site.channels % size or size % m:
+        size -= m
+    return size
+
+
+class Run:
+    """One run over ``model``: its sites, linears, scorer, heuristic solver, and what was found."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        calibration: CalibrationData,
+        config: PermuteConfig,
+        adapter: Adapter,
+        generator,
+        solver,
+        device: torch.device | None = None,
+    ) -> None:
+        self.storage = storage_device(model)  # where the weights are
+        self.device = self.storage if device is None else device  # where the run computes
+        self.onloading = self.device != self.storage  # each layer copied to the device when it runs
+        self.model, self.config = model, config
+        self.objective = config.objective  # the objective that ran (``auto`` sets the one it chose)
+        raw = samples_of(calibration)
+        self.samples = [to_device(adapter.model_inputs(sample), self.storage) for sample in raw]  # for the embeddings
+        labels = stack_labels([adapter.labels(sample) for sample in raw])
+        self.labels = None if labels is None else labels.to(self.device)  # [N, ...]: what the task loss needs
+        self.pattern, self.generator, self.solver, self.adapter = config.nm, generator, solver, adapter
+        self.sites = adapter.sites(model, config.fold)
+        self.layers = adapter.decoder_layers(model)
+        self.rng = torch.Generator().manual_seed(config.seed)
+        self.site_of = {name: site for site in self.sites for name in site.linears}
+        self.linears = {name: model.get_submodule(name) for name in self.site_of}
+        names = {id(module): name for name, module in model.named_modules()}
+        self.layer_prefixes = [names[id(layer)] + "." for layer in self.layers]
+        self.pruned = [n for n in self.site_of if not any(re.search(p, n) for p in config.ignore)]
+        self.perms: dict[str, torch.Tensor] = {}
+        self.history: dict[str, list[dict]] = {}
+        self.retained: dict[str, float] = {}
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """The calibration token ids ``[N, T]`` (samples with ``input_ids`` only)."""
+        return torch.cat([sample["input_ids"] for sample in self.samples])
+
+    def layer_inputs(self) -> tuple[torch.Tensor, list[dict]]:
+        """The first decoder layer's inputs ``[N, T, D]`` and every layer's keyword arguments, on the
+        run's device (:func:`capture_layer_inputs`, run where the embeddings are)."""
+        hidden, kwargs = capture_layer_inputs(self.model, self.layers, self.samples)
+        return hidden.to(self.device), moved(kwargs, self.device)
+
+    def head(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The adapter's head (last hidden state -> the model's output) computing on the run's device."""
+        return head_on(self.model, self.layers, self.adapter.head(self.model), self.device)
+
+    def layer_linears(self, index: int) -> dict[str, nn.Linear]:
+        """The permuted linears of decoder layer ``index`` by full module name."""
+        return {n: lin for n, lin in self.linears.items() if n.startswith(self.layer_prefixes[index])}
+
+    def scores_of(self, names: dict[str, nn.Linear], stats: dict[str, ChannelStats]) -> dict[str, torch.Tensor]:
+        """Each linear's saliency scores, normalised to mean 1."""
+        scores = {n: self.generator(lin.weight.to(self.device), stats[n]) for n, lin in names.items()}
+        return {n: (s / s.mean().clamp_min(1e-12)).to(self.storage) for n, s in scores.items()}
+
+    def layer_scores(self, index: int, hidden: torch.Tensor, kwargs: list[dict]) -> dict[str, torch.Tensor]:
+        """Scores of layer ``index``'s linears from its inputs ``hidden`` (``kwargs``: every layer's)."""
+        names = self.layer_linears(index)
+        stats, _ = collect_stats(self.layers[index], names, hidden, kwargs[index], self.generator.needs_hessian)
+        return self.scores_of(names, stats)
+
+    def dense_pass(
+        self,
+        hidden: torch.Tensor,
+        kwargs: list[dict],
+        names: list[str],
+        keep_outputs: bool,
+        on: torch.device | None = None,
+    ):
+        """Scores of ``names`` from the dense model's activations, and (``keep_outputs``) every layer's
+        dense output (``[N, T, D]`` each, kept ``on`` a device, by default the model's; else an empty list)."""
+        stats, outputs = {}, []
+        if keep_outputs:
+            check_fits_in_memory(hidden, len(self.layers), on or self.device)
+        for index, layer in enumerate(tqdm(self.layers, desc="dense pass", leave=False)):
+            mine = {n: lin for n, lin in self.layer_linears(index).items() if n in names}
+            layer_stats, hidden = collect_stats(layer, mine, hidden, kwargs[index], self.generator.needs_hessian)
+            stats |= layer_stats
+            if keep_outputs:
+                outputs.append(hidden if on is None else hidden.to(on))
+        return self.scores_of({n: self.linears[n] for n in names}, stats), outputs
+
+    def solve(self, site: Site, scores: dict[str, torch.Tensor]) -> None:
+        """The heuristic permutation of ``site`` (a ``fixed`` site's: the identity)."""
+        if site.fixed:
+            self.perms[site.name] = torch.arange(site.channels)
+            return
+        self.perms[site.name] = solve_site(site, scores, self.solver, self.pattern, self.rng)
+
+    def learns(self, site: Site) -> bool:
+        """Whether a learned method learns ``site``: every per-layer site; the global ``hidden`` one
+        (exact) only with ``learn_hidden``, else it keeps the heuristic's permutation; a ``fixed`` one never."""
+        return not site.fixed and (site.layer is not None or self.config.learn_hidden)
+
+    def members(self, names: dict, scores: dict, prefix: str, weights_are_scores: bool = False) -> list[Member]:
+        """The pruned linears among ``names`` as learner members (parameter names relative to ``prefix``)."""
+        return [
+            Member(
+                n[len(prefix) :] + ".weight",
+                scores[n] if weights_are_scores else lin.weight.detach(),
+                scores[n],
+                self.site_of[n].name,
+            )
+            for n, lin in names.items()
+            if n in self.pruned
+        ]
+
+    def effective(self, members: list[Member], learned: list[Site]) -> EffectiveWeights:
+        """Effective weights of ``members`` with a learnable permuter per site of ``learned``, starting
+        from the current permutations; the other sites stay fixed."""
+        permuters = nn.ModuleDict()
+        for site in learned:
+            size = block_size_of(site, self.config.block_size, self.pattern.m)
+            permuters[module_key(site.name)] = BlockPermuter(
+                self.perms[site.name], size, site.tied_heads, generator=self.rng
+            )
+        config = self.config
+        return EffectiveWeights(
+            members,
+            permuters.to(self.device),
+            dict(self.perms),
+            self.pattern,
+            config.mask_tau,
+            config.sinkhorn_iters,
+            device=self.device,
+        )
+
+    def record(self, name: str, perms: dict[str, torch.Tensor], history: list[dict]) -> None:
+        """Keep a learner's permutations and its learning curve under ``name``."""
+        self.perms |= {site: perm.cpu() for site, perm in perms.items()}
+        self.history[name] = history
+
+    def record_retained(self, index: int, scores: dict[str, torch.Tensor]) -> None:
+        prefix = self.layer_prefixes[index]
+        members = self.members(self.layer_linears(index), scores, prefix)
+        if members:  # none when ``ignore`` keeps every linear of the layer dense: nothing to report
+            self.retained[str(index)] = retained_ratio(members, self.perms, self.pattern)
+
+    def masks(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The final mask of each pruned linear among ``scores`` (N:M in its site's permuted order)."""
+        masks = {}
+        for name, score in scores.items():
+            if name not in self.pruned:
+                continue
+            if self.config.unstructured:
+                k = score.shape[1] * self.pattern.n // self.pattern.m
+                masks[name] = torch.zeros_like(score, dtype=torch.bool).scatter_(1, score.topk(k, dim=1).indices, True)
+            else:
+                masks[name] = hard_mask(score, self.perms[self.site_of[name].name], self.pattern)
+        return masks
+
+    def pruned_layer_output(self, index: int, hidden: torch.Tensor, kwargs: list[dict], masks: dict) -> torch.Tensor:
+        """Layer ``index``'s output with ``masks`` applied (the weights themselves are not changed)."""
+        prefix = self.layer_prefixes[index]
+        weights = {}
+        for name, mask in masks.items():
+            weight = self.linears[name].weight.to(hidden.device)
+            weights[name[len(prefix) :] + ".weight"] = weight * mask.to(hidden.device, weight.dtype)
+        return run_layer(self.layers[index], hidden, kwargs[index], weights)
+
+    @torch.no_grad()
+    def apply_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Zero the pruned weights: ``masks`` maps linear names to their keep masks."""
+        for name, mask in masks.items():
+            self.linears[name].weight.mul_(mask.to(self.linears[name].weight.dtype))
