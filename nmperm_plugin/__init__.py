@@ -1,16 +1,18 @@
 """nmperm-plugin: learned channel permutations for N:M (2:4) sparse Transformers.
 
-Importing the package registers :class:`LearnedPermutationModifier` with llm-compressor's
-``ModifierFactory`` when llm-compressor is installed, so recipes can name it.
+Importing the package registers its built-in plugin (:mod:`nmperm_plugin.builtin`) with the plugin
+registry, and :class:`LearnedPermutationModifier` with llm-compressor's ``ModifierFactory`` when
+llm-compressor is installed, so recipes can name it.
 """
 
+from . import builtin
 from .api import permute_
-from .config import PermuteConfig
+from .config import LearnConfig, PermuteConfig
 from .core.nm import NMPattern, is_nm, nm_mask
 from .io.sidecar import Sidecar
 from .learn.fold import fold_
-from .learn.learner import LearnConfig
 from .learn.pipeline import PruneResult, permute_and_prune_
+from .plugins.registry import register_builtin
 
 __all__ = [
     "LearnConfig",
@@ -25,6 +27,8 @@ __all__ = [
     "permute_and_prune_",
 ]
 __version__ = "0.1.0"
+
+register_builtin(builtin)
 
 try:  # registers LearnedPermutationModifier with llm-compressor's ModifierFactory
     from .llmcompressor.modifier import LearnedPermutationModifier  # noqa: F401 - exported below

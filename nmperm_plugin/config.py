@@ -18,9 +18,7 @@ from dataclasses import dataclass, field
 
 from .arch import FOLD_MODES
 from .core.nm import NMPattern
-from .learn.learner import LearnConfig
-from .learn.losses import CHECKPOINTING, DENSE_TARGETS, TRAIN_DTYPES
-from .plugins.registry import mask_generators, objectives, solvers
+from .core.sinkhorn import anneal
 
 FRONT_ENDS = ("cli", "modifier")
 # end_to_end steps in all, by fold, when end_to_end_steps is unset (gather learns twice the sites;
@@ -28,26 +26,59 @@ FRONT_ENDS = ("cli", "modifier")
 END_TO_END_STEPS = {"exact": 80, "gather": 120}
 
 
+TRAIN_DTYPES = ("auto", "float32", "bfloat16")
+CHECKPOINTING = ("auto", "on", "off")
+DENSE_TARGETS = ("auto", "keep", "recompute")
+
+
+@dataclass
+class LearnConfig:
+    """Hyper-parameters of one learning run (SPEC 2). Built from a :class:`PermuteConfig` when used,
+    with the steps its objective resolves; its defaults are the configuration's (``PermuteConfig``
+    takes them from here)."""
+
+    steps: int
+    lr: float = 0.1
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    mask_tau: float = 0.5
+    sinkhorn_iters: int = 5
+    select_every: int = 4
+    lr_end: float | None = None  # learning rate at the last step (linear from ``lr``); None: constant
+    select_from: float = 0.5  # share of the steps before the first ranking (the start is always ranked)
+
+    def ranks(self, step: int) -> bool:
+        """Whether the hard permutation after ``step`` steps is ranked: every ``select_every`` steps
+        from ``select_from`` of the run on, and after the last step."""
+        late = step >= self.select_from * self.steps
+        return step == self.steps or (late and step % self.select_every == 0)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step ``step`` (from 0): ``lr``, falling linearly to ``lr_end`` when set."""
+        return self.lr if self.lr_end is None else anneal(step, self.steps, self.lr, self.lr_end)
+
+
 def option(
     default,
     help: str,
-    choices: Callable[[], tuple[str, ...]] | None = None,
+    choices: tuple[str, ...] | None = None,
     minimum: float | None = None,
     maximum: float | None = None,
     front_ends: tuple[str, ...] = FRONT_ENDS,
     modifier_default=dataclasses.MISSING,
+    registry: str | None = None,
 ):
-    """A schema field: ``choices`` is called when validating (plugins may add values), ``minimum``
-    and ``maximum`` are inclusive bounds, ``front_ends`` where the field is exposed, ``modifier_default`` a
-    different default for the llm-compressor modifier (it then runs between pipeline stages)."""
-    metadata = dict(help=help, choices=choices, minimum=minimum, maximum=maximum, front_ends=front_ends)
+    """A schema field: ``choices`` its allowed values, or ``registry`` the kind of plugin it names
+    (checked by :func:`nmperm_plugin.plugins.registry.check_names` when a run starts, since plugins
+    add names), ``minimum`` and ``maximum`` inclusive bounds, ``front_ends`` where the field is
+    exposed, ``modifier_default`` a different default for the llm-compressor modifier (it then runs
+    between pipeline stages)."""
+    metadata = dict(
+        help=help, choices=choices, registry=registry, minimum=minimum, maximum=maximum, front_ends=front_ends
+    )
     if modifier_default is not dataclasses.MISSING:
         metadata["modifier_default"] = modifier_default
     return field(default=default, metadata=metadata)
-
-
-def _learned_methods() -> tuple[str, ...]:
-    return (*solvers(), "learned")
 
 
 @dataclass(frozen=True)
@@ -55,16 +86,16 @@ class PermuteConfig:
     """What to permute and prune, and how. ``method="learned"`` starts from ``init`` (a heuristic)."""
 
     pattern: str = option("2:4", "N:M pattern: keep N of every M consecutive input weights (2:4, 4:8, 1:4)")
-    scorer: str = option("wanda", "mask generator whose masks are optimised", choices=lambda: tuple(mask_generators()))
-    method: str = option("learned", "learned, or a heuristic solver used alone", choices=_learned_methods)
+    scorer: str = option("wanda", "mask generator whose masks are optimised", registry="mask_generators")
+    method: str = option("learned", "learned, or a heuristic solver used alone", registry="methods")
     objective: str = option(
         "auto",
         "what method 'learned' optimises (auto: end_to_end, else the widest window that fits the device)",
-        choices=lambda: tuple(objectives()),
+        registry="objectives",
     )
-    fold: str = option("exact", "exact: standard checkpoint; gather: per-layer run-time gathers", lambda: FOLD_MODES)
+    fold: str = option("exact", "exact: standard checkpoint; gather: per-layer run-time gathers", FOLD_MODES)
     block_size: int = option(64, "channels per learnable block (a multiple of M)", minimum=1)
-    init: str = option("ria", "heuristic permutation the learner starts from", choices=lambda: tuple(solvers()))
+    init: str = option("ria", "heuristic permutation the learner starts from", registry="solvers")
     seed: int = option(0, "random seed of calibration sampling and the learner")
     apply_mask: bool = option(
         True, "apply the final N:M masks (false: permute only, leave masking to a pruner)", modifier_default=False
@@ -85,17 +116,17 @@ class PermuteConfig:
     layers_per_step: int = option(4, "decoder layers per step when learning the global hidden site", minimum=1)
     window_layers: int = option(4, "decoder layers in one window of the window objective", minimum=1)
     layer_checkpointing: str = option(
-        "auto", "recompute each decoder layer in backward (end_to_end, window; auto: on GPUs)", lambda: CHECKPOINTING
+        "auto", "recompute each decoder layer in backward (end_to_end, window; auto: on GPUs)", CHECKPOINTING
     )
     dense_targets: str = option(
         "auto",
         "end_to_end, window: keep every layer's dense output of the calibration data on the CPU, or recompute "
         "each step's (a dense forward more per step; auto: keep when they fit in memory)",
-        lambda: DENSE_TARGETS,
+        DENSE_TARGETS,
     )
     alpha: float = option(0.1, "end_to_end distillation weight", minimum=0)
     train_dtype: str = option(
-        "auto", "precision of end_to_end's learning passes (auto: bfloat16 where fast)", lambda: TRAIN_DTYPES
+        "auto", "precision of end_to_end's learning passes (auto: bfloat16 where fast)", TRAIN_DTYPES
     )
     lr: float = option(LearnConfig.lr, "learning rate of the cost matrices at the first step", minimum=0)
     lr_end: float | None = option(
@@ -152,8 +183,8 @@ class PermuteConfig:
 
 def _check_field(spec: dataclasses.Field, value) -> None:
     choices, minimum, maximum = (spec.metadata[k] for k in ("choices", "minimum", "maximum"))
-    if choices is not None and value not in choices():
-        raise ValueError(f"unknown {spec.name} {value!r}; choose one of {', '.join(choices())}")
+    if choices is not None and value not in choices:
+        raise ValueError(f"unknown {spec.name} {value!r}; choose one of {', '.join(choices)}")
     if minimum is not None and value is not None and value < minimum:
         raise ValueError(f"{spec.name} must be at least {minimum:g}, got {value}")
     if maximum is not None and value is not None and value > maximum:
@@ -185,21 +216,21 @@ def _bounds(minimum: float | None, maximum: float | None) -> str:
     return "" if maximum is None else f"<= {maximum:g}"
 
 
-def markdown_table() -> str:
-    """The fields as a markdown table (``docs/configuration.md`` holds it; a test keeps it current)."""
+def markdown_table(names: Callable[[str], tuple[str, ...]]) -> str:
+    """The fields as a markdown table (``docs/configuration.md`` holds it; a test keeps it current);
+    ``names(kind)`` lists the registered plugins a registry-backed field accepts."""
     rows = ["| field | CLI flag | default | allowed | meaning |", "|---|---|---|---|---|"]
     for spec in schema():
         flag = f"`--{spec.name.replace('_', '-')}`" if "cli" in spec.metadata["front_ends"] else "(not a flag)"
         default = spec.default if spec.default != () else "none"
         if "modifier_default" in spec.metadata:
             default = f"{default} (modifier: {spec.metadata['modifier_default']})"
-        if spec.metadata["choices"] is not None:
-            allowed = ", ".join(spec.metadata["choices"]())
+        if spec.metadata["registry"] is not None:
+            allowed = ", ".join(names(spec.metadata["registry"]))
+        elif spec.metadata["choices"] is not None:
+            allowed = ", ".join(spec.metadata["choices"])
         else:
             allowed = _bounds(spec.metadata["minimum"], spec.metadata["maximum"])
         rows.append(f"| `{spec.name}` | {flag} | `{default}` | {allowed} | {spec.metadata['help']} |")
     return "\n".join(rows)
 
-
-if __name__ == "__main__":  # python -m nmperm_plugin.config > the table in docs/configuration.md
-    print(markdown_table())

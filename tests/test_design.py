@@ -22,7 +22,7 @@ from nmperm_plugin.io.sidecar import SIDECAR_NAME, Sidecar
 from nmperm_plugin.learn.objectives import Layerwise
 from nmperm_plugin.llmcompressor.modifier import LearnedPermutationModifier
 from nmperm_plugin.plugins.hooks import hookimpl
-from nmperm_plugin.plugins.registry import plugin_manager
+from nmperm_plugin.plugins.registry import names, plugin_manager
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,23 +56,36 @@ def test_cli_flags_build_the_same_config_as_python():
 
 def test_the_docs_table_of_fields_is_current():
     text = (ROOT / "docs" / "configuration.md").read_text()
-    assert markdown_table() in text, "regenerate docs/configuration.md: python -m nmperm_plugin.config"
+    assert markdown_table(names) in text, "regenerate docs/configuration.md: python -m nmperm_plugin.cli.options"
 
 
-def test_no_import_cycles_between_package_modules():
-    """Every module-level import of the package points one way (a topological order exists)."""
+def _import_graph() -> dict[str, set[str]]:
+    """Every package module's imports of package modules: module level, inside functions and under
+    ``TYPE_CHECKING`` alike (a function-level import is a dependency all the same)."""
     package = ROOT / "nmperm_plugin"
     graph = {}
     for path in package.rglob("*.py"):
+        if "tasks" in path.relative_to(package).parts:  # lm-eval task helpers, loaded by lm-eval
+            continue
         name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
         imports = set()
-        for node in ast.parse(path.read_text()).body:  # module level only; TYPE_CHECKING blocks are not run
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:
                 base = name.split(".")[: len(name.split(".")) - node.level + (path.name == "__init__.py")]
                 target = ".".join(base + ([node.module] if node.module else []))
                 imports |= {f"{target}.{a.name}" for a in node.names} | ({target} if node.module else set())
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nmperm_plugin"):
+                imports |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                imports |= {a.name for a in node.names if a.name.startswith("nmperm_plugin")}
         graph[name] = imports
-    graph = {n: {i for i in deps if i in graph and i != n} for n, deps in graph.items()}
+    return {n: {i for i in deps if i in graph and i != n} for n, deps in graph.items()}
+
+
+def test_no_import_cycles_between_package_modules():
+    """Every import of the package, function-level ones included, points one way (a topological order exists)."""
+    graph = _import_graph()
+    assert "nmperm_plugin.learn.learner" in graph["nmperm_plugin.learn.losses"]  # the walk sees relative imports
     done, visiting = set(), []
 
     def visit(node):
@@ -87,6 +100,41 @@ def test_no_import_cycles_between_package_modules():
 
     for node in graph:
         visit(node)
+
+
+# the layers, bottom to top (docs/plugins.md); a module imports only from its own layer or those below
+LAYERS = (
+    ("compat",),
+    ("core",),
+    ("arch",),
+    ("config",),
+    ("plugins",),  # hook specs and the registry; the built-in plugin is registered from above (builtin)
+    ("io",),
+    ("data",),
+    ("runtime",),
+    ("learn",),
+    ("builtin", "api", "parts"),
+    ("llmcompressor", "export", "eval"),
+    ("cli",),
+)
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else "__init__"
+    if top == "__init__":
+        return len(LAYERS)  # the package itself re-exports the public API
+    return next(i for i, names in enumerate(LAYERS) if top in names)
+
+
+def test_dependencies_point_down_the_layers():
+    upward = [
+        f"{module} -> {dep}"
+        for module, deps in _import_graph().items()
+        for dep in deps
+        if _layer(dep) > _layer(module)
+    ]
+    assert not upward, "imports against the layer order: " + ", ".join(sorted(upward))
 
 
 # -- a third-party objective: the loss is the decoder layer's cosine error (a dozen lines) -------------

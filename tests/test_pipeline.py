@@ -111,10 +111,7 @@ def test_pattern_must_divide_channels(input_ids):
 @pytest.mark.parametrize(
     "field,value,needle",
     [
-        ("method", "magic", "unknown method"),
         ("fold", "loose", "unknown fold"),
-        ("scorer", "x", "unknown scorer"),
-        ("objective", "vibes", "unknown objective"),
         ("block_size", 6, "multiple of M"),
         ("pattern", "4:2", "0 < N"),
         ("steps_per_layer", -1, "steps_per_layer must be at least 0"),
@@ -126,6 +123,17 @@ def test_pattern_must_divide_channels(input_ids):
 def test_config_validation(field, value, needle):
     with pytest.raises(ValueError, match=needle):
         PermuteConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "field,value", [("method", "magic"), ("scorer", "x"), ("objective", "vibes"), ("init", "guess")]
+)
+def test_plugin_names_are_checked_when_the_run_starts(field, value, input_ids, monkeypatch):
+    """The configuration is plain data; the registry refuses an unregistered name before any work."""
+    config = PermuteConfig(**{field: value})  # no registry look-up on construction
+    monkeypatch.setattr(Run, "__init__", lambda *a, **k: pytest.fail("the run started"))
+    with pytest.raises(ValueError, match=f"unknown {field} '{value}'; choose one of"):
+        permute_(tiny_model(), input_ids, config)
 
 
 def test_learned_global_hidden_site_keeps_function_and_prunes(input_ids):

@@ -10,8 +10,9 @@ import typing
 
 import torch
 
-from ..config import PermuteConfig, field_types, schema
+from ..config import PermuteConfig, field_types, markdown_table, schema
 from ..parts import DEFAULT_PARTS, parse_parts
+from ..plugins.registry import names
 
 
 def flag(name: str) -> str:
@@ -50,8 +51,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ..
             kwargs["type"] = _scalar(annotation)
             if typing.get_origin(annotation) is tuple:
                 kwargs |= {"nargs": "*", "metavar": spec.name.upper()}
-            if spec.metadata["choices"] is not None:
-                kwargs["choices"] = spec.metadata["choices"]()
+            if spec.metadata["registry"] is not None:
+                kwargs["choices"] = names(spec.metadata["registry"])
+            elif spec.metadata["choices"] is not None:
+                kwargs["choices"] = spec.metadata["choices"]
         group.add_argument(flag(spec.name), **kwargs)
     if "apply_mask" not in exclude:
         group.add_argument(
@@ -101,3 +104,7 @@ def add_parts_argument(parser: argparse.ArgumentParser) -> None:
         "vision (the vision tower; needs an image dataset) or vision,text (both, the tower first); any other "
         "model is pruned whole, with the default",
     )
+
+
+if __name__ == "__main__":  # python -m nmperm_plugin.cli.options > the table in docs/configuration.md
+    print(markdown_table(names))

@@ -15,37 +15,11 @@ from loguru import logger
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import LearnConfig
 from ..core.nm import NMPattern, hard_mask, retained_score, unstructured_bound
 from ..core.permuter import hard_together, sample_together
 from ..core.sinkhorn import anneal
 from ..runtime import distributed, resume
-
-
-@dataclass
-class LearnConfig:
-    """Hyper-parameters of one learning run (SPEC 2). Built from a
-    :class:`~nmperm_plugin.config.PermuteConfig` when used, with the steps its objective resolves;
-    its defaults are the configuration's (``PermuteConfig`` takes them from here)."""
-
-    steps: int
-    lr: float = 0.1
-    tau_start: float = 1.0
-    tau_end: float = 0.1
-    mask_tau: float = 0.5
-    sinkhorn_iters: int = 5
-    select_every: int = 4
-    lr_end: float | None = None  # learning rate at the last step (linear from ``lr``); None: constant
-    select_from: float = 0.5  # share of the steps before the first ranking (the start is always ranked)
-
-    def ranks(self, step: int) -> bool:
-        """Whether the hard permutation after ``step`` steps is ranked: every ``select_every`` steps
-        from ``select_from`` of the run on, and after the last step."""
-        late = step >= self.select_from * self.steps
-        return step == self.steps or (late and step % self.select_every == 0)
-
-    def lr_at(self, step: int) -> float:
-        """The learning rate of step ``step`` (from 0): ``lr``, falling linearly to ``lr_end`` when set."""
-        return self.lr if self.lr_end is None else anneal(step, self.steps, self.lr, self.lr_end)
 
 
 def module_key(site: str) -> str:

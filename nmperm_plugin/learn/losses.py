@@ -135,7 +135,6 @@ class JointLayerwiseObjective(Objective):
         return distributed.sum_float(total) / (len(self.layers) * len(self.select_index))
 
 
-TRAIN_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def fast_bfloat16(device: torch.device) -> bool:
@@ -147,14 +146,13 @@ def fast_bfloat16(device: torch.device) -> bool:
 
 
 def training_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of learning passes for ``name`` in :data:`TRAIN_DTYPES` (None: float32).
+    """The autocast dtype of learning passes for ``name`` in :data:`~nmperm_plugin.config.TRAIN_DTYPES` (None: float32).
     ``auto``: bfloat16 where it is fast."""
     if name == "bfloat16" or (name == "auto" and fast_bfloat16(device)):
         return torch.bfloat16
     return None
 
 
-CHECKPOINTING = ("auto", "on", "off")
 
 
 def layer_checkpointing(config_value: str, device: torch.device) -> bool:
@@ -163,7 +161,6 @@ def layer_checkpointing(config_value: str, device: torch.device) -> bool:
     return config_value == "on" or (config_value == "auto" and device.type == "cuda")
 
 
-DENSE_TARGETS = ("auto", "keep", "recompute")
 
 
 class KeptTargets:

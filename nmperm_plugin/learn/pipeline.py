@@ -19,7 +19,7 @@ from ..arch import Site
 from ..config import PermuteConfig
 from ..data.calibration import CalibrationData
 from ..io.checks import check_finite_parameters, check_pattern_fits
-from ..plugins.registry import get_adapter, get_mask_generator, get_objective, get_solver
+from ..plugins.registry import check_names, get_adapter, get_mask_generator, get_objective, get_solver
 from .objectives import HEURISTIC, ObjectiveStrategy
 from .run import Run
 
@@ -63,6 +63,7 @@ def permute_and_prune_(
     ``device``: where to compute, if not where the weights are (then each decoder layer is copied
     there when it runs, :mod:`nmperm_plugin.runtime.onload`).
     """
+    check_names(config)  # the configuration is plain data: its plugin names are checked as the run starts
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     strategy = strategy_of(config)

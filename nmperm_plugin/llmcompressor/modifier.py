@@ -23,6 +23,7 @@ from .. import parts as vl_parts
 from ..config import PermuteConfig, default_of, field_types, schema
 from ..io.sidecar import Sidecar
 from ..learn.pipeline import PruneResult, strategy_of
+from ..plugins.registry import check_names
 from ..runtime import resume
 from ..runtime.onload import execution_device, storage_device, undispatched
 from .compress import PermutedState, attach, calibration_data, check_recipe, check_unpermuted, ignored_linears
@@ -137,7 +138,7 @@ class _ModifierBase(Modifier):
                 f"learning_state {self.learning_state!r} must name a directory ending in {resume.SUFFIX!r} (e.g. "
                 f"'out{resume.SUFFIX}' beside the output), so that it is never mistaken for, or deleted as, other data"
             )
-        self.permute_config(num_sequences=1)  # the schema's own checks (choices, block_size against M, ...)
+        check_names(self.permute_config(num_sequences=1))  # the schema's checks, then the plugin names
         return self
 
     # -- configuration ------------------------------------------------------------------------------

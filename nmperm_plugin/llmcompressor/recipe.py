@@ -132,7 +132,7 @@ def run_recipe(
     ``recipe.yaml``, ``nmperm.json`` with checksums) to ``output_dir`` atomically, after it passed
     ``nmperm verify``'s checks. ``inputs``: further ``(label, path)`` the output must not be or contain
     (the model, dataset and recipe always are). Returns the exit status."""
-    import nmperm_plugin  # noqa: F401 - registers LearnedPermutationModifier
+    from . import modifier  # noqa: F401 - registers LearnedPermutationModifier with ModifierFactory
 
     inputs = [("the input model", model_path), ("the dataset", dataset_path), ("the recipe", recipe_path), *inputs]
     target = check_output_dir(output_dir, overwrite, inputs)

@@ -1,16 +1,31 @@
 """The plugin manager and the look-ups of everything registered through :mod:`nmperm_plugin.plugins.hooks`:
-mask generators, architecture adapters, permutation solvers and objectives."""
+mask generators, architecture adapters, permutation solvers and objectives.
+
+The registry imports no plugin: the package registers its built-in plugin
+(:mod:`nmperm_plugin.builtin`) with :func:`register_builtin` when it is imported, and third-party
+plugins come through the ``nmperm_plugin`` entry-point group. So everything below the public API
+can look names up without importing what implements them."""
 
 from __future__ import annotations
 
+import dataclasses
 from functools import cache
 
 import pluggy
 from torch import nn
 
 from ..arch import Adapter
-from . import builtin
 from .hooks import PROJECT, Specs
+
+_BUILTINS: list[object] = []
+
+
+def register_builtin(plugin: object) -> None:
+    """Register the package's own plugin (before any third-party one), now or when the manager is made."""
+    if plugin not in _BUILTINS:
+        _BUILTINS.append(plugin)
+        if plugin_manager.cache_info().currsize:
+            plugin_manager().register(plugin, name="builtin")
 
 
 @cache
@@ -18,7 +33,8 @@ def plugin_manager() -> pluggy.PluginManager:
     """The process-wide plugin manager: the built-ins, then every installed ``nmperm_plugin`` entry point."""
     manager = pluggy.PluginManager(PROJECT)
     manager.add_hookspecs(Specs)
-    manager.register(builtin, name="builtin")
+    for plugin in _BUILTINS:
+        manager.register(plugin, name="builtin")
     manager.load_setuptools_entrypoints(PROJECT)
     return manager
 
@@ -45,6 +61,25 @@ def solvers() -> dict:
 def objectives() -> dict:
     """All registered objective strategies by name."""
     return {o.name: o for o in _collect(plugin_manager().hook.nmperm_objectives())}
+
+
+def names(kind: str) -> tuple[str, ...]:
+    """The names a registry-backed configuration field accepts: ``kind`` is a field's ``registry``
+    metadata (``mask_generators``, ``solvers``, ``objectives``, or ``methods``: the solvers and
+    ``learned``)."""
+    if kind == "methods":
+        return (*solvers(), "learned")
+    return tuple({"mask_generators": mask_generators, "solvers": solvers, "objectives": objectives}[kind]())
+
+
+def check_names(config) -> None:
+    """Refuse a :class:`~nmperm_plugin.config.PermuteConfig` naming a plugin that is not registered
+    (the configuration is plain data: its names are checked here, when a run starts)."""
+    for spec in dataclasses.fields(config):
+        kind = spec.metadata.get("registry")
+        if kind is not None and getattr(config, spec.name) not in names(kind):
+            value = getattr(config, spec.name)
+            raise ValueError(f"unknown {spec.name} {value!r}; choose one of {', '.join(names(kind))}")
 
 
 def _lookup(kind: str, name: str, registered: dict, hook: str):

@@ -5,21 +5,21 @@ registered through the same hooks as a third-party plugin."""
 
 from __future__ import annotations
 
-from ..arch.clip import CLIPVisionAdapter, CLIPVisionProjectionAdapter
-from ..arch.gemma import GemmaAdapter
-from ..arch.gpt2 import GPT2Adapter
-from ..arch.llama import LlamaAdapter
-from ..arch.moe import MixtralAdapter, QwenMoEAdapter
-from ..arch.opt import OPTAdapter
-from ..arch.phi3 import Phi3Adapter
-from ..arch.qwen_vl import QwenVLAdapter
-from ..arch.qwen_vl_vision import QwenVisionTowerAdapter
-from ..arch.timm_vit import TimmViTAdapter
-from ..arch.vit import DeiTAdapter, ViTAdapter
-from ..core.scores import BUILTIN_GENERATORS
-from ..core.solvers import HEURISTICS
-from ..learn.objectives import BUILTIN_OBJECTIVES
-from .hooks import hookimpl
+from .arch.clip import CLIPVisionAdapter, CLIPVisionProjectionAdapter
+from .arch.gemma import GemmaAdapter
+from .arch.gpt2 import GPT2Adapter
+from .arch.llama import LlamaAdapter
+from .arch.moe import MixtralAdapter, QwenMoEAdapter
+from .arch.opt import OPTAdapter
+from .arch.phi3 import Phi3Adapter
+from .arch.qwen_vl import QwenVLAdapter
+from .arch.qwen_vl_vision import QwenVisionTowerAdapter
+from .arch.timm_vit import TimmViTAdapter
+from .arch.vit import DeiTAdapter, ViTAdapter
+from .core.scores import BUILTIN_GENERATORS
+from .core.solvers import HEURISTICS
+from .learn.objectives import BUILTIN_OBJECTIVES
+from .plugins.hooks import hookimpl
 
 
 @hookimpl
