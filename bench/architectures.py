@@ -55,7 +55,7 @@ from nmperm_plugin.core.ops import function_error  # noqa: E402
 from nmperm_plugin.io.checkpoint import finish_sidecar, verify_checkpoint, verify_checksums, verify_model  # noqa: E402
 from nmperm_plugin.io.sidecar import Sidecar  # noqa: E402
 from nmperm_plugin.learn.fold import apply_gather, fold_permutations_  # noqa: E402
-from nmperm_plugin.parts import permute_parts_  # noqa: E402
+from nmperm_plugin.learn.parts import permute_parts_  # noqa: E402
 from nmperm_plugin.plugins.registry import get_adapter  # noqa: E402
 
 TOWER_AND_TEXT = {f"{family} (tower + text)": family for family in VL_FAMILIES}  # permute_parts_, both parts

@@ -233,4 +233,3 @@ def markdown_table(names: Callable[[str], tuple[str, ...]]) -> str:
             allowed = _bounds(spec.metadata["minimum"], spec.metadata["maximum"])
         rows.append(f"| `{spec.name}` | {flag} | `{default}` | {allowed} | {spec.metadata['help']} |")
     return "\n".join(rows)
-

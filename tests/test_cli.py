@@ -219,7 +219,7 @@ def test_train_dtype_reaches_the_config_and_bad_values_are_refused(saved_model, 
     model_dir, text = saved_model
     seen = []
 
-    def record(model, ids, config, device=None):
+    def record(model, ids, config, device=None, **options):
         seen.append(config.train_dtype)
         raise ValueError("stopped after reading the config")
 

@@ -129,10 +129,7 @@ def _layer(module: str) -> int:
 
 def test_dependencies_point_down_the_layers():
     upward = [
-        f"{module} -> {dep}"
-        for module, deps in _import_graph().items()
-        for dep in deps
-        if _layer(dep) > _layer(module)
+        f"{module} -> {dep}" for module, deps in _import_graph().items() for dep in deps if _layer(dep) > _layer(module)
     ]
     assert not upward, "imports against the layer order: " + ", ".join(sorted(upward))
 

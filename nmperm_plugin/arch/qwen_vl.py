@@ -10,7 +10,7 @@ tower dense (what the paper prunes). The multimodal rotary positions (``mrope``,
 ``input_ids`` and ``image_grid_thw``) rotate each head's query and key, not the channels any site
 permutes. The tower is pruned by its own adapter
 (:class:`~nmperm_plugin.arch.qwen_vl_vision.QwenVisionTowerAdapter`, ``permute_(model.model.visual,
-...)``); :func:`~nmperm_plugin.parts.permute_parts_` prunes the chosen parts (``parts=("vision", "text")``: the tower
+...)``); :func:`~.learn.parts.permute_parts_` prunes the chosen parts (``parts=("vision", "text")``: the tower
 first, then the decoder on the pruned tower's image features) with ``ignore`` patterns matched
 against the whole model's names, and returns one sidecar for the whole model.
 
@@ -98,7 +98,7 @@ class QwenVLAdapter(DecoderAdapter):
 
     def serving_sites(self, model: nn.Module, fold: str) -> list[Site]:
         """The text decoder's sites and the vision tower's, in the model's names (``model.visual.``
-        before the tower's): a checkpoint of :func:`~nmperm_plugin.parts.permute_parts_` may record both."""
+        before the tower's): a checkpoint of :func:`~nmperm_plugin.learn.parts.permute_parts_` may record both."""
         tower = model.get_submodule(TOWER)
         return self.sites(model, fold) + [renamed(s, lambda n: f"{TOWER}.{n}") for s in VISION.sites(tower, fold)]
 

@@ -14,7 +14,6 @@ import torch
 from loguru import logger
 from torch import nn
 
-from .. import parts
 from ..api import permute_
 from ..core.nm import NMPattern
 from ..data.images import image_batches, is_image_dataset, load_images, load_vision_model, top1_accuracy
@@ -24,8 +23,8 @@ from ..eval.perplexity import perplexity
 from ..io.checkpoint import check_output_dir, save_checkpoint, verify_checkpoint
 from ..io.models import check_seq_len, load_model, model_type_of
 from ..io.safety import guard_output
+from ..learn import parts
 from ..runtime import distributed, resume
-from ..runtime.onload import execution_device, fits_on
 from .options import add_config_arguments, add_device_argument, add_parts_argument, config_from_args, resolve_device
 
 
@@ -168,20 +167,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     distributed.on_main(lambda: guard_output(state_dir, inputs))
     device = resolve_device(args.device)
     model, tokenizer, calibration, evaluate = load(args)
-    fingerprint = parts.fingerprint(model, calibration, config, args.parts, device)
-    distributed.check_same("the model, the calibration data or the configuration", json.dumps(fingerprint))
-    store = resume.ResumeStore(state_dir, fingerprint, restart_hint="add --no-resume").open(args.resume)
-    device = execution_device(device)
-    if fits_on(model, device):
-        model.to(device)
-    else:
-        logger.info(f"nmperm: the model does not fit {device} beside the learning: its layers are onloaded in turn")
+    setup = parts.fingerprint(model, calibration, config, args.parts, device)
+    distributed.check_same("the model, the calibration data or the configuration", json.dumps(setup))
+    store = resume.ResumeStore(state_dir, setup, restart_hint="add --no-resume").open(args.resume)
     start = time.monotonic()
-    with resume.using(store):
-        if parts.has_vision_tower(model):  # --parts checked against the model before it loaded
-            sidecar, _ = parts.permute_parts_(model, calibration, config, args.parts, device)
-        else:
-            sidecar, _ = permute_(model, calibration, config, device)
+    sidecar, _ = permute_(model, calibration, config, device, parts=args.parts, state=store, placement="auto")
     sidecar.figures["total_seconds"] = round(time.monotonic() - start, 1)
 
     def finish():  # rank 0 alone evaluates and writes; the state goes once the output is verified

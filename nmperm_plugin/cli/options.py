@@ -11,7 +11,7 @@ import typing
 import torch
 
 from ..config import PermuteConfig, field_types, markdown_table, schema
-from ..parts import DEFAULT_PARTS, parse_parts
+from ..learn.parts import DEFAULT_PARTS, parse_parts
 from ..plugins.registry import names
 
 
@@ -94,7 +94,7 @@ def _parts(value: str) -> tuple[str, ...]:
 
 
 def add_parts_argument(parser: argparse.ArgumentParser) -> None:
-    """``--parts text|vision|vision,text``, checked as the line is parsed (:func:`~nmperm_plugin.parts.parse_parts`)."""
+    """``--parts text|vision|vision,text``, checked as the line is parsed (:func:`~.parse_parts`)."""
     parser.add_argument(
         "--parts",
         type=_parts,

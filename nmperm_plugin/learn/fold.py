@@ -21,11 +21,12 @@ def fold_permutations_(model: nn.Module, sites: list[Site], perms: dict[str, tor
             adapter.fold_exact(model, site, perms[site.name])
 
 
-def fold_(model: nn.Module, result, fold: str) -> dict[str, str | None]:
+def fold_(model: nn.Module, result, fold: str, adapter: Adapter | None = None) -> dict[str, str | None]:
     """Fold what the adapter folds exactly in mode ``fold``; return each pruned linear's frame (the
     site it still needs at serving time, or None).
-    ``result`` is a :class:`~nmperm_plugin.learn.pipeline.PruneResult`."""
-    adapter = get_adapter(model)
+    ``result`` is a :class:`~nmperm_plugin.learn.pipeline.PruneResult`; ``adapter``: the run's (None:
+    the registered one that handles ``model``)."""
+    adapter = adapter or get_adapter(model)
     foldable = [s for s in result.sites if adapter.folds_exactly(s, fold)]
     fold_permutations_(model, foldable, result.perms, adapter)
     folded = {s.name for s in foldable}

@@ -20,6 +20,7 @@ from ..core.nm import NMPattern, hard_mask, retained_score, unstructured_bound
 from ..core.permuter import hard_together, sample_together
 from ..core.sinkhorn import anneal
 from ..runtime import distributed, resume
+from ..runtime.callbacks import LearnCallback
 
 
 def module_key(site: str) -> str:
@@ -149,82 +150,81 @@ class RetainedObjective(Objective):
         return float(-sum(w.sum() for w in weights.values()) / self.bound)
 
 
+@dataclass
+class LearnState:
+    """What a learning run holds between steps, as its callbacks see it."""
+
+    effective: EffectiveWeights
+    config: LearnConfig
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator | None  # the objective's, which its steps draw from
+    step: int = 0
+    best: float = float("inf")
+    best_perms: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+    def place(self, perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return _placed(perms, self.effective)
+
+
+def default_callbacks(description: str) -> list[LearnCallback]:
+    """The active resume store's and the process group's callbacks, where there are any."""
+    return [c for c in (distributed.callback(description), resume.callback(description)) if c is not None]
+
+
 def learn(
     effective: EffectiveWeights,
     objective: Objective,
     config: LearnConfig,
     description: str = "learn",
+    callbacks: list[LearnCallback] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Train the permuters of ``effective`` on ``objective``; return the best hard permutations and
-    the learning curve (``step``, ``tau``, ``lr``, ``loss``, ``select``).
-
-    With a :mod:`~nmperm_plugin.runtime.resume` store active, this call is one phase of a resumable run: a
-    phase the interrupted run finished returns its saved result (and restores the random states it
-    left), a phase it was in continues from its last saved step, and progress is saved as it goes.
-    Under ``torch.distributed`` the ranks must start from the same permuters (checked)."""
+    """Train the permuters of ``effective`` on ``objective``; return the best hard permutations
+    (judged by ``objective.select``, the start included) and the learning curve (``step``, ``tau``,
+    ``lr``, ``loss``, ``select``). ``callbacks`` (default: :func:`default_callbacks`) resume the run
+    from a saved point, save it as it goes, and synchronise the ranks
+    (:mod:`nmperm_plugin.runtime.callbacks`)."""
     if config.steps < 0:
         raise ValueError(f"learner steps must be 0 or more, got {config.steps}")
-    generator = getattr(objective, "generator", None)  # the run's rng, which the objectives draw from
-    store = resume.active()
-    phase = store.begin(description) if store is not None else None
-    if phase is not None and (done := phase.finished()) is not None:
-        resume.restore_generators(generator, done["generators"])
-        logger.debug(f"{description}: finished before the interruption, its saved result is used")
-        return _placed(done["perms"], effective), done["history"]
-    if distributed.world_size() > 1:
-        state = [t for _, t in sorted(effective.permuters.state_dict().items())] + list(effective.fixed.values())
-        distributed.check_same(f"the starting permutations of {description!r}", distributed.digest(state))
+    hooks = default_callbacks(description) if callbacks is None else callbacks
     optimizer = torch.optim.Adam(effective.permuters.parameters(), lr=config.lr)
-    snapshot = phase.progress() if phase is not None else None
-    if snapshot is None:
-        best_perms = effective.hard_perms()
-        best = objective.select(effective.hard(best_perms))
-        history = [{"step": 0, "tau": config.tau_start, "loss": None, "select": best}]
-        first = 0
-    else:
-        effective.permuters.load_state_dict(snapshot["permuters"])
-        optimizer.load_state_dict(snapshot["optimizer"])
-        best_perms = _placed(snapshot["best_perms"], effective)
-        best, history, first = snapshot["best"], snapshot["history"], snapshot["step"]
-        resume.restore_generators(generator, snapshot["generators"])
-        logger.info(f"nmperm: {description}: resuming at step {first} of {config.steps}")
-    quiet = config.steps == 0 or not distributed.is_main()
-    for step in tqdm(
-        range(first, config.steps), desc=description, leave=False, disable=quiet, initial=first, total=config.steps
-    ):
+    state = LearnState(effective, config, optimizer, getattr(objective, "generator", None))
+    for hook in hooks:
+        if (saved := hook.finished(state)) is not None:
+            return state.place(saved[0]), saved[1]
+    if not any([hook.begin(state) for hook in hooks]):  # every hook begins; none restored a saved point
+        state.best_perms = effective.hard_perms()
+        state.best = objective.select(effective.hard(state.best_perms))
+        state.history = [{"step": 0, "tau": config.tau_start, "loss": None, "select": state.best}]
+    quiet = config.steps == 0 or any(hook.quiet for hook in hooks)
+    steps = range(state.step, config.steps)
+    for step in tqdm(steps, desc=description, leave=False, disable=quiet, initial=state.step, total=config.steps):
         tau, lr = anneal(step, config.steps, config.tau_start, config.tau_end), config.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = objective.loss(effective.soft(tau), step)
         optimizer.zero_grad()
         loss.backward()
-        distributed.sum_gradients(effective.permuters.parameters())
+        for hook in hooks:
+            hook.after_backward(state)
         optimizer.step()
-        loss_value = distributed.sum_float(float(loss.detach()))
+        loss_value = float(loss.detach())
+        for hook in hooks:
+            loss_value = hook.loss_value(loss_value)
         record = {"step": step + 1, "tau": tau, "lr": lr, "loss": loss_value, "select": None}
         if config.ranks(step + 1):
             perms = effective.hard_perms()
             record["select"] = objective.select(effective.hard(perms))
-            if record["select"] < best:
-                best, best_perms = record["select"], perms
-        history.append(record)
-        if phase is not None and step + 1 < config.steps and phase.due(step + 1):
-            phase.save_progress(
-                {
-                    "step": step + 1,
-                    "permuters": effective.permuters.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "best": best,
-                    "best_perms": best_perms,
-                    "history": history,
-                    "generators": resume.generator_states(generator),
-                }
-            )
-    if phase is not None:
-        phase.finish({"perms": best_perms, "history": history, "generators": resume.generator_states(generator)})
-    start = history[0]["select"]
-    logger.debug(f"{description}: select {start:.5g} -> {best:.5g}")
-    return best_perms, history
+            if record["select"] < state.best:
+                state.best, state.best_perms = record["select"], perms
+        state.history.append(record)
+        state.step = step + 1
+        for hook in hooks:
+            hook.after_step(state)
+    for hook in hooks:
+        hook.end(state)
+    logger.debug(f"{description}: select {state.history[0]['select']:.5g} -> {state.best:.5g}")
+    return state.best_perms, state.history
 
 
 def _placed(perms: dict[str, torch.Tensor], effective: EffectiveWeights) -> dict[str, torch.Tensor]:

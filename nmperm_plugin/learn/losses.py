@@ -135,8 +135,6 @@ class JointLayerwiseObjective(Objective):
         return distributed.sum_float(total) / (len(self.layers) * len(self.select_index))
 
 
-
-
 def fast_bfloat16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bfloat16 matrices much faster than float32: a CUDA GPU with
     bfloat16, or a CPU with AMX tiles."""
@@ -153,14 +151,10 @@ def training_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-
-
 def layer_checkpointing(config_value: str, device: torch.device) -> bool:
     """Whether to recompute each decoder layer in backward (``on``/``off``; ``auto``: on a GPU,
     where memory binds, not on a CPU, where it would cost a third more time for memory it has)."""
     return config_value == "on" or (config_value == "auto" and device.type == "cuda")
-
-
 
 
 class KeptTargets:

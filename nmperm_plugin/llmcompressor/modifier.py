@@ -9,7 +9,7 @@ installed. The algorithm is :func:`nmperm_plugin.api.permute_`; the glue is in
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -19,9 +19,10 @@ from llmcompressor.utils.dev import get_main_device
 from loguru import logger
 from pydantic import Field, PositiveInt, PrivateAttr, create_model, field_validator, model_validator
 
-from .. import parts as vl_parts
+from ..api import permute_
 from ..config import PermuteConfig, default_of, field_types, schema
 from ..io.sidecar import Sidecar
+from ..learn import parts as vl_parts
 from ..learn.pipeline import PruneResult, strategy_of
 from ..plugins.registry import check_names
 from ..runtime import resume
@@ -195,12 +196,11 @@ class _ModifierBase(Modifier):
                     f"LearnedPermutationModifier: learning on {device}, the weights staying on "
                     f"{storage_device(model)} (one decoder layer onloaded at a time)"
                 )
-            saving = nullcontext()
-            if self.learning_state:  # one state for every part's run, in order
+            store = None
+            if self.learning_state:  # one state for every part's run, in order; removed once the output is saved
                 setup = vl_parts.fingerprint(model, calibration, config, self.parts, device)
-                saving = resume.using(resume.ResumeStore(self.learning_state, setup).open())
-            with saving as store:
-                self._sidecar, self._result = vl_parts.permute_chosen_(model, calibration, config, self.parts, device)
+                store = resume.ResumeStore(self.learning_state, setup).open()
+            self._sidecar, self._result = permute_(model, calibration, config, device, parts=self.parts, state=store)
         names = [type(m).__name__ for m in modifiers]
         state = PermutedState(self._sidecar, self._result.pruned, self.allow_gather_checkpoint, names, store)
         attach(model, state)

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..data.calibration import CalibrationData, calibration_tensors
 from . import distributed
+from .callbacks import LearnCallback
 
 FORMAT = "nmperm-state/1"
 MARKER = "nmperm-state.json"
@@ -337,3 +338,56 @@ def resumable(
     store = ResumeStore(directory, fingerprint(model, calibration, config, device), every_steps).open(resume)
     with using(store):
         yield store
+
+
+class ResumeCallback(LearnCallback):
+    """One learning run as a phase of the active store: a phase the interrupted run finished returns
+    its saved result (and restores the random states it left), a phase it was in continues from its
+    last saved step, and progress is saved as it goes."""
+
+    def __init__(self, phase: Phase) -> None:
+        self.phase = phase
+
+    def finished(self, state) -> tuple[dict, list[dict]] | None:
+        done = self.phase.finished()
+        if done is None:
+            return None
+        restore_generators(state.generator, done["generators"])
+        logger.debug(f"{self.phase.description}: finished before the interruption, its saved result is used")
+        return done["perms"], done["history"]
+
+    def begin(self, state) -> bool:
+        snapshot = self.phase.progress()
+        if snapshot is None:
+            return False
+        state.effective.permuters.load_state_dict(snapshot["permuters"])
+        state.optimizer.load_state_dict(snapshot["optimizer"])
+        state.best_perms = state.place(snapshot["best_perms"])
+        state.best, state.history, state.step = snapshot["best"], snapshot["history"], snapshot["step"]
+        restore_generators(state.generator, snapshot["generators"])
+        logger.info(f"nmperm: {self.phase.description}: resuming at step {state.step} of {state.config.steps}")
+        return True
+
+    def after_step(self, state) -> None:
+        if state.step < state.config.steps and self.phase.due(state.step):
+            self.phase.save_progress(
+                {
+                    "step": state.step,
+                    "permuters": state.effective.permuters.state_dict(),
+                    "optimizer": state.optimizer.state_dict(),
+                    "best": state.best,
+                    "best_perms": state.best_perms,
+                    "history": state.history,
+                    "generators": generator_states(state.generator),
+                }
+            )
+
+    def end(self, state) -> None:
+        payload = {"perms": state.best_perms, "history": state.history}
+        self.phase.finish(payload | {"generators": generator_states(state.generator)})
+
+
+def callback(description: str) -> ResumeCallback | None:
+    """The callback of a learning run while a store is active (:func:`using`), else None."""
+    store = active()
+    return ResumeCallback(store.begin(description)) if store is not None else None

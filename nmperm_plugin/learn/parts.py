@@ -1,7 +1,7 @@
 """Pruning the chosen parts of a vision-language model: Qwen2.5-VL's and Qwen2-VL's vision tower, text
 decoder, or both (:func:`permute_parts_`), with one sidecar for the whole model.
 
-The tower and the decoder are two runs of :func:`~nmperm_plugin.api.permute_` (the tower's with
+The tower and the decoder are two runs of :func:`~nmperm_plugin.learn.pipeline.permute_model_` (the tower's with
 :class:`~nmperm_plugin.arch.qwen_vl_vision.QwenVisionTowerAdapter` on ``model.model.visual``), the
 tower first so that the decoder calibrates on the pruned tower's image features; ``ignore``
 regexes are written against the whole model's names for both.
@@ -21,13 +21,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .api import permute_
-from .arch.qwen_vl import TOWER, VISION, QwenVLAdapter, renamed
-from .config import PermuteConfig
-from .data.calibration import CalibrationData
-from .io.sidecar import Sidecar
-from .learn.pipeline import PruneResult
-from .runtime import resume
+from ..arch.qwen_vl import TOWER, VISION, QwenVLAdapter, renamed
+from ..config import PermuteConfig
+from ..data.calibration import CalibrationData
+from ..io.sidecar import Sidecar
+from ..runtime import resume
+from .pipeline import PruneResult, permute_model_
 
 PARTS = ("vision", "text")  # what permute_parts_ prunes, in this order
 DEFAULT_PARTS = ("text",)  # the paper's: the text decoder (of any other model: all of it)
@@ -132,10 +131,10 @@ def permute_parts_(
     sidecars, results = {}, {}
     if "vision" in parts:
         tower = model.get_submodule(TOWER)
-        sidecar, results["vision"] = permute_(tower, calibration, tower_config(model, config), device)
+        sidecar, results["vision"] = permute_model_(tower, calibration, tower_config(model, config), device)
         sidecars["vision"] = in_model(sidecar)
     if "text" in parts:
-        sidecars["text"], results["text"] = permute_(model, calibration, config, device)
+        sidecars["text"], results["text"] = permute_model_(model, calibration, config, device)
     if len(sidecars) == 2:
         return merge_sidecars(sidecars["vision"], sidecars["text"]), results
     return next(iter(sidecars.values())), results
@@ -185,7 +184,7 @@ def permute_chosen_(
     parts = parse_parts(parts)
     check_parts(parts, model)
     if not has_vision_tower(model):
-        return permute_(model, calibration, config, device)
+        return permute_model_(model, calibration, config, device)
     sidecar, results = permute_parts_(model, calibration, config, parts, device)
     return sidecar, merge_results(results)
 
