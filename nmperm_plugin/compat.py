@@ -18,6 +18,13 @@ Wrapped names (package, version checked against, user):
 - ``torch.cpu._is_amx_tile_supported`` (torch 2.13.0; objectives);
 - the ``save_pretrained._overridden`` flag llm-compressor's ``modify_save_pretrained`` sets and checks
   (llmcompressor 0.14.0.1; compress);
+- llm-compressor's internal modules: ``modify_save_pretrained``
+  (``llmcompressor.transformers.compression.compressed_tensors_utils``) and ``SparsityModifierBase``
+  (``llmcompressor.modifiers.pruning.sparsegpt.sgpt_base``) (llmcompressor 0.14.0.1; compress);
+- ``nn.Module._parameters``, where llm-compressor's offloading puts its ``OffloadCache`` (torch 2.13.0,
+  compressed-tensors 0.19; runtime.onload);
+- argparse's ``_SubParsersAction``, ``_HelpAction``, ``ArgumentParser._actions`` and ``_defaults``
+  (Python 3.10-3.13; cli, export.cli);
 - torchao's FP8 2:4 names, ``Float8PackingFormat.SPARSE_2D_DATA_2D_METADATA`` (``SPARSE_CUTLASS``) and the
   FP8 2:4 tensor class (torchao 0.18.0; export.sparsify, export.torchao).
 
@@ -30,6 +37,7 @@ a missing name is an error naming the installed version and the supported range.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import importlib
 import importlib.metadata
@@ -92,7 +100,8 @@ def _torch_attr(owner: Any, name: str, api: str, remedy: str) -> Any:
 
 # --- torch: semi-structured (2:4) sparsity -----------------------------------------------------------------
 
-PIN_TORCH = "Install a torch version in the range pyproject.toml pins (torch>=2.4,<=2.14.0)."
+TORCH_REQUIREMENT = "torch>=2.11,<2.14"  # the range in pyproject.toml (a test keeps them equal)
+PIN_TORCH = f"Install a torch version in the range pyproject.toml pins ({TORCH_REQUIREMENT})."
 
 
 def semi_structured_conversions() -> tuple[Callable, Callable]:
@@ -325,3 +334,52 @@ def torchao_quantize_(model: torch.nn.Module, config: Any, filter_fn: Callable[[
     """``torchao.quantization.quantize_(model, config, filter_fn=filter_fn)`` (in place)."""
     (quantize,) = _torchao_names("torchao.quantization", "quantize_", api="torchao.quantization.quantize_")
     quantize(model, config, filter_fn=filter_fn)
+
+
+# -- llm-compressor's internal modules (llmcompressor 0.14.0.1) -----------------------------------------
+def modify_save_pretrained() -> Callable:
+    """llm-compressor's ``modify_save_pretrained`` (wraps ``save_pretrained`` to compress on save)."""
+    module = "llmcompressor.transformers.compression.compressed_tensors_utils"
+    return _import_name(module, "modify_save_pretrained", "llmcompressor", "0.14.0.1")
+
+
+def sparsity_modifier_base() -> type:
+    """llm-compressor's base of the pruning modifiers that compute masks (SparseGPT, Wanda)."""
+    module = "llmcompressor.modifiers.pruning.sparsegpt.sgpt_base"
+    return _import_name(module, "SparsityModifierBase", "llmcompressor", "0.14.0.1")
+
+
+def _import_name(module: str, name: str, package: str, checked: str) -> Any:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise missing(f"{module}.{name}", package, checked, f"install {package}=={checked}") from None
+
+
+# -- torch.nn.Module internals (torch 2.13.0) -------------------------------------------------------------
+def parameter_store(module: torch.nn.Module) -> Any:
+    """``module._parameters``: the mapping a module keeps its own parameters in (llm-compressor's
+    offloading replaces it with an ``OffloadCache``)."""
+    return module._parameters
+
+
+# -- argparse internals (Python 3.10-3.13) ----------------------------------------------------------------
+SubParsers = argparse._SubParsersAction  # what ArgumentParser.add_subparsers returns
+
+
+def parser_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Every action (option, positional, sub-parser set) of ``parser``."""
+    return parser._actions
+
+
+def clear_parser_defaults(parser: argparse.ArgumentParser) -> None:
+    """Forget the defaults ``parser.set_defaults`` recorded."""
+    parser._defaults.clear()
+
+
+def is_subparsers(action: argparse.Action) -> bool:
+    return isinstance(action, argparse._SubParsersAction)
+
+
+def is_help(action: argparse.Action) -> bool:
+    return isinstance(action, argparse._HelpAction)

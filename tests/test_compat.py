@@ -17,6 +17,23 @@ PACKAGE = Path(compat.__file__).resolve().parent
 ROOT = PACKAGE.parent
 EXTERNAL = {"torch", "torchao", "llmcompressor", "transformers", "compressed_tensors", "F", "nn"}
 KNOWN_PRIVATE = {"_overridden", "_is_amx_tile_supported", "_FORCE_CUTLASS", "_DTYPE_SHAPE_CONSTRAINTS"}
+# modules of other packages that are internal though their names are not private (llm-compressor's)
+INTERNAL_MODULES = ("llmcompressor.transformers.compression", "llmcompressor.modifiers.pruning.sparsegpt.sgpt_base")
+
+
+def own_names() -> set[str]:
+    """Every name the package defines (functions, classes, assigned names and attributes, arguments):
+    a private attribute that is none of these is another package's."""
+    names = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                names.add(node.name)
+            elif isinstance(node, ast.Name | ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.id if isinstance(node, ast.Name) else node.attr)
+            elif isinstance(node, ast.arg):
+                names.add(node.arg)
+    return names
 
 
 def _root_name(node: ast.AST) -> str | None:
@@ -25,18 +42,25 @@ def _root_name(node: ast.AST) -> str | None:
     return node.id if isinstance(node, ast.Name) else None
 
 
-def private_uses(path: Path) -> list[str]:
-    """Private names of other packages used by the code (not the docstrings) of one module."""
+def private_uses(path: Path, own: set[str] = frozenset()) -> list[str]:
+    """Private names of other packages used by the code (not the docstrings) of one module: private
+    module paths and imported names, private attributes of other packages' objects (rooted at their
+    module, or any private attribute not in ``own``, the package's own names), llm-compressor's
+    internal modules."""
     tree = ast.parse(path.read_text())
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module != "__future__":
             parts = node.module.split(".")
             names = [alias.name for alias in node.names]
-            if any(p.startswith("_") for p in parts) or any(n.startswith("_") and parts[0] in EXTERNAL for n in names):
+            internal = node.module.startswith(INTERNAL_MODULES)
+            private = any(p.startswith("_") for p in parts) or any(
+                n.startswith("_") and parts[0] in EXTERNAL for n in names
+            )
+            if internal or private:
                 found.append(f"{path.name}:{node.lineno}: from {node.module} import {', '.join(names)}")
         elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
-            if _root_name(node) in EXTERNAL or node.attr in KNOWN_PRIVATE:
+            if _root_name(node) in EXTERNAL or node.attr in KNOWN_PRIVATE or node.attr not in own:
                 found.append(f"{path.name}:{node.lineno}: .{node.attr}")
         elif isinstance(node, ast.Constant) and node.value in KNOWN_PRIVATE:
             found.append(f"{path.name}:{node.lineno}: {node.value!r}")
@@ -44,7 +68,9 @@ def private_uses(path: Path) -> list[str]:
 
 
 def test_no_private_api_outside_compat():
-    uses = [use for path in sorted(PACKAGE.rglob("*.py")) if path.name != "compat.py" for use in private_uses(path)]
+    own = own_names()
+    modules = [path for path in sorted(PACKAGE.rglob("*.py")) if path.name != "compat.py"]
+    uses = [use for path in modules for use in private_uses(path, own)]
     assert uses == [], "private APIs of other packages belong in nmperm_plugin/compat.py:\n" + "\n".join(uses)
 
 
@@ -56,6 +82,12 @@ def test_the_detector_sees_the_uses_it_guards_against(tmp_path):
         "f._overridden = True\n"
     )
     assert len(private_uses(probe)) == 4
+    probe.write_text(
+        "import argparse\nparser._defaults.clear()\nisinstance(a, argparse._SubParsersAction)\n"
+        "m._parameters\nself._mine\n"
+        "from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained\n"
+    )
+    assert len(private_uses(probe, own={"_mine"})) == 4
 
 
 def test_compat_imports_nothing_from_nmperm_plugin():
@@ -88,6 +120,12 @@ def test_pyproject_pins_torchao_to_the_compat_range_and_the_installed_version_is
 
 
 # --- torch ------------------------------------------------------------------------------------------------
+def test_pyproject_pins_torch_to_the_compat_range_and_the_installed_version_is_in_it():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert re.findall(r'"(torch[<>=][^"]*)"', text) == [compat.TORCH_REQUIREMENT]
+    low, high = re.fullmatch(r"torch>=([\d.]+),<([\d.]+)", compat.TORCH_REQUIREMENT).groups()
+    installed = compat.version_tuple(torch.__version__.split("+")[0])
+    assert compat.version_tuple(low) <= installed < compat.version_tuple(high)
 
 
 def test_semi_structured_names_resolve_to_torchs_own():

@@ -14,6 +14,7 @@ import torch
 from loguru import logger
 from torch import nn
 
+from .. import compat
 from ..api import permute_
 from ..core.nm import NMPattern
 from ..data.images import image_batches, is_image_dataset, load_images, load_vision_model, top1_accuracy
@@ -314,11 +315,11 @@ def given_options(argv: list[str]) -> dict[str, str]:
     stack = [parser]
     while stack:
         current = stack.pop()
-        current._defaults.clear()
-        for action in current._actions:
-            if isinstance(action, argparse._SubParsersAction):
+        compat.clear_parser_defaults(current)
+        for action in compat.parser_actions(current):
+            if compat.is_subparsers(action):
                 stack.extend(action.choices.values())
-            elif not isinstance(action, argparse._HelpAction):
+            elif not compat.is_help(action):
                 action.default, action.required = argparse.SUPPRESS, False
                 flags.setdefault(action.dest, []).extend(action.option_strings or [action.dest])
     given, _ = parser.parse_known_args(argv)

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from .. import compat
 from .serving import SERVE_MODES, TUNE_METHODS
 from .validate import BACKENDS, PRECISIONS
 
@@ -16,7 +17,7 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 SERVE_TOLERANCE = 1e-2  # relative L2 error of served (graph replay) logits against the eager forward
 
 
-def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_export_parser(subparsers: compat.SubParsers) -> argparse.ArgumentParser:
     """Add the ``export`` sub-command to an ``argparse`` sub-parser set; returns the new parser."""
     parser = subparsers.add_parser(
         "export",

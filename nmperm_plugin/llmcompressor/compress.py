@@ -125,10 +125,9 @@ def ignored_linears(model: nn.Module, ignore: list[str]) -> tuple[str, ...]:
 
 # -- the recipe around the modifier -----------------------------------------------------------------
 def _kind(modifier) -> str | None:
-    from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
     from llmcompressor.modifiers.quantization import QuantizationMixin
 
-    if isinstance(modifier, SparsityModifierBase):
+    if isinstance(modifier, compat.sparsity_modifier_base()):
         return "pruner"
     if isinstance(modifier, QuantizationMixin):
         return "quantizer"
@@ -198,9 +197,7 @@ def attach(model: nn.Module, state: PermutedState) -> None:
 def install_save_hook(model: nn.Module) -> None:
     """Wrap ``model.save_pretrained`` (outside llm-compressor's compressing wrapper): refuse ``gather``
     models without consent, then save, drop any 2:4 ``sparsity_config`` and write ``nmperm.json``."""
-    from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
-
-    modify_save_pretrained(model)  # idempotent; oneshot has done it already
+    compat.modify_save_pretrained()(model)  # idempotent; oneshot has done it already
     save = model.save_pretrained
     if getattr(save, "_nmperm", False):
         return

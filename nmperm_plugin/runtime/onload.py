@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .. import compat
 from ..io import checks
 
 __all__ = [
@@ -120,7 +121,8 @@ def head_on(
 def _offload_caches(model: nn.Module) -> list:
     from compressed_tensors.offload.cache import OffloadCache  # llm-compressor's offloading
 
-    return [m._parameters for m in model.modules() if isinstance(m._parameters, OffloadCache)]
+    stores = (compat.parameter_store(m) for m in model.modules())
+    return [store for store in stores if isinstance(store, OffloadCache)]
 
 
 class undispatched:
