@@ -4,6 +4,7 @@ Importing the package registers :class:`LearnedPermutationModifier` with llm-com
 ``ModifierFactory`` when llm-compressor is installed, so recipes can name it.
 """
 
+from . import _startup  # noqa: F401 - first: a Ctrl-C while the command imports torch exits quietly
 from .api import permute_
 from .config import PermuteConfig
 from .fold import fold_

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import compat
 from .calibration import samples_of
-from .checkpoint import linear_form, verify_model
+from .checkpoint import linear_form, record_claim, verify_model
 from .nm import NMPattern, is_nm
 from .resume import ResumeStore
 from .sidecar import Sidecar
@@ -238,6 +238,8 @@ def final_sidecar(model: nn.Module, state: PermutedState) -> Sidecar:
         sidecar.verification["not_nm"] = dense
         if dense:
             logger.warning(f"nmperm: {len(dense)} permuted linears are not {pattern} (no pruner pruned them)")
+        sidecar.masked = bool(sidecar.frames)  # N:M only where a pruner (or apply_mask) made it so
+    record_claim(model, sidecar)
     sidecar.figures["recipe_modifiers"] = state.recipe_modifiers
     report = verify_model(model, sidecar)
     sidecar.verification["checks"] = report.checks

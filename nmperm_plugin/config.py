@@ -12,6 +12,8 @@ Step counts are two fields, resolved by the objective when it runs and never wri
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -151,7 +153,20 @@ class PermuteConfig:
 
 
 def _check_field(spec: dataclasses.Field, value) -> None:
+    """One check of every field: its type's sense (a finite number, valid regular expressions), its
+    choices and its bounds."""
     choices, minimum, maximum = (spec.metadata[k] for k in ("choices", "minimum", "maximum"))
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{spec.name} must be a finite number, got {value} (--{spec.name.replace('_', '-')})")
+    if spec.name == "ignore":
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as error:
+                raise ValueError(
+                    f"ignore (--ignore) {pattern!r} is not a valid regular expression ({error}): escape special "
+                    r"characters, e.g. 'model\.layers\.0\.mlp'"
+                ) from None
     if choices is not None and value not in choices():
         raise ValueError(f"unknown {spec.name} {value!r}; choose one of {', '.join(choices())}")
     if minimum is not None and value is not None and value < minimum:

@@ -7,6 +7,7 @@ better) over a dict of effective weights; :class:`EffectiveWeights` turns permut
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -36,6 +37,11 @@ class LearnConfig:
     select_every: int = 4
     lr_end: float | None = None  # learning rate at the last step (linear from ``lr``); None: constant
     select_from: float = 0.5  # share of the steps before the first ranking (the start is always ranked)
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():  # NaN or inf would make the learning silently do nothing
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
 
     def ranks(self, step: int) -> bool:
         """Whether the hard permutation after ``step`` steps is ranked: every ``select_every`` steps

@@ -501,7 +501,7 @@ def test_loading_never_runs_code_from_the_model_directory(saved_model, tmp_path,
 # -- 8. atomic replacement: kills at every point ----------------------------------------------------
 WRITER = textwrap.dedent(
     """
-    import os, sys, time, types
+    import json, os, sys, time, types
     package = types.ModuleType("nmperm_plugin")  # load safety.py without the package's heavy __init__
     package.__path__ = [sys.argv[3]]
     sys.modules["nmperm_plugin"] = package
@@ -510,8 +510,9 @@ WRITER = textwrap.dedent(
     target, mode = sys.argv[1], sys.argv[2]
 
     def write(staging):
-        (staging / "nmperm.json").write_text('{"format": "nmperm-sidecar/2", "which": "new"}')
         (staging / "weights.bin").write_bytes(b"new" * 100000)
+        files = safety.written_files(staging)  # the ownership record --overwrite reads
+        (staging / "nmperm.json").write_text(json.dumps({"format": "nmperm-sidecar/2", "which": "new", "files": files}))
         if mode in ("sigint", "sigkill"):
             print("ready", flush=True)
             time.sleep(60)
@@ -533,11 +534,17 @@ WRITER = textwrap.dedent(
 )
 
 
-def _old_output(path: Path) -> Path:
-    path.mkdir()
-    (path / "nmperm.json").write_text('{"format": "nmperm-sidecar/2", "which": "old"}')
-    (path / "weights.bin").write_bytes(b"old" * 100000)
+def _output(path: Path, which: str) -> Path:
+    """A minimal output nmperm wrote: ``weights.bin`` and a sidecar that records it (``files``)."""
+    path.mkdir(exist_ok=True)
+    (path / "weights.bin").write_bytes(which.encode() * 100000)
+    files = safety.written_files(path)
+    (path / "nmperm.json").write_text(json.dumps({"format": "nmperm-sidecar/2", "which": which, "files": files}))
     return path
+
+
+def _old_output(path: Path) -> Path:
+    return _output(path, "old")
 
 
 def _which(path: Path) -> str:
@@ -608,8 +615,7 @@ def test_the_output_path_always_holds_a_complete_output_during_the_swap(tmp_path
     monkeypatch.setattr(safety, "_remove_ours", remove)
 
     def write(staging):
-        (staging / "nmperm.json").write_text('{"format": "nmperm-sidecar/2", "which": "new"}')
-        (staging / "weights.bin").write_bytes(b"new" * 100000)
+        _output(staging, "new")
         seen.append(_which(target))
 
     safety.atomic_write(target, write, overwrite=True, note=lambda message: None)
