@@ -198,7 +198,7 @@ def test_unwritable_output_refused_before_work(saved_model, tmp_path, capsys, no
     locked = tmp_path / "locked"
     locked.mkdir()
     if os.geteuid() == 0:  # root ignores mode bits: make the directory immutable instead
-        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(locked)]).returncode:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(locked)], timeout=30).returncode:
             pytest.skip("running as root without chattr: cannot make a read-only directory")
         undo = ["chattr", "-i", str(locked)]
     else:
@@ -208,7 +208,7 @@ def test_unwritable_output_refused_before_work(saved_model, tmp_path, capsys, no
         assert _prune(model_dir, text, locked / "out", *FAST) == 2
         assert "is not writable" in capsys.readouterr().err
     finally:
-        subprocess.run(undo) if undo else locked.chmod(0o755)
+        subprocess.run(undo, timeout=30) if undo else locked.chmod(0o755)
 
 
 @pytest.mark.parametrize("case", ["missing", "too short"])
