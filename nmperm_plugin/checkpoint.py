@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from loguru import logger
 from torch import nn
 
 from . import safety
-from .checks import check_loading_info, check_weight_files, non_finite_tensors, weight_checksums
+from .checks import WeightFileError, check_loading_info, check_weight_files, non_finite_tensors, weight_checksums
 from .nm import NMPattern, nm_violations
 from .registry import adapter_named, find_adapter, get_adapter
 from .sidecar import FORMAT, Sidecar
@@ -276,7 +277,13 @@ def load_pretrained(cls, directory: str | Path, **kwargs) -> nn.Module:
     """``cls.from_pretrained(directory, **kwargs)``, never running code from the directory, refused
     (:func:`~nmperm_plugin.checks.check_loading_info`) when a weight is missing, unexpected or of another
     shape: the one way nmperm loads a checkpoint's weights."""
-    model, info = cls.from_pretrained(directory, trust_remote_code=False, output_loading_info=True, **kwargs)
+    try:
+        model, info = cls.from_pretrained(directory, trust_remote_code=False, output_loading_info=True, **kwargs)
+    except pickle.UnpicklingError:  # transformers reads .bin files with torch.load(weights_only=True)
+        raise WeightFileError(
+            f"a weight file of {directory} holds Python objects other than tensors, which nmperm never loads (they "
+            "could run code): re-save the model as safetensors from a trusted copy"
+        ) from None
     check_loading_info(info, directory)
     return model
 

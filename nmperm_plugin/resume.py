@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Iterator
@@ -71,7 +72,13 @@ def read_state_file(path: Path, restart_hint: str = "pass resume=False") -> dict
     kind = "current" if path.name == CURRENT else "phase"
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - truncated zip, a refused pickle, an I/O error: all say the same
+    except pickle.UnpicklingError:
+        raise ResumeStateError(
+            f"{path} holds Python objects other than tensors, numbers and plain containers, which nmperm never "
+            f"loads (they could run code): it was not written by nmperm; {restart_hint} to discard the state and "
+            "start over"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - truncated zip, an I/O error: all say the same
         reason = " ".join(str(error).split())[:200] or type(error).__name__
         raise ResumeStateError(
             f"{path} is truncated, damaged or not an nmperm learning state ({type(error).__name__}: {reason}); "

@@ -250,7 +250,8 @@ def foreign_entries(directory: Path) -> tuple[list[str], str]:
             foreign.append(relative)
         elif path.stat().st_size != entry.get("size") or file_sha256(path) != entry.get("sha256"):
             foreign.append(f"{relative} (changed since nmperm wrote it)")
-    return foreign, f"{len(foreign)} of its entries are not files nmperm wrote (listed in {SIDECAR_NAME})"
+    count = f"{len(foreign)} of its entries {'is' if len(foreign) == 1 else 'are'}"
+    return foreign, f"{count} not a file nmperm wrote (listed in {SIDECAR_NAME})"
 
 
 def _undeletable(directory: Path) -> list[str]:
