@@ -173,6 +173,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "architectures-random-configs"))
     parser.add_argument("--families", nargs="+", choices=NAMES, default=NAMES, help="a subset (default: all)")
     args = parser.parse_args()
+    started = time.time()
     torch.set_num_threads(1)  # many tiny matmuls: one thread is fastest on the 2-core host
     ids = torch.randint(0, 300, (args.sequences, args.seq_len), generator=torch.Generator().manual_seed(1))
     rows, start, default = [], time.perf_counter(), PermuteConfig()
@@ -199,7 +200,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - start, 1),
         "rows": rows,
     }
-    json_path, md_path = write_pair(args.output, result, markdown(result))
+    json_path, md_path = write_pair(args.output, result, markdown(result), seeds=[default.seed], started=started)
     print(f"wrote {json_path} and {md_path.name} in {result['seconds']} s")
 
 

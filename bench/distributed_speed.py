@@ -25,6 +25,7 @@ from result_files import write_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+RUN_TIMEOUT_S = 3 * 3600  # one configuration's learning run, model loading included
 MODES = {"1 rank x 2 threads": (1, 2), "2 ranks x 1 thread": (2, 1), "1 rank x 1 thread": (1, 1)}
 
 
@@ -117,7 +118,7 @@ def run_mode(args: argparse.Namespace, ranks: int, threads: int) -> dict:
             command += own
         env = os.environ | {"OMP_NUM_THREADS": str(threads)}
         start = time.perf_counter()
-        subprocess.run(command, check=True, env=env, cwd=ROOT)
+        subprocess.run(command, check=True, env=env, cwd=ROOT, timeout=RUN_TIMEOUT_S)
         record = json.loads(out.read_text())
         record["process_seconds"] = time.perf_counter() - start  # with imports and model loading
         return record
@@ -147,6 +148,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    started = time.time()
     args = parse_args(argv)
     if args.worker is not None:
         worker(args)
@@ -174,9 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         "sites": len(reference),
         "step_speedup": summary[names[0]]["step_seconds"] / summary[names[1]]["step_seconds"],
         "runs": [{k: v for k, v in r.items() if k != "permutations"} for r in runs],
-        "command": "python bench/distributed_speed.py " + " ".join(argv or sys.argv[1:]),
     }
-    write_pair(args.output, result, markdown(result))
+    write_pair(args.output, result, markdown(result), seeds=[0], started=started)  # PermuteConfig's seed 0
     print(markdown(result))
 
 

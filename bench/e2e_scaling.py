@@ -28,6 +28,7 @@ from result_files import write_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+WORKER_TIMEOUT_S = 3 * 3600  # one shape and setting: a few steps of a 1B model on 2 cores
 SHAPES = {  # hidden, layers, intermediate, heads, kv heads, vocab, tied
     "smollm2-135m": (576, 30, 1536, 9, 3, 49152, True),
     "smollm2-360m": (960, 32, 2560, 15, 5, 49152, True),
@@ -150,6 +151,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()
     args = parse_args(argv)
     if args.worker:
         sys.path.insert(0, str(ROOT))
@@ -163,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
                 train_dtype=args.train_dtype, sequences=args.sequences, seq_len=args.seq_len, steps=args.steps,
             )  # fmt: skip
             done = subprocess.run(
-                [sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, cwd=ROOT
+                [sys.executable, __file__, "--worker", json.dumps(job)],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                timeout=WORKER_TIMEOUT_S,
             )
             if done.returncode:
                 print(done.stderr[-3000:], file=sys.stderr)
@@ -173,7 +179,15 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     result = {"machine": {"platform": platform.platform(), "device": args.device}, "rows": rows}
     path = args.output or RESULTS / f"e2e-scaling-{args.device}.json"
-    path, _ = write_pair(path, result, markdown([r for r in rows if "error" not in r]) + "\n")
+    path, _ = write_pair(
+        path,
+        result,
+        markdown([r for r in rows if "error" not in r]) + "\n",
+        seeds=[0],  # torch.manual_seed(0) for the random weights and tokens
+        started=started,
+        train_dtype=args.train_dtype,
+        device=args.device,
+    )
     print(f"wrote {path}")
     return 0
 

@@ -130,11 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, nargs="+", default=[os.cpu_count() or 1], help="thread counts timed beside 1"
     )
     args = parser.parse_args(argv)
+    started = time.time()
     host = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__}
     if args.trace:
         trace = trace_learning(args.num_samples, args.steps, args.seed)
         settings = {"num_samples": args.num_samples, "steps": args.steps, "seed": args.seed}
-        write_pair(args.output, {"host": host} | settings | trace, trace_markdown(trace))
+        write_pair(
+            args.output, {"host": host} | settings | trace, trace_markdown(trace), seeds=[args.seed], started=started
+        )
         print(trace_markdown(trace))
         return 0
     threads = sorted({1, *args.threads})
@@ -153,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| {r['seconds_by_threads'][most]:.3f} | {r['seconds'] / r['seconds_by_threads'][most]:.2f}x |"
         for r in rows
     ]
-    write_pair(args.output, {"host": host, "threads": threads, "rows": rows}, "\n".join(lines) + "\n")
+    result = {"host": host, "threads": threads, "rows": rows}
+    write_pair(args.output, result, "\n".join(lines) + "\n", seeds=[0], started=started)  # the soft matrices' seed
     print("\n".join(lines))
     return 0
 

@@ -267,10 +267,12 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "bench/results/image-vit-digits-2of4-3seeds"))
     parser.add_argument("--from-json", help="recompute the summary and the table of a result file, run nothing")
     args = parser.parse_args()
+    started = time.time()
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
         result["summary"] = summary(result["rows"], result["dense"])
-        write(result, Path(args.output))
+        result.pop("provenance", None)
+        write(result, Path(args.output), started, train_dtype=None, inputs=[Path(args.from_json)])
         return
     start = time.monotonic()
 
@@ -310,12 +312,14 @@ def main() -> None:
         "summary": summary(rows, dense_eval),
     }
     result["seconds"] = round(time.monotonic() - start, 1)
-    write(result, Path(args.output))
+    write(result, Path(args.output), started, train_dtype=parse_overrides(args.set).get("train_dtype", "auto"))
 
 
-def write(result: dict, output: Path) -> None:
+def write(result: dict, output: Path, started: float, train_dtype: str | None = "auto", inputs=None) -> None:
     """``output``.json and .md, and the table on stdout."""
-    write_pair(output, result, markdown(result))
+    write_pair(
+        output, result, markdown(result), seeds=result["seeds"], started=started, train_dtype=train_dtype, inputs=inputs
+    )
     print(markdown(result))
 
 

@@ -152,6 +152,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()
     args = parse_args(argv)
     result = {
         "threads": torch.get_num_threads(),
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     output = args.output or RESULTS / f"learn-speed-{time.strftime('%Y%m%d-%H%M%S')}.json"
     table = markdown(result)
-    write_pair(output, result, table)
+    write_pair(output, result, table, seeds=[0], started=started)  # the rows time float32 and bfloat16 both
     print(table)
     return 0
 

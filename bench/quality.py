@@ -2,14 +2,18 @@
 
 For each method and seed it prunes the dense model in a fresh worker process (so peak memory is
 the method's own), measures perplexity on held-out text and the retained-score ratio, and writes
-``bench/results/quality-<time>.json`` and ``.md``, plus plots under ``bench/results/plots/``.
+``bench/results/quality-<time>.json`` and ``.md``, plus plots under ``bench/results/plots/`` where matplotlib
+is installed (bench/results/ keeps only the files docs/results.md and its index cite).
 
 Seeds change the calibration windows (drawn from ``builtin:wiki-calibration``) and the learner's
 randomness; the evaluation windows (the first ``--eval-samples`` x ``--seq-len`` tokens of
-``builtin:wiki-evaluation``, disjoint articles) are fixed. Headline figures:
+``builtin:wiki-evaluation``, disjoint articles) are fixed. Headline figures (bench/metrics.py, on
+each method's median perplexity across seeds; "paired by seed" is extra information):
 
 * structural gap closed = (ln ppl_2:4 - ln ppl_method) / (ln ppl_2:4 - ln ppl_unstructured50)
 * recovery             = (ln ppl_2:4 - ln ppl_method) / (ln ppl_2:4 - ln ppl_dense)
+
+Every file carries bench/result_files.py's provenance stamp; a merged file keeps each input's.
 
     python bench/quality.py                                   # Wanda suite, 3 seeds, 2:4
     python bench/quality.py --suite objectives --seeds 0      # learned objectives side by side
@@ -20,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -34,9 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "bench"))  # loaded by path in tests/test_bench_configs.py
 
+from metrics import median, recovery, share_closed  # noqa: E402
 from result_files import write_pair  # noqa: E402
 
 PLOTS = RESULTS / "plots"
+WORKER_TIMEOUT_S = 6 * 3600  # one method and seed; the slowest (gather end_to_end) takes about 20 minutes
 
 # name -> PermuteConfig fields (None: the dense model, no pruning)
 WANDA_SUITE = {
@@ -155,7 +159,11 @@ def worker(job: dict) -> dict:
 
 def run_job(job: dict) -> dict:
     done = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, check=False
+        [sys.executable, __file__, "--worker", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=WORKER_TIMEOUT_S,
     )
     if done.returncode:
         raise RuntimeError(f"{job['method']} seed {job['seed']} failed:\n{done.stderr[-3000:]}")
@@ -170,24 +178,24 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
 
     def med(name: str, key: str = "perplexity") -> float | None:
         values = [r[key] for r in by_method.get(name, []) if r.get(key) is not None]
-        return statistics.median(values) if values else None
+        return median(values) if values else None
 
     base, bound, dense = med("2:4 no permutation"), med("unstructured 50%"), med("dense")
     summary = {}
     for name, group in by_method.items():
         ppl = [r["perplexity"] for r in group]
-        entry = {"seeds": len(group), "ppl_median": statistics.median(ppl), "ppl_min": min(ppl), "ppl_max": max(ppl)}
+        entry = {"seeds": len(group), "ppl_median": median(ppl), "ppl_min": min(ppl), "ppl_max": max(ppl)}
         for key in ("retained_ratio", "seconds", "peak_rss_mb"):
             entry[key] = med(name, key)
         if "unstructured" in name:
             entry["retained_ratio"] = 1.0  # by definition; the rows hold the N:M ratio of its statistics
-        if base and bound:
+        if base and bound:  # bench/metrics.py's gap closed: on the medians
             entry["gap_closed"] = share_closed(base, entry["ppl_median"], bound)
         if base and dense:
-            entry["recovery"] = share_closed(base, entry["ppl_median"], dense)
+            entry["recovery"] = recovery(base, entry["ppl_median"], dense)
         paired = [gap_of(r, by_method) for r in group]
         paired = [g for g in paired if g is not None]
-        entry["gap_closed_per_seed"] = statistics.median(paired) if paired else None
+        entry["gap_closed_per_seed"] = median(paired) if paired else None  # extra information
         summary[name] = entry
     return summary
 
@@ -202,11 +210,6 @@ def gap_of(row: dict, by_method: dict[str, list[dict]]) -> float | None:
     if base is None or bound is None:
         return None
     return share_closed(base, row["perplexity"], bound)
-
-
-def share_closed(base: float, ppl: float, target: float) -> float:
-    """Share of the log-perplexity distance from ``base`` (2:4, no permutation) to ``target`` that ``ppl`` covers."""
-    return (math.log(base) - math.log(ppl)) / (math.log(base) - math.log(target))
 
 
 def markdown(summary: dict[str, dict], header: str) -> str:
@@ -313,8 +316,14 @@ def effective_overrides(result: dict) -> list[str]:
     return [pair for pair in args["set"] if any(resolved(m, [pair]) != resolved(m, []) for m in methods)]
 
 
+def requested_train_dtype(pairs: list[str]) -> str:
+    """The ``train_dtype`` a run's ``--set`` pairs ask for (``auto``, the default, if none)."""
+    return next((pair.split("=", 1)[1] for pair in pairs if pair.startswith("train_dtype=")), "auto")
+
+
 def resummarise(paths: list[Path], output: Path | None) -> int:
     """Summary, table and plots again from result files; several files (same settings) merge into ``output``."""
+    started = time.time()
     results = [json.loads(path.read_text()) for path in paths]
     if len(results) > 1 and output is None:
         raise SystemExit("merging several result files needs --output for the merged file")
@@ -330,7 +339,15 @@ def resummarise(paths: list[Path], output: Path | None) -> int:
     args = first | {"seeds": seeds, "merged_from": [str(path) for path in paths]}
     output = output or paths[0]
     summary = summarise(rows)
-    write_pair(output, {"args": args, "summary": summary, "rows": rows}, markdown(summary, header_of(args)))
+    write_pair(
+        output,
+        {"args": args, "summary": summary, "rows": rows},
+        markdown(summary, header_of(args)),
+        seeds=seeds,
+        started=started,
+        train_dtype=None,  # no learning here: each input's stamp holds its own
+        inputs=paths,
+    )
     print(markdown(summary, header_of(args)))
     for path in plots(rows, summary, output.stem):
         print("plot:", path)
@@ -338,6 +355,7 @@ def resummarise(paths: list[Path], output: Path | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -380,7 +398,15 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarise(rows)
         header = header_of(vars(args))
         result = {"args": vars(args) | {"output": str(output)}, "summary": summary, "rows": rows}
-        write_pair(output, result, markdown(summary, header))  # rewritten after every job: a partial run keeps its rows
+        write_pair(  # rewritten after every job: a partial run keeps its rows
+            output,
+            result,
+            markdown(summary, header),
+            seeds=args.seeds,
+            started=started,
+            train_dtype=requested_train_dtype(args.set),
+            device=args.device,
+        )
     print(markdown(summary, header))
     for path in plots(rows, summary, output.stem):
         print("plot:", path)

@@ -19,17 +19,17 @@ each from the same dense model and the same ``num_samples x seq_len`` calibratio
     python bench/recipes.py --tiny                   # random tiny Llama: checks the script end to end in seconds
     python bench/recipes.py --from-json s0.json s1.json s2.json --output merged.json   # seeds side by side
 
-The structural gap closed by ``X+learned`` is (ln ppl_X - ln ppl_X+learned) / (ln ppl_X - ln
-ppl_X-unstructured), per seed (the same seed's calibration for all three), as docs/benchmarks.md defines it.
+The structural gap closed by ``X+learned`` is bench/metrics.py's: (ln ppl_X - ln ppl_X+learned) /
+(ln ppl_X - ln ppl_X-unstructured) on each variant's median perplexity across seeds; a merged table
+also lists each seed's share (against the same seed's calibration for all three) as extra information.
+Every file carries bench/result_files.py's provenance stamp; a merged file keeps each input's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import yaml
 from loguru import logger
+from metrics import gap_closed_of_medians, gap_closed_per_seed, median
 from result_files import write_pair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +125,15 @@ def recipe_for(variant: str, overrides: dict) -> str:
     return yaml.safe_dump(recipe, sort_keys=False)
 
 
+def learned_train_dtype(overrides: dict) -> str:
+    """The ``train_dtype`` the permutation modifier is given: ``--set``, else the recipe's, else the default."""
+    if "train_dtype" in overrides:
+        return str(overrides["train_dtype"])
+    recipe = yaml.safe_load(RECIPES["wanda"].read_text())
+    fields = [group.get(MODIFIER, {}) for stage in recipe.values() for group in stage.values()]
+    return next((str(f["train_dtype"]) for f in fields if "train_dtype" in f), "auto")
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     overrides = {}
     for pair in pairs:
@@ -177,49 +187,54 @@ def run_variant(variant: str, model_dir: Path, calibration, evaluation, args, ov
     return result
 
 
-def gap_closed(perplexities: dict[str, float], base: str) -> float | None:
-    """Share of the structural gap (log perplexity) that ``base+learned`` closes, if all three ran."""
-    names = (base, f"{base}{UNSTRUCTURED}", f"{base}+learned")
-    if not all(n in perplexities for n in names):
-        return None
-    structured, unstructured, learned = (math.log(perplexities[n]) for n in names)
-    return (structured - learned) / (structured - unstructured)
+def seed_of(run: dict) -> int:
+    """The calibration seed of a per-seed result file (older files name it only in ``calibration``)."""
+    if "seed" in run:
+        return int(run["seed"])
+    return int(run["calibration"].rsplit("seed ", 1)[1].rstrip(")"))
 
 
 def merge(paths: list[Path], output: Path) -> int:
-    """Per-seed files side by side: each variant's perplexity per seed, median, min, max, and the gap closed."""
+    """Per-seed files side by side: each variant's perplexity per seed and median, and the gap closed
+    (bench/metrics.py: on the medians; each seed's share listed beside it)."""
+    started = time.time()
     runs = [json.loads(p.read_text()) for p in paths]
     per_seed: dict[int, dict[str, dict]] = {}
     for run, path in zip(runs, paths, strict=True):
-        seed = int(run["calibration"].rsplit("seed ", 1)[1].rstrip(")"))
-        rows = per_seed.setdefault(seed, {})  # a later file's variant replaces an earlier one's
+        rows = per_seed.setdefault(seed_of(run), {})  # a later file's variant replaces an earlier one's
         rows.update({v["variant"]: v | {"file": path.name, "overrides": run["overrides"]} for v in run["variants"]})
+    seeds = sorted(per_seed)
     variants = sorted({v for rows in per_seed.values() for v in rows}, key=lambda v: VARIANTS.index(v))
-    lines = ["| variant | " + " | ".join(f"seed {s}" for s in sorted(per_seed)) + " | median | gap closed (median) |"]
-    lines.append("|---" * (len(per_seed) + 3) + "|")
+    lines = ["| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | median | gap closed | per seed |"]
+    lines.append("|---" * (len(seeds) + 4) + "|")
     summary = {}
+
+    def ppl(variant: str) -> dict[int, float]:
+        return {s: per_seed[s][variant]["perplexity"] for s in seeds if variant in per_seed[s]}
+
     for variant in variants:
-        values = [per_seed[s][variant]["perplexity"] for s in sorted(per_seed) if variant in per_seed[s]]
+        values = ppl(variant)
+        entry = {"perplexities": list(values.values()), "seeds": list(values), "median": median(values.values())}
         base = variant.partition("+")[0]
-        gaps = (
-            [gap_closed({k: v["perplexity"] for k, v in per_seed[s].items()}, base) for s in sorted(per_seed)]
-            if variant.endswith("+learned")
-            else []
-        )
-        gaps = [g for g in gaps if g is not None]
-        summary[variant] = {"perplexities": values, "median": statistics.median(values), "gap_closed": gaps}
-        gap = f"{statistics.median(gaps):.1%} (min {min(gaps):.1%}, max {max(gaps):.1%})" if gaps else ""
-        cells = " | ".join(
-            f"{per_seed[s][variant]['perplexity']:.2f}" if variant in per_seed[s] else "" for s in sorted(per_seed)
-        )
-        lines.append(f"| {variant} | {cells} | {statistics.median(values):.2f} | {gap} |")
+        bound = f"{base}{UNSTRUCTURED}"
+        gap = shares = ""
+        if variant.endswith("+learned") and ppl(base) and ppl(bound):
+            entry["gap_closed"] = gap_closed_of_medians(ppl(base).values(), values.values(), ppl(bound).values())
+            entry["gap_closed_per_seed"] = gap_closed_per_seed(ppl(base), values, ppl(bound))
+            gap = f"{entry['gap_closed']:.1%}"
+            shares = ", ".join(f"{g:.1%}" for g in entry["gap_closed_per_seed"].values())
+        summary[variant] = entry
+        cells = " | ".join(f"{values[s]:.2f}" if s in values else "" for s in seeds)
+        lines.append(f"| {variant} | {cells} | {entry['median']:.2f} | {gap} | {shares} |")
+    lines += ["", "gap closed: bench/metrics.py (on the medians); per seed: each seed against its own baselines."]
     result = {"files": [p.name for p in paths], "runs": runs, "summary": summary}
-    write_pair(output, result, "\n".join(lines) + "\n")
+    write_pair(output, result, "\n".join(lines) + "\n", seeds=seeds, started=started, train_dtype=None, inputs=paths)
     print("\n".join(lines))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()
     args = parse_args(argv)
     if args.from_json:
         return merge(args.from_json, args.output or RESULTS / "recipes-merged.json")
@@ -234,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration_texts = load_texts("builtin:wiki-calibration")
     results = {
         "model": "tiny-random-llama" if args.tiny else "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)",
+        "seed": args.seed,
         "calibration": f"{args.num_samples} x {args.seq_len} tokens of builtin:wiki-calibration (seed {args.seed})",
         "evaluation": f"first {args.eval_samples} x {args.eval_seq_len} tokens of builtin:wiki-evaluation",
         "overrides": overrides,
@@ -253,11 +269,29 @@ def main(argv: list[str] | None = None) -> int:
             results["variants"].append(run_variant(variant, model_dir, calibration, evaluation, args, overrides))
     slug = "tiny" if args.tiny else "smollm2-135m"
     path = args.output or RESULTS / f"recipes-{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1))
+    lines = [
+        f"{results['model']}; calibration {results['calibration']}; evaluation {results['evaluation']}; "
+        f"overrides {overrides}; dense perplexity {results['dense_perplexity']:.2f}",
+        "",
+        "| variant | perplexity | oneshot (s) | learning (s) | 2:4 linears |",
+        "|---|---|---|---|---|",
+    ]
     for row in results["variants"]:
-        print(f"{row['variant']:<20} perplexity {row['perplexity']:9.2f}   oneshot {row['oneshot_seconds']:7.1f} s")
-    print(f"dense perplexity {results['dense_perplexity']:.2f}; wrote {path}")
+        learning = row.get("permutation_seconds")
+        lines.append(
+            f"| {row['variant']} | {row['perplexity']:.2f} | {row['oneshot_seconds']:.1f} | "
+            f"{'' if learning is None else f'{learning:.0f}'} | {row['linears_2of4']}/{row['linears']} |"
+        )
+    path, _ = write_pair(
+        path,
+        results,
+        "\n".join(lines) + "\n",
+        seeds=[args.seed],
+        started=started,
+        train_dtype=learned_train_dtype(overrides),
+    )
+    print("\n".join(lines))
+    print(f"wrote {path}")
     return 0
 
 

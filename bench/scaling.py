@@ -22,8 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+from result_files import write_pair
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+WORKER_TIMEOUT_S = 2 * 3600  # one method at one width (RIA-style at 11008 channels: about 130 s)
 CHANNELS = [576, 1536, 2048, 4096, 8192, 11008]
 BLOCK_SIZES = [16, 32, 64, 128, 256]
 
@@ -73,13 +76,28 @@ def worker(job: dict) -> dict:
 
 
 def run(job: dict) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        timeout=WORKER_TIMEOUT_S,
+    )
     if done.returncode:
         raise RuntimeError(done.stderr[-2000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def markdown(rows: list[dict]) -> str:
+    lines = ["| method | C_in | block | seconds | peak RSS (MB) |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {r['method']} | {r['channels']} | {r['block_size']} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} |"
+        for r in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -90,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     ]
     jobs += [base | {"method": "learned", "channels": 4096, "block_size": b} for b in args.block_sizes if b != 64]
     output = args.output or RESULTS / f"scaling-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for job in jobs:
         rows.append(run(job))
@@ -101,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         fits = power_fits(rows)
         result = {"args": vars(args) | {"output": str(output)}, "rows": rows, "fits": fits, "projection": project(fits)}
-        output.write_text(json.dumps(result, indent=1))  # after every job: a partial run keeps its rows
+        # after every job: a partial run keeps its rows
+        write_pair(output, result, markdown(rows), seeds=[0], started=started)
     print(json.dumps({"fits": fits, "projection": result["projection"]}, indent=1))
     print("wrote", output)
     return 0

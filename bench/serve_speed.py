@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import re
 import sys
 import time
@@ -40,6 +39,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_files import write_pair  # noqa: E402
 
 MODELS = {  # Llama-3.2-1B and Llama-3-8B (config.json of the released models)
     "llama-3.2-1b": dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256),
@@ -671,13 +673,13 @@ def summary(result: dict) -> str:
     return "\n".join(parts)
 
 
-def write_result(result: dict, directory: Path) -> Path:
-    """``serve_speed-<gpu>-<time>.json`` and the same digest as ``.md`` in ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", result["environment"]["gpu"].lower()).strip("-")
-    path = directory / f"serve_speed-{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1, default=str))
-    path.with_suffix(".md").write_text(summary(result) + "\n")
+def write_result(result: dict, directory: Path, started: float, path: Path | None = None) -> Path:
+    """``serve_speed-<gpu>-<time>.json`` and the same digest as ``.md`` in ``directory`` (or at
+    ``path``), stamped by bench/result_files.py (seeds: the random weights' generators, 0 and 1)."""
+    if path is None:
+        slug = re.sub(r"[^a-z0-9]+", "-", result["environment"]["gpu"].lower()).strip("-")
+        path = directory / f"serve_speed-{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    write_pair(path, result, summary(result) + "\n", seeds=[0, 1], started=started, device="cuda")
     return path
 
 
@@ -693,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when all outputs agree, 1 otherwise, 2 without CUDA."""
     if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
         sys.path.insert(0, str(ROOT))
+    started = time.time()
     args = parse_args(argv)
     if not torch.cuda.is_available():
         print(NO_CUDA, file=sys.stderr)
@@ -706,20 +709,14 @@ def main(argv: list[str] | None = None) -> int:
             result["model"] = []
             for name in args.models:
                 result["model"] += model_rows(name, args)
-                path = write_result(result, args.out) if path is None else path  # keep what is done if cut short
-                path.write_text(json.dumps(result, indent=1, default=str))
-                path.with_suffix(".md").write_text(summary(result) + "\n")
+                path = write_result(result, args.out, started, path)  # keep what is done if cut short
         if not args.no_linear:
             result["linear"] = linear_rows(args)
         if args.norms:
             result["norm"] = [bench_norm(HIDDEN[m], tokens, args) for m in args.models for tokens in TOKENS]
     if args.check_model is not None:
         result["model_check"] = check_model(args.check_model, args)
-    if path is None:
-        path = write_result(result, args.out)
-    else:
-        path.write_text(json.dumps(result, indent=1, default=str))
-        path.with_suffix(".md").write_text(summary(result) + "\n")
+    path = write_result(result, args.out, started, path)
     print(f"wrote {path} and {path.with_suffix('.md').name}")
     print(summary(result))
     check = result.get("model_check")

@@ -14,8 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import sys
+import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from metrics import gap_closed as metrics_gap_closed  # noqa: E402
+from result_files import write_pair  # noqa: E402
 
 PROTOCOL = ("pattern", "scorer", "num_samples", "seq_len", "eval_samples")
 LEARNED = ("learned window (exact)", "learned end_to_end (exact)")
@@ -45,7 +51,8 @@ def points(results: list[dict]) -> tuple[list[dict], dict]:
 
 
 def gap_closed(ppl: float, base: float, bound: float) -> float:
-    return math.log(base / ppl) / math.log(base / bound)
+    """bench/metrics.py's gap closed (one seed: its medians are its values)."""
+    return metrics_gap_closed(base, ppl, bound)
 
 
 def markdown(rows: list[dict], baselines: dict) -> str:
@@ -73,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("files", nargs="+", type=Path, help="bench/quality.py result files, one seed")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
+    started = time.time()
     rows, baselines = points([json.loads(path.read_text()) for path in args.files])
     if {row["seed"] for row in rows} != {baselines["2:4 no permutation"]["seed"]}:
         raise SystemExit("the points and the baselines must come from one seed")
@@ -80,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = [{"window": r["window"], "perplexity": r["perplexity"], "seconds": r["seconds"],
                 "peak_rss_mb": r["peak_rss_mb"], "method": r["method"]} for r in rows]  # fmt: skip
     record = {"inputs": [str(p) for p in args.files], "baselines": baselines, "points": summary}
-    args.output.write_text(json.dumps(record, indent=1))
-    args.output.with_suffix(".md").write_text(table)
+    seeds = sorted({row["seed"] for row in rows})
+    write_pair(args.output, record, table, seeds=seeds, started=started, train_dtype=None, inputs=args.files)
     print(table)
     return 0
 

@@ -40,6 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CACHE = Path("/tmp/nmperm-zeroshot-models")
+sys.path.insert(0, str(ROOT / "bench"))  # loaded by path in tests/test_bench_configs.py
+
+from result_files import write_pair  # noqa: E402
 
 # row -> PermuteConfig fields (None: the dense model). Learned rows: the end_to_end objective at its default steps.
 ROWS = {
@@ -370,20 +373,25 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(output: Path, result: dict) -> None:
+def write(output: Path, result: dict, started: float, seeds: list[int], earlier: dict | None) -> None:
+    """The JSON and markdown at ``output``, stamped (bench/result_files.py); ``earlier``: the stamp
+    the file had before this invocation added its rows (kept as the stamp of its input)."""
     result["summary"] = summarise(result["rows"], result["settings"]["tasks"])
-    output.write_text(json.dumps(result, indent=1))
-    output.with_suffix(".md").write_text(markdown(result))
+    inputs = None if earlier is None else [{"file": str(output.name), "provenance": earlier}]
+    write_pair(output, result, markdown(result), seeds=seeds, started=started, inputs=inputs)
 
 
 def _commit() -> str | None:
     if os.environ.get("NMPERM_COMMIT"):  # run from an exported tree (git archive) of that commit
         return os.environ["NMPERM_COMMIT"]
-    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False, timeout=30
+    )
     return done.stdout.strip() or None
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()
     args = parse_args(argv)
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
@@ -397,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{output} was run with other {differ}: its rows are not comparable; choose --output")
     else:
         result = {"settings": wanted, "rows": []}
+    earlier = result.pop("provenance", None)  # an earlier invocation's rows keep their stamp as an input
+    if earlier is None and result["rows"]:
+        earlier = {"note": "rows written before result files were stamped"}
     if args.reuse_dense:
         other = json.loads(args.reuse_dense.read_text())
         differ = [k for k in ("limit", "tasks", "seq_len", "eval_samples") if other["settings"].get(k) != wanted[k]]
@@ -407,10 +418,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{args.reuse_dense} has no dense row")
         result["rows"] = [r for r in result["rows"] if r["method"] != DENSE] + dense
         result["settings"]["dense_from"] = str(args.reuse_dense.name)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        write(output, result)
+        write(output, result, started, args.seeds, earlier)
     if args.summarise:
-        write(output, result)
+        write(output, result, started, args.seeds, earlier)
         print(output.with_suffix(".md").read_text())
         return 0
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -429,7 +439,9 @@ def main(argv: list[str] | None = None) -> int:
         row = run_row(name, seed, args) | {"commit": commit, "wall_seconds": None}
         row["wall_seconds"] = round(time.monotonic() - start, 1)
         result["rows"] = [r for r in result["rows"] if (r["method"], r["seed"]) != (name, seed)] + [row]
-        write(output, result)  # after every row: an interrupted invocation keeps what it finished
+        write(
+            output, result, started, args.seeds, earlier
+        )  # after every row: an interrupted invocation keeps what it finished
         mean = statistics.fmean(row["tasks"][t]["acc"] for t in wanted["tasks"])
         print(f"{name} seed {seed}: mean acc {mean:.4f}, ppl {row['perplexity']:.2f}", file=sys.stderr)
     print(output.with_suffix(".md").read_text())

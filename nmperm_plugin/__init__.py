@@ -5,7 +5,10 @@ registry, and :class:`LearnedPermutationModifier` with llm-compressor's ``Modifi
 llm-compressor is installed, so recipes can name it.
 """
 
-from . import builtin
+from . import (
+    _startup,  # noqa: F401 - first: a Ctrl-C while the command imports torch exits quietly
+    builtin,
+)
 from .api import permute_
 from .config import LearnConfig, PermuteConfig
 from .core.nm import NMPattern, is_nm, nm_mask

@@ -12,6 +12,8 @@ Step counts are two fields, resolved by the objective when it runs and never wri
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +48,11 @@ class LearnConfig:
     select_every: int = 4
     lr_end: float | None = None  # learning rate at the last step (linear from ``lr``); None: constant
     select_from: float = 0.5  # share of the steps before the first ranking (the start is always ranked)
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():  # NaN or inf would make the learning silently do nothing
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
 
     def ranks(self, step: int) -> bool:
         """Whether the hard permutation after ``step`` steps is ranked: every ``select_every`` steps
@@ -182,7 +189,20 @@ class PermuteConfig:
 
 
 def _check_field(spec: dataclasses.Field, value) -> None:
+    """One check of every field: its type's sense (a finite number, valid regular expressions), its
+    choices and its bounds."""
     choices, minimum, maximum = (spec.metadata[k] for k in ("choices", "minimum", "maximum"))
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{spec.name} must be a finite number, got {value} (--{spec.name.replace('_', '-')})")
+    if spec.name == "ignore":
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as error:
+                raise ValueError(
+                    f"ignore (--ignore) {pattern!r} is not a valid regular expression ({error}): escape special "
+                    r"characters, e.g. 'model\.layers\.0\.mlp'"
+                ) from None
     if choices is not None and value not in choices:
         raise ValueError(f"unknown {spec.name} {value!r}; choose one of {', '.join(choices)}")
     if minimum is not None and value is not None and value < minimum:

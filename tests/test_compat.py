@@ -18,6 +18,7 @@ ROOT = PACKAGE.parent
 EXTERNAL = {"torch", "torchao", "llmcompressor", "transformers", "compressed_tensors", "F", "nn"}
 KNOWN_PRIVATE = {"_overridden", "_is_amx_tile_supported", "_FORCE_CUTLASS", "_DTYPE_SHAPE_CONSTRAINTS"}
 # modules of other packages that are internal though their names are not private (llm-compressor's)
+DOCUMENTED = {"_exit"}  # os._exit: public and documented despite its underscore
 INTERNAL_MODULES = ("llmcompressor.transformers.compression", "llmcompressor.modifiers.pruning.sparsegpt.sgpt_base")
 
 
@@ -60,7 +61,8 @@ def private_uses(path: Path, own: set[str] = frozenset()) -> list[str]:
             if internal or private:
                 found.append(f"{path.name}:{node.lineno}: from {node.module} import {', '.join(names)}")
         elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
-            if _root_name(node) in EXTERNAL or node.attr in KNOWN_PRIVATE or node.attr not in own:
+            foreign = node.attr not in own and node.attr not in DOCUMENTED
+            if _root_name(node) in EXTERNAL or node.attr in KNOWN_PRIVATE or foreign:
                 found.append(f"{path.name}:{node.lineno}: .{node.attr}")
         elif isinstance(node, ast.Constant) and node.value in KNOWN_PRIVATE:
             found.append(f"{path.name}:{node.lineno}: {node.value!r}")

@@ -13,30 +13,24 @@ models' 14-pixel ones.
 
 transformers' processor needs a video processor, and that needs torchvision, which imports only
 beside a newer torch than this project's environment tests, so these tests run in the timm tests'
-environment (README, "timm tests"); elsewhere they skip."""
+environment (README, "timm tests"; .ci/run's second stage, where NMPERM_OPTIONAL=timm,torchvision makes
+a missing torchvision fail); elsewhere they skip naming the missing module (tests/optional_deps.py)."""
 
 import json
 
 import pytest
 import torch
-
-try:
-    import torchvision  # noqa: F401
-    from transformers import AutoProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-except Exception as error:  # noqa: BLE001 - not installed, or torchvision does not import beside this torch
-    pytest.skip(
-        f"torchvision is not importable ({error}): transformers' Qwen-VL processors need it for their video "
-        "processor; see README: timm tests",
-        allow_module_level=True,
-    )
-
+from optional_deps import require
 from PIL import Image
 from test_qwen_vl_cli import TOKENS, vl_tokenizer
+from transformers import AutoProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from nmperm_plugin.arch.qwen_vl import per_sample_images
 from nmperm_plugin.data.vl import Captioned, QwenVLProcessor, vl_batches, vl_inputs
+
+require("torchvision", "transformers' Qwen-VL processors need it for their video processor; see README: timm tests")
+Qwen2VLVideoProcessor = require("transformers.models.qwen2_vl.video_processing_qwen2_vl").Qwen2VLVideoProcessor
 
 QWEN2_VL_CHAT = (  # Qwen2-VL-Instruct's and Qwen2.5-VL-Instruct's chat template, as their chat_template.json
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"

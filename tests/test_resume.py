@@ -205,6 +205,13 @@ def saved_model_module(tmp_path_factory, tokenizer):
     return directory, text, root
 
 
+def _stderr_of(process: subprocess.Popen) -> str:
+    """The end of the stderr of a child that died or outlived its deadline (killed first: no wait is unbounded)."""
+    if process.poll() is None:
+        process.kill()
+    return process.communicate(timeout=60)[1][-2000:]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_killed_in_learning_keeps_the_old_output_and_the_rerun_resumes(saved_model_module, reference, tmp_path, sig):
     model, text, _ = saved_model_module
@@ -215,7 +222,7 @@ def test_killed_in_learning_keeps_the_old_output_and_the_rerun_resumes(saved_mod
     process = _cli(tmp_path, model, text, out, 0.25, "--seed", "1", "--overwrite")
     deadline = time.monotonic() + 240
     while not (state / "current.pt").exists():  # the first save, after 5 of 12 steps
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
+        assert process.poll() is None and time.monotonic() < deadline, _stderr_of(process)
         time.sleep(0.05)
     process.send_signal(sig)
     _, err = process.communicate(timeout=60)
@@ -238,8 +245,9 @@ def test_cli_refuses_a_changed_command_and_no_resume_starts_over(saved_model_mod
     out = tmp_path / "out"
     state = resume.state_dir_of(out)
     process = _cli(tmp_path, model, text, out, 0.25, "--seed", "1")
+    deadline = time.monotonic() + 240
     while not (state / "current.pt").exists():
-        assert process.poll() is None
+        assert process.poll() is None and time.monotonic() < deadline, _stderr_of(process)
         time.sleep(0.05)
     process.kill()
     process.wait(timeout=60)

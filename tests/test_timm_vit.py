@@ -3,20 +3,16 @@ folding keeps the logits (exact and gather), pruning from image batches gives 2:
 checkpoint verifies, configurations no fold reproduces are refused by name.
 
 timm needs torchvision, which imports only beside a newer torch than this project's environment
-tests, so these tests run in an environment of their own (README, "timm tests"); elsewhere they skip."""
+tests, so these tests run in an environment of their own (README, "timm tests"; .ci/run's second
+stage, which sets NMPERM_OPTIONAL=timm,torchvision so that a missing timm fails there); elsewhere they
+skip naming the missing module (tests/optional_deps.py states the rule)."""
 
 import copy
 
 import pytest
 import torch
-
-try:
-    import timm
-    from timm.models.vision_transformer import VisionTransformer
-except Exception as error:  # noqa: BLE001 - not installed, or torchvision does not import beside this torch
-    pytest.skip(f"timm is not importable ({error}); see README: timm tests", allow_module_level=True)
-
 from conftest import assert_pruned_nm, assert_same_function, randomise_vectors_
+from optional_deps import require
 from test_architectures import exact_fold, gather_fold
 
 from nmperm_plugin import PermuteConfig, permute_
@@ -24,6 +20,9 @@ from nmperm_plugin.core.ops import function_error
 from nmperm_plugin.io.checkpoint import finish_sidecar, verify_checksums, verify_model
 from nmperm_plugin.learn.fold import GatherLinear, GatherNorm
 from nmperm_plugin.plugins.registry import get_adapter
+
+timm = require("timm", "see README: timm tests")
+VisionTransformer = require("timm.models.vision_transformer").VisionTransformer
 
 VARIANTS = {
     "token": {},

@@ -22,8 +22,8 @@ from ..data.text import load_texts, token_windows
 from ..data.vl import load_captioned_images, load_vl_model, vl_batches
 from ..eval.perplexity import perplexity
 from ..io.checkpoint import check_output_dir, save_checkpoint, verify_checkpoint
-from ..io.models import check_seq_len, load_model, model_type_of
-from ..io.safety import guard_output
+from ..io.models import check_seq_len, load_model, model_type_of, stored_dtype
+from ..io.safety import check_free_space, guard_output
 from ..learn import parts
 from ..runtime import distributed, resume
 from .options import add_config_arguments, add_device_argument, add_parts_argument, config_from_args, resolve_device
@@ -164,13 +164,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if config.method == "learned":  # every rank needs a sequence of each step: refused before any work
         distributed.check_shares(min(config.sequences_per_step, args.num_samples))
     target = distributed.on_main(lambda: check_output_dir(args.output, args.overwrite, inputs))
-    args.state_dir = state_dir = resume.state_dir_of(target)
-    distributed.on_main(lambda: guard_output(state_dir, inputs))
+    state_dir = resume.state_dir_of(target)
+    learning = config.method == "learned"  # only the learning keeps a resumable state
+    if learning:
+        args.state_dir = state_dir
+        distributed.on_main(lambda: guard_output(state_dir, inputs))
+        distributed.on_main(lambda: resume.check_state_dir(state_dir))  # a folder of yours there: before the load
     device = resolve_device(args.device)
     model, tokenizer, calibration, evaluate = load(args)
-    setup = parts.fingerprint(model, calibration, config, args.parts, device)
-    distributed.check_same("the model, the calibration data or the configuration", json.dumps(setup))
-    store = resume.ResumeStore(state_dir, setup, restart_hint="add --no-resume").open(args.resume)
+    written_dtype = stored_dtype(model)
+    distributed.on_main(lambda: check_free_space(target, checkpoint_bytes(model, written_dtype)))
+    store = None
+    if learning:
+        setup = parts.fingerprint(model, calibration, config, args.parts, device)
+        distributed.check_same("the model, the calibration data or the configuration", json.dumps(setup))
+        store = resume.ResumeStore(state_dir, setup, restart_hint="add --no-resume").open(args.resume)
     start = time.monotonic()
     sidecar, _ = permute_(model, calibration, config, device, parts=args.parts, state=store, placement="auto")
     sidecar.figures["total_seconds"] = round(time.monotonic() - start, 1)
@@ -183,8 +191,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 "fold 'gather': weights are stored in the original channel order (any loader computes the right "
                 "function); they are N:M only under the permutations in nmperm.json, which `nmperm export` re-applies"
             )
+        if written_dtype is not None:  # worked on in float32: written back in the input's dtype
+            logger.info(f"nmperm: writing the checkpoint in {str(written_dtype).removeprefix('torch.')}, as the input")
+            model.to(written_dtype)
         written = save_checkpoint(model, tokenizer, args.output, sidecar, args.overwrite, inputs)  # verified before
-        store.remove()
+        if store is not None:
+            store.remove()
         return written
 
     target = distributed.on_main(finish)
@@ -353,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     Under ``torchrun`` (``WORLD_SIZE`` > 1) ``prune`` runs on every rank, rank 0 writes; the ranks
     meet at a barrier before they exit and leave the process group."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    _interrupts_raise()  # start-up is over (nmperm_plugin's quiet exit on Ctrl-C during the imports)
     debug = "--debug" in argv  # anywhere on the line, for every subcommand
     argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
@@ -376,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         if debug:
             raise
-        print(f"{_prefix()}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"{_prefix()}: error: {_one_line(error)}{_kept(args)}", file=sys.stderr)
         return 2
     except Exception as error:  # noqa: BLE001 - a bug or an unforeseen input: one line, the traceback on request
         if debug:
@@ -389,6 +402,21 @@ def main(argv: list[str] | None = None) -> int:
             distributed.shutdown(barrier=completed)
 
 
+def _interrupts_raise() -> None:
+    """Ctrl-C raises KeyboardInterrupt again (handled below: a one-line message, exit 130)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def checkpoint_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """About how many bytes ``model``'s weights take written (in ``dtype``, else as they are)."""
+    size = 0 if dtype is None else torch.tensor([], dtype=dtype).element_size()
+    return sum(p.numel() * (size or p.element_size()) for p in model.parameters())
+
+
 def _prefix() -> str:
     """``nmperm``, with the rank on the other ranks of a launched run."""
     return "nmperm" if distributed.is_main() else f"nmperm (rank {distributed.rank()})"
@@ -397,6 +425,9 @@ def _prefix() -> str:
 def _kept(args: argparse.Namespace) -> str:
     """A note on the learning state an interrupted prune leaves, when it left one."""
     state = getattr(args, "state_dir", None)
+    error = sys.exc_info()[1]
+    if isinstance(error, (resume.ResumeMismatchError, resume.ResumeStateError)):
+        return ""  # its message says what to do with the state
     if state is None or not resume.is_state_dir(state):
         return ""
     return f"; its learning state is kept in {state}: rerun the same command to resume, or add --no-resume"

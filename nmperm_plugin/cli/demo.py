@@ -27,6 +27,8 @@ def _table(rows: list[tuple[str, float, float | None]]) -> str:
 def run_demo(args: argparse.Namespace) -> int:
     """Dense, 2:4 without permutation and 2:4 with learned permutations (each fold mode) side by side;
     writes the pruned model of the first fold mode (``exact`` by default: a standard checkpoint)."""
+    for method, fold in [("identity", "exact")] + [(args.method, fold) for fold in args.folds]:
+        config_from_args(args, method=method, fold=fold)  # a bad --pattern, number or regex: before the load
     check_output_dir(args.output, args.overwrite)
     device = resolve_device(args.device)
     start = time.monotonic()

@@ -300,7 +300,9 @@ def load_pruned_model(directory: Path, config: TorchaoExportConfig) -> nn.Module
     """Load a transformers causal LM checkpoint in ``config``'s dtype (or as stored), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=config.torch_dtype or "auto")
+    from ..io.checkpoint import load_pretrained
+
+    model = load_pretrained(AutoModelForCausalLM, directory, dtype=config.torch_dtype or "auto")
     return model.eval()
 
 
@@ -330,4 +332,12 @@ def export_checkpoint(
     check_checkpoint_dir(path)
     sidecar = Sidecar.load(path)
     model = load_pruned_model(path, config)
+    from ..io.checkpoint import claim_failures
+
+    problems = claim_failures(model, sidecar) if sidecar.masked else ["it holds permutations only, no N:M mask"]
+    if problems:
+        raise ValueError(
+            f"{path} is not the N:M checkpoint its {SIDECAR_NAME} says: {'; '.join(problems)}; nothing to export as "
+            "2:4 (`nmperm verify` shows every check)"
+        )
     return model, to_torchao_(model, config, sidecar)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from torch import nn
 from ..core.nm import NMPattern, nm_violations
 from ..plugins.registry import adapter_named, find_adapter, get_adapter
 from . import safety
-from .checks import check_weight_files, non_finite_tensors, weight_checksums
+from .checks import WeightFileError, check_loading_info, check_weight_files, non_finite_tensors, weight_checksums
 from .sidecar import FORMAT, Sidecar
 
 Inputs = Iterable[tuple[str, "str | Path | None"]]
@@ -44,6 +45,8 @@ def save_checkpoint(
     of ``directory``, verify it as ``nmperm verify`` does, then swap it in atomically
     (:func:`safety.atomic_write`): a failure or a kill leaves the old output (or none) in place."""
 
+    record_claim(model, sidecar)
+
     def write(staging: Path) -> None:
         model.save_pretrained(staging)
         if tokenizer is not None:
@@ -59,6 +62,7 @@ def finish_sidecar(directory: Path, sidecar: Sidecar, verify: bool = True) -> Si
     """Record the checksums of the pruned weights written in ``directory`` in ``sidecar``, save it, and
     (``verify``) check the directory as ``nmperm verify`` does; :class:`CheckpointError` if it fails."""
     sidecar.checksums = weight_checksums(directory, sidecar.frames, checkpoint_key_of(sidecar))
+    sidecar.files = safety.written_files(directory)  # what --overwrite may replace later
     sidecar.save(directory)
     if verify:
         report = verify_checkpoint(directory)
@@ -116,6 +120,41 @@ def linear_form(model: nn.Module) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext() if adapter is None else adapter.linear_form(model)
 
 
+def adapter_linears(model: nn.Module, fold: str) -> set[str]:
+    """Every linear the adapter of ``model`` permutes and would prune in fold mode ``fold`` (every part
+    of a model pruned part by part); empty when no adapter handles it."""
+    adapter = find_adapter(model)
+    if adapter is None:
+        return set()
+    return {name for site in adapter.serving_sites(model, fold) for name in site.linears}
+
+
+def record_claim(model: nn.Module, sidecar: Sidecar) -> Sidecar:
+    """Record in ``sidecar`` which of the adapter's linears were left dense on purpose (every one not in
+    its ``frames``; all of them without a mask), what :func:`verify_model` holds the model to."""
+    everything = adapter_linears(model, sidecar.fold)
+    sidecar.dense = sorted(everything - set(sidecar.frames)) if sidecar.masked else sorted(everything)
+    return sidecar
+
+
+def claim_failures(model: nn.Module, sidecar: Sidecar) -> list[str]:
+    """How the sidecar's claim misses the model: a linear the adapter prunes that it lists neither as
+    pruned (``frames``) nor as left dense (``dense``), one listed as both, or (masked) none pruned at all."""
+    expected = adapter_linears(model, sidecar.fold)
+    dense, pruned = set(sidecar.dense or ()), set(pruned_linears(sidecar))
+    problems = []
+    unlisted = sorted(expected - pruned - dense)
+    if unlisted:
+        shown = ", ".join(unlisted[:3]) + (f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else "")
+        problems.append(f"{len(unlisted)} linear(s) of the model listed neither as pruned nor as dense: {shown}")
+    both = sorted(pruned & dense)
+    if both:
+        problems.append(f"listed as pruned and as dense: {', '.join(both[:3])}")
+    if sidecar.masked and not pruned:
+        problems.append("no linear is listed as pruned: this is not an N:M checkpoint")
+    return problems
+
+
 def pruned_linears(sidecar: Sidecar) -> list[str]:
     """Every linear the sidecar says is pruned: its frames and (format 2) its checksums."""
     return sorted(set(sidecar.frames) | set(sidecar.checksums))
@@ -153,7 +192,7 @@ def verify_model(model: nn.Module, sidecar: Sidecar, report: Verification | None
     for site, perm in sidecar.permutations.items():
         valid = sorted(perm) == list(range(len(perm)))
         report.add(f"permutation {site}", valid, f"{len(perm)} channels" if valid else "not a permutation")
-    if sidecar.checksums:
+    if sidecar.checksums or sidecar.format == FORMAT:  # format 1 records none
         only_frames = sorted(set(sidecar.frames) - set(sidecar.checksums))
         only_sums = sorted(set(sidecar.checksums) - set(sidecar.frames))
         detail = "; ".join(
@@ -161,6 +200,16 @@ def verify_model(model: nn.Module, sidecar: Sidecar, report: Verification | None
             + [f"no frame for {', '.join(only_sums[:3])}"] * bool(only_sums)
         )
         report.add("frames and checksums list the same pruned linears", not detail, detail or f"{len(sidecar.frames)}")
+    claim = claim_failures(model, sidecar)
+    if not sidecar.masked:
+        report.add("permutations only, no N:M mask", not claim, "; ".join(claim) or "not an N:M checkpoint", note=True)
+    else:
+        expected = len(adapter_linears(model, sidecar.fold))
+        report.add(
+            "every linear the model prunes is listed as pruned or as left dense",
+            not claim,
+            "; ".join(claim) or f"{expected} linears, {len(sidecar.dense or ())} left dense",
+        )
     names = pruned_linears(sidecar)
     with linear_form(model):
         bad = _nm_failures(model, sidecar, names, pattern)
@@ -182,8 +231,12 @@ def verify_model(model: nn.Module, sidecar: Sidecar, report: Verification | None
 def verify_checksums(directory: str | Path, sidecar: Sidecar, report: Verification) -> Verification:
     """Compare the sha256 of every pruned weight stored in ``directory`` with the sidecar's record."""
     if not sidecar.checksums:
-        why = "none recorded" if sidecar.format == FORMAT else f"sidecar format {sidecar.format} records none"
-        report.add("checksums of the pruned weights", True, f"not checked: {why}", note=True)
+        if sidecar.format == FORMAT and sidecar.frames:
+            detail = f"none recorded for {len(sidecar.frames)} pruned linears"
+            report.add("checksums of the pruned weights", False, detail)
+        elif sidecar.format != FORMAT:
+            why = f"sidecar format {sidecar.format} records none"
+            report.add("checksums of the pruned weights", True, f"not checked: {why}", note=True)
         return report
     written = weight_checksums(directory, sidecar.checksums, checkpoint_key_of(sidecar))
     absent = [n for n in sidecar.checksums if n not in written]
@@ -212,12 +265,27 @@ def load_checkpoint_model(directory: str | Path) -> nn.Module:
     """The model in ``directory`` (:func:`checkpoint_class`) in float32, never running code from it,
     safetensors first."""
     files = check_weight_files(directory)
-    return checkpoint_class(directory).from_pretrained(
+    return load_pretrained(
+        checkpoint_class(directory),
         directory,
         dtype="float32",
-        trust_remote_code=False,
         use_safetensors=True if files[0].suffix == ".safetensors" else None,
     )
+
+
+def load_pretrained(cls, directory: str | Path, **kwargs) -> nn.Module:
+    """``cls.from_pretrained(directory, **kwargs)``, never running code from the directory, refused
+    (:func:`~nmperm_plugin.io.checks.check_loading_info`) when a weight is missing, unexpected or of another
+    shape: the one way nmperm loads a checkpoint's weights."""
+    try:
+        model, info = cls.from_pretrained(directory, trust_remote_code=False, output_loading_info=True, **kwargs)
+    except pickle.UnpicklingError:  # transformers reads .bin files with torch.load(weights_only=True)
+        raise WeightFileError(
+            f"a weight file of {directory} holds Python objects other than tensors, which nmperm never loads (they "
+            "could run code): re-save the model as safetensors from a trusted copy"
+        ) from None
+    check_loading_info(info, directory)
+    return model
 
 
 def verify_checkpoint(directory: str | Path) -> Verification:

@@ -179,6 +179,45 @@ def check_weight_files(directory: str | Path) -> list[Path]:
     return files
 
 
+def check_loading_info(info: Mapping, source: str | Path) -> None:
+    """Refuse a model whose weights did not all load (``from_pretrained(..., output_loading_info=True)``):
+    a tensor the model needs that the files lack would be initialised at random, one the files hold that
+    the model has no place for would be dropped. :class:`WeightFileError` naming the tensors."""
+    problems = []
+    for key, what in (
+        ("missing_keys", "missing from the weight files (it would be initialised at random)"),
+        ("unexpected_keys", "in the weight files but not in the model (it would be dropped)"),
+        ("mismatched_keys", "of another shape in the weight files"),
+    ):
+        names = sorted(str(n[0] if isinstance(n, tuple) else n) for n in info.get(key) or ())
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            problems.append(f"{len(names)} tensor(s) {what}: {shown}")
+    errors = [str(e) for e in info.get("error_msgs") or ()]
+    if errors:
+        problems.append("; ".join(errors[:3]))
+    if problems:
+        raise WeightFileError(
+            f"model {source} does not load whole: {'; '.join(problems)}. The checkpoint is incomplete or damaged: "
+            "re-save or re-download it"
+        )
+
+
+def stored_float_dtype(directory: str | Path) -> torch.dtype | None:
+    """The floating dtype most of ``directory``'s safetensors weights are stored in (by elements), or
+    None (no safetensors files)."""
+    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+    counts: dict[torch.dtype, int] = {}
+    for _, entry, _ in _tensor_locations(Path(directory)).values():
+        dtype = names.get(entry.get("dtype"))
+        if dtype is not None:
+            numel = 1
+            for size in entry.get("shape", []):
+                numel *= size
+            counts[dtype] = counts.get(dtype, 0) + numel
+    return max(counts, key=counts.get) if counts else None
+
+
 def _tensor_locations(directory: Path) -> dict[str, tuple[Path, dict, int]]:
     """``tensor name -> (file, header entry, data start)`` over every safetensors file of ``directory``."""
     where = {}

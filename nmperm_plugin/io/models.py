@@ -9,7 +9,7 @@ from pathlib import Path
 from loguru import logger
 from torch import nn
 
-from .checks import check_finite_parameters, check_weight_files
+from .checks import check_finite_parameters, check_weight_files, stored_float_dtype
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -107,9 +107,13 @@ def load_model(path: str | Path) -> tuple[nn.Module, object]:
     """``(model, tokenizer)`` in float32 from a transformers directory or a ``.gguf`` file.
 
     Never runs code from the model directory (``trust_remote_code=False``), prefers safetensors,
-    checks the files first and every weight for NaN or inf after loading (``ValueError`` naming them).
+    checks the files first, refuses missing or unexpected weights (naming them) and checks every weight
+    for NaN or inf after loading (``ValueError`` naming them). The dtype the weights are stored in is
+    kept as ``model.nmperm_stored_dtype`` (:func:`stored_dtype`), so that the output is written in it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import load_pretrained
 
     path = Path(path)
     if not path.exists():
@@ -118,13 +122,32 @@ def load_model(path: str | Path) -> tuple[nn.Module, object]:
     if path.suffix == ".gguf":
         logger.info(f"loading GGUF model {path} (dequantised to float32)")
         kwargs = {"gguf_file": path.name, **safe}
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-        model = _plain_copy(AutoModelForCausalLM.from_pretrained(path.parent, **kwargs))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+            model = _plain_copy(AutoModelForCausalLM.from_pretrained(path.parent, **kwargs))
+        except (ImportError, KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as error:  # noqa: BLE001 - the GGUF reader's struct, index and key errors: a damaged file
+            reason = " ".join(str(error).split())[:200] or type(error).__name__
+            raise ValueError(
+                f"{path} could not be read as a GGUF model ({type(error).__name__}: {reason}): the file is truncated "
+                "or damaged; re-download it"
+            ) from error
     else:
         check_model_directory(path)
         logger.info(f"loading model {path}")
         tokenizer = AutoTokenizer.from_pretrained(path, **safe)
         use_safetensors = True if any(path.glob("*.safetensors")) else None
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", use_safetensors=use_safetensors, **safe)
+        model = load_pretrained(AutoModelForCausalLM, path, dtype="float32", use_safetensors=use_safetensors)
+        model.nmperm_stored_dtype = stored_float_dtype(path)
     check_finite_parameters(model, f"model {path}")
     return model.eval(), tokenizer
+
+
+def stored_dtype(model: nn.Module):
+    """The floating dtype the model's weights were stored in (bfloat16, float16), when :func:`load_model`
+    loaded them into float32 to work on; None when it was float32, or not known (GGUF, a Python model)."""
+    import torch
+
+    dtype = getattr(model, "nmperm_stored_dtype", None)
+    return None if dtype in (None, torch.float32) else dtype

@@ -28,7 +28,13 @@ class Sidecar:
 
     ``checksums`` (format 2) maps every pruned linear to ``{"sha256", "dtype", "shape"}`` of its
     weight's bytes in the written safetensors files, recorded at write time; ``nmperm verify``
-    compares them. Format 1 sidecars have none.
+    compares them. Format 1 sidecars have none; in format 2 the key is required.
+
+    What the checkpoint claims, which ``nmperm verify`` checks against the model: ``masked`` (False: the
+    permutations only, no N:M mask: not an N:M checkpoint), ``dense`` (the linears the adapter permutes
+    that were left dense on purpose, e.g. by ``ignore``: every other one must be in ``frames``; None in a
+    sidecar written before this was recorded, read as none) and ``files`` (every file nmperm wrote
+    beside it, ``{"size", "sha256"}``: the record of ownership that ``--overwrite`` reads).
     """
 
     pattern: str
@@ -41,6 +47,9 @@ class Sidecar:
     figures: dict = field(default_factory=dict)
     verification: dict = field(default_factory=dict)
     checksums: dict[str, dict] = field(default_factory=dict)
+    masked: bool = True
+    dense: list[str] | None = None
+    files: dict[str, dict] = field(default_factory=dict)
     format: str = FORMAT
 
     @property
@@ -100,7 +109,17 @@ class Sidecar:
         for key in ("pattern", "scorer", "method", "fold", "architecture"):
             if not isinstance(data[key], str):
                 raise ValueError(f"{source}: {key} must be a string, found {data[key]!r}")
-        for key in ("permutations", "frames", "figures", "verification", "checksums"):
+        if data["format"] == FORMAT and "checksums" not in data:
+            raise ValueError(
+                f"{source}: a {FORMAT} sidecar records the checksums of the pruned weights and this one has no "
+                "checksums key: it was edited; restore it or re-run nmperm prune"
+            )
+        if not isinstance(data.get("masked", True), bool):
+            raise ValueError(f"{source}: masked must be true or false, found {data['masked']!r}")
+        dense = data.get("dense")
+        if dense is not None and (not isinstance(dense, list) or not all(isinstance(n, str) for n in dense)):
+            raise ValueError(f"{source}: dense must be a list of linear names, found {dense!r}")
+        for key in ("permutations", "frames", "figures", "verification", "checksums", "files"):
             if not isinstance(data.get(key, {}), dict):
                 raise ValueError(f"{source}: {key} must be a JSON object, found {type(data[key]).__name__}")
         for site, perm in data.get("permutations", {}).items():
@@ -109,7 +128,7 @@ class Sidecar:
         for linear, site in data.get("frames", {}).items():
             if site is not None and site not in data.get("permutations", {}):
                 raise ValueError(f"{source}: frame of {linear!r} names site {site!r}, which has no permutation")
-        for linear, entry in data.get("checksums", {}).items():
+        for linear, entry in [*data.get("checksums", {}).items(), *data.get("files", {}).items()]:
             if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
                 raise ValueError(f"{source}: checksum of {linear!r} must be an object with a sha256 string")
         try:

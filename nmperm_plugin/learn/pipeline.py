@@ -129,6 +129,7 @@ def permute_model_(
         architecture=adapter.name,
         permutations={name: perm.tolist() for name, perm in result.perms.items()},
         frames=frames if config.apply_mask else {},
+        masked=config.apply_mask,
         figures={
             "permutation_seconds": round(result.seconds, 1),
             "retained_ratio": sum(result.retained.values()) / max(len(result.retained), 1),

@@ -166,6 +166,12 @@ class Run:
         names = {id(module): name for name, module in model.named_modules()}
         self.layer_prefixes = [names[id(layer)] + "." for layer in self.layers]
         self.pruned = [n for n in self.site_of if not any(re.search(p, n) for p in config.ignore)]
+        if config.apply_mask and self.site_of and not self.pruned:
+            raise ValueError(
+                f"ignore (--ignore) {' '.join(map(repr, config.ignore))} matches all {len(self.site_of)} linears "
+                "that would be pruned: the result would be a dense model, not an N:M one; narrow the patterns, or "
+                "use --permute-only to permute without pruning"
+            )
         self.perms: dict[str, torch.Tensor] = {}
         self.history: dict[str, list[dict]] = {}
         self.retained: dict[str, float] = {}

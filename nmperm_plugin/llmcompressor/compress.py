@@ -22,7 +22,7 @@ from torch import nn
 from .. import compat
 from ..core.nm import NMPattern, is_nm
 from ..data.calibration import samples_of
-from ..io.checkpoint import linear_form, verify_model
+from ..io.checkpoint import linear_form, record_claim, verify_model
 from ..io.sidecar import Sidecar
 from ..runtime.resume import ResumeStore
 
@@ -235,6 +235,8 @@ def final_sidecar(model: nn.Module, state: PermutedState) -> Sidecar:
         sidecar.verification["not_nm"] = dense
         if dense:
             logger.warning(f"nmperm: {len(dense)} permuted linears are not {pattern} (no pruner pruned them)")
+        sidecar.masked = bool(sidecar.frames)  # N:M only where a pruner (or apply_mask) made it so
+    record_claim(model, sidecar)
     sidecar.figures["recipe_modifiers"] = state.recipe_modifiers
     report = verify_model(model, sidecar)
     sidecar.verification["checks"] = report.checks

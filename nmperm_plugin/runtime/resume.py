@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Iterator
@@ -52,6 +53,50 @@ _ACTIVE: ContextVar[ResumeStore | None] = ContextVar("nmperm_resume_store", defa
 
 class ResumeMismatchError(ValueError):
     """The saved state belongs to a run with another configuration, model or calibration data."""
+
+
+class ResumeStateError(ValueError):
+    """A file of the saved state is truncated, damaged or not what nmperm writes there."""
+
+
+# what each saved file must hold (``ordinal`` and ``description`` besides)
+_KEYS = {
+    "current": ("step", "permuters", "optimizer", "best", "best_perms", "history", "generators"),
+    "phase": ("perms", "history", "generators"),
+}
+
+
+def read_state_file(path: Path, restart_hint: str = "pass resume=False") -> dict:
+    """The payload of a saved state file, read with ``torch.load(weights_only=True)``: tensors and plain
+    containers only, so a file planted in the state directory can never run code. A truncated, damaged
+    or foreign file is a :class:`ResumeStateError` naming it and saying how to start over."""
+    kind = "current" if path.name == CURRENT else "phase"
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ResumeStateError(
+            f"{path} holds Python objects other than tensors, numbers and plain containers, which nmperm never "
+            f"loads (they could run code): it was not written by nmperm; {restart_hint} to discard the state and "
+            "start over"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - truncated zip, an I/O error: all say the same
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise ResumeStateError(
+            f"{path} is truncated, damaged or not an nmperm learning state ({type(error).__name__}: {reason}); "
+            f"{restart_hint} to discard the state and start over"
+        ) from None
+    missing = (
+        []
+        if not isinstance(payload, dict)
+        else [k for k in ("ordinal", "description", *_KEYS[kind]) if k not in payload]
+    )
+    if not isinstance(payload, dict) or missing or not isinstance(payload["ordinal"], int):
+        what = f"lacks {', '.join(missing)}" if missing else "is not a saved learning phase"
+        raise ResumeStateError(
+            f"{path} {what}: it is damaged or was not written by nmperm; {restart_hint} to discard the state and "
+            "start over"
+        )
+    return payload
 
 
 def state_dir_of(output: str | os.PathLike) -> Path:
@@ -129,6 +174,16 @@ def is_state_dir(directory: Path) -> bool:
     return isinstance(data, dict) and data.get("format") == FORMAT
 
 
+def check_state_dir(directory: Path) -> None:
+    """Refuse (``FileExistsError``) a ``directory`` that exists and is not a state nmperm wrote: it is
+    never used nor deleted. Checked before the model loads."""
+    if os.path.lexists(directory) and (not Path(directory).is_dir() or not is_state_dir(Path(directory))):
+        raise FileExistsError(
+            f"{directory} exists and is not an nmperm learning state (no {MARKER} of format {FORMAT}); "
+            "nmperm keeps its resumable state there: move that away, or choose another output"
+        )
+
+
 class ResumeStore:
     """The saved state of one run in ``directory`` (created at the first save, by rank 0).
 
@@ -164,11 +219,7 @@ class ResumeStore:
     def _open(self, resume: bool) -> bool:
         if not os.path.lexists(self.directory):
             return False
-        if not self.directory.is_dir() or not is_state_dir(self.directory):
-            raise FileExistsError(
-                f"{self.directory} exists and is not an nmperm learning state (no {MARKER} of format {FORMAT}); "
-                "nmperm keeps its resumable state there: move that away, or choose another output"
-            )
+        check_state_dir(self.directory)
         if not resume:
             logger.warning(f"nmperm: discarding the learning state of an interrupted run in {self.directory}")
             self._remove()
@@ -185,7 +236,7 @@ class ResumeStore:
         current = self.directory / CURRENT
         where = ""
         if current.exists():
-            snapshot = torch.load(current, map_location="cpu", weights_only=False)
+            snapshot = read_state_file(current, self.restart_hint)
             self._current = snapshot["ordinal"]
             where = f", {snapshot['description']!r} from step {snapshot['step']}"
         if saved.get("ranks") != self.fingerprint.get("ranks"):
@@ -232,14 +283,23 @@ class ResumeStore:
     def _save(self, name: str, payload: dict) -> None:
         if not distributed.is_main():
             return
-        self._ensure()
-        _write_atomic(self.directory / name, lambda path: torch.save(payload, path))
+        try:
+            self._ensure()
+            _write_atomic(self.directory / name, lambda path: torch.save(payload, path))
+        except Exception as error:
+            from ..io.safety import disk_full_error, is_disk_full
+
+            if is_disk_full(error):
+                for leftover in self.directory.glob(f".{name}.tmp-*"):
+                    leftover.unlink(missing_ok=True)
+                raise disk_full_error(error, self.directory, "the learning state") from error
+            raise
 
     def _load(self, path: Path, ordinal: int, description: str) -> dict | None:
         def read() -> dict | None:
             if not self.resumed or not path.exists() or (path.name == CURRENT and self._current != ordinal):
                 return None
-            payload = torch.load(path, map_location="cpu", weights_only=False)
+            payload = read_state_file(path, self.restart_hint)
             if payload.get("ordinal") != ordinal:
                 return None
             if payload.get("description") != description:
