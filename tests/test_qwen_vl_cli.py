@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-import nmperm_plugin.cli.commands as cli
+import nmperm_plugin.cli.prune as cli
 from nmperm_plugin.cli.commands import main
 from nmperm_plugin.data.vl import Captioned, QwenVLProcessor, load_captioned_images, vl_batches
 from nmperm_plugin.io.sidecar import Sidecar

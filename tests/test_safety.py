@@ -25,6 +25,7 @@ from conftest import TEXT, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import nmperm_plugin.cli.commands as cli
+import nmperm_plugin.cli.prune as prune_cli
 from nmperm_plugin.cli.commands import main
 from nmperm_plugin.core.nm import NMPattern
 from nmperm_plugin.core.solvers import allocation
@@ -53,8 +54,8 @@ def _no_work(*args, **kwargs):
 @pytest.fixture
 def no_work(monkeypatch):
     """Any model load is a test failure: refusals must come before the work."""
-    monkeypatch.setattr(cli, "load_model", _no_work)
-    monkeypatch.setattr(cli, "permute_", _no_work)
+    monkeypatch.setattr(prune_cli, "load_model", _no_work)
+    monkeypatch.setattr(prune_cli, "permute_", _no_work)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +218,7 @@ def test_unwritable_output_refused_before_work(saved_model, tmp_path, capsys, no
 @pytest.mark.parametrize("case", ["missing", "too short"])
 def test_eval_dataset_checked_before_work(saved_model, tmp_path, monkeypatch, capsys, case):
     model_dir, text = saved_model
-    monkeypatch.setattr(cli, "permute_", _no_work)
+    monkeypatch.setattr(prune_cli, "permute_", _no_work)
     short = tmp_path / "short.txt"
     short.write_text("only a few words here")
     eval_path = tmp_path / "absent.txt" if case == "missing" else short
@@ -1054,7 +1055,7 @@ def test_a_folder_of_yours_named_like_the_state_is_refused_before_the_load(saved
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
     with monkeypatch.context() as patch:
-        patch.setattr(cli, "load_model", _no_work)
+        patch.setattr(prune_cli, "load_model", _no_work)
         assert _prune(model_dir, text, tmp_path / "out", *FAST) == 2
     assert "out.nmperm-state exists and is not an nmperm learning state" in capsys.readouterr().err
     assert _prune(model_dir, text, tmp_path / "out", "--method", "ria", *FAST) == 0
@@ -1073,7 +1074,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing(saved_model, tmp_path, 
         assert _prune(model_dir, text, full / "out", "--method", "ria", *FAST) == 2
         err = capsys.readouterr().err
         assert "not enough space for the checkpoint" in err and "MiB are free" in err and _one_error_line(err)
-        monkeypatch.setattr(cli, "check_free_space", lambda *args: None)  # the disk fills during the write
+        monkeypatch.setattr(prune_cli, "check_free_space", lambda *args: None)  # the disk fills during the write
         assert _prune(model_dir, text, full / "out", "--method", "ria", *FAST) == 2
         err = capsys.readouterr().err
         assert "the disk filled up while writing the new checkpoint" in err and "Unexpected" not in err

@@ -9,19 +9,10 @@ torchao-style call (torchao's own ``torchao.sparsity`` is gone from its main bra
 ServeConfig(...))`` prepares a converted model for serving (cuSPARSELt algorithm per shape, CUDA graphs).
 """
 
+from .cusparselt import CusparseltLinear, ServeError, prepare_linears_
 from .pack import pack_2to4, roundtrip_exact, unpack_2to4
 from .report import CONVERTED, DENSE, READY, ExportReport, LayerResult
-from .serving import (
-    CusparseltLinear,
-    GraphRunner,
-    ServeConfig,
-    ServedModel,
-    ServeError,
-    check_served,
-    parse_shape,
-    prepare_linears_,
-    serve,
-)
+from .serving import GraphRunner, ServeConfig, ServedModel, check_served, parse_shape, serve
 from .sparsify import (
     Float8SemiSparseWeightConfig,
     SemiSparseWeightConfig,

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from .. import compat
-from .serving import SERVE_MODES, TUNE_METHODS
+from .cusparselt import TUNE_METHODS
+from .serving import SERVE_MODES
 from .validate import BACKENDS, PRECISIONS
 
 TARGETS = ("torchao",)
@@ -72,7 +73,8 @@ def serve_config(args: argparse.Namespace):
     """``--serve``'s ``ServeConfig`` (None without it); ``ValueError``/``ServeError`` for bad options or no CUDA."""
     if not getattr(args, "serve", False):
         return None
-    from .serving import ServeConfig, require_cuda
+    from .cusparselt import require_cuda
+    from .serving import ServeConfig
 
     config = ServeConfig(shapes=tuple(args.serve_shapes), mode=args.serve_mode, tune=args.tune)
     require_cuda("nmperm export --serve")
@@ -92,7 +94,7 @@ def serve_text(rows: list[dict]) -> str:
 
 def run_export(args: argparse.Namespace) -> int:
     """Run ``nmperm export``; 0 on success, 1 when ``--check`` finds a problem, 2 on bad input."""
-    from .serving import ServeError
+    from .cusparselt import ServeError
     from .torchao import TorchaoExportConfig, check_checkpoint_dir, export_checkpoint
 
     try:
