@@ -26,7 +26,7 @@ from .registry import mask_generators, objectives, solvers
 
 FRONT_ENDS = ("cli", "modifier")
 # end_to_end steps in all, by fold, when end_to_end_steps is unset (gather learns twice the sites;
-# both measured in docs/benchmarks.md)
+# both measured in docs/results.md)
 END_TO_END_STEPS = {"exact": 80, "gather": 120}
 
 
