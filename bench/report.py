@@ -3,9 +3,12 @@
     python bench/report.py                 # writes docs/results.md
     python bench/report.py --check         # exit 1 if docs/results.md is not what the files give
 
-Each table names its protocol in one line and each row links the file it comes from; the gap
-closed is bench/metrics.py's, stated once. The published anchors (SPEC section 8) are the only
-figures typed here, in :data:`ANCHORS`, with their sources. No torch needed.
+A compact page of the current tables: each names its protocol in one line and each row links the file
+it comes from (reference links, each target written once); medians (min-max where it matters), the
+per-seed rows staying in each result file's own .md. The gap closed is bench/metrics.py's, defined in
+docs/method.md#gap-closed and linked from the page. Files not tabled here are listed in the index,
+bench/results/README.md. The published anchors (SPEC section 8) are the only figures typed here, in
+:data:`ANCHORS`, with their sources. No torch needed.
 """
 
 from __future__ import annotations
@@ -20,13 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from metrics import (  # noqa: E402
-    GAP_CLOSED_DEFINITION,
-    PENALTY_DEFINITION,
     gap_closed,
     gap_closed_of_medians,
-    gap_closed_per_seed,
-    penalty,
-    penalty_fraction,
     recovery,
 )
 
@@ -35,9 +33,7 @@ RESULTS = ROOT / "bench" / "results"
 OUTPUT = ROOT / "docs" / "results.md"
 
 RECIPE_5SEEDS = "recipes-wanda-2of4-e2e-epochs-fp32-amd-5seeds.json"
-RECIPE_FP32_SEED0 = "recipes-wanda-2of4-e2e-fp32-amd-seed0.json"
 RECIPE_PIPELINE = "quality-wanda-2of4-e2e-exact-epochs-32x512-3seeds.json"
-RECIPES_EARLIER = "recipes-smollm2-135m.json"
 Q_DEFAULT = "quality-wanda-2of4-e2e-default-3seeds.json"
 Q_GATHER_5 = "quality-wanda-2of4-e2e-gather-default-5seeds.json"
 Q_ALL = "quality-wanda-2of4-all-methods-3seeds.json"
@@ -86,18 +82,6 @@ def num(value: float | None, spec: str = ".2f") -> str:
     return "" if value is None else format(value, spec)
 
 
-def stamp_of(name: str) -> str:
-    """What the file records of where it ran: its provenance stamp, or the host fields older files have."""
-    data = load(name) if name.endswith(".json") else {}
-    stamp = data.get("provenance")
-    if stamp:
-        commit = (stamp["git"]["commit"] or "?")[:7] + (" +dirty" if stamp["git"]["dirty"] else "")
-        dtype = stamp["train_dtype"]
-        learning = "merged from stamped inputs" if dtype is None else f"learning in {dtype['resolved']}"
-        return f"commit {commit}, {stamp['cpu']['model']}, {learning}, `{stamp['command']}`"
-    return "written before result files were stamped: see bench/results/README.md for its command and commit"
-
-
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -137,283 +121,180 @@ def median(values) -> float:
 # --- sections --------------------------------------------------------------------------------------------
 
 
+def spread(values, spec: str = ".2f") -> str:
+    """``median (min-max)`` of ``values``; the median alone when they are all the same."""
+    values = list(values)
+    lo, hi = min(values), max(values)
+    return num(median(values), spec) + ("" if lo == hi else f" ({lo:{spec}}-{hi:{spec}})")
+
+
+def seed_range(seeds) -> str:
+    seeds = sorted(seeds)
+    contiguous = seeds == list(range(seeds[0], seeds[-1] + 1))
+    return str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}" if contiguous else ",".join(map(str, seeds))
+
+
+def steps_of(rows: dict[int, dict]) -> str:
+    """The learning steps of a learned row's runs, from their recorded history."""
+    counts = {max(e["step"] for h in r["history"].values() for e in h) for r in rows.values() if r.get("history")}
+    return "/".join(map(str, sorted(counts)))
+
+
 def recipe_section(headline: dict) -> list[str]:
+    data = load(RECIPE_5SEEDS)
     rows, dense = recipe_rows(RECIPE_5SEEDS)
-    seeds = sorted(dense)
+    first = data["runs"][0]
     base, bound, learned = (ppl(rows[v]) for v in ("wanda", "wanda-unstructured", "wanda+learned"))
     gap = gap_closed_of_medians(base.values(), learned.values(), bound.values())
-    first3 = [s for s in seeds if s < 3]
-    gap3 = gap_closed_of_medians(*([p[s] for s in first3] for p in (base, learned, bound)))
-    shares = gap_closed_per_seed(base, learned, bound)
-    headline.update(recipe_5seeds=gap, recipe_seeds_0_2=gap3, recipe_per_seed=shares)
-    out = [
+    pipe_rows = quality_rows(RECIPE_PIPELINE)["learned end_to_end (exact)"]
+    pipe = ppl(pipe_rows)
+    same = sorted(pipe)
+    gap3 = gap_closed_of_medians(*([p[s] for s in same] for p in (base, learned, bound)))
+    pipe_gap = gap_closed_of_medians([base[s] for s in same], pipe.values(), [bound[s] for s in same])
+    headline.update(recipe_5seeds=gap, recipe_seeds_0_2=gap3, pipeline_seeds_0_2=pipe_gap)
+    learning = [r["permutation_seconds"] for r in rows["wanda+learned"].values()]
+    file = link(RECIPE_5SEEDS, "json")
+    ends = [gap_closed_of_medians(base.values(), row.values(), bound.values()) for row in (base, bound)]
+    body = [
+        ["dense", seed_range(dense), spread(dense.values()), "", "", file],
+        ["Wanda 2:4", seed_range(base), spread(base.values()), pct(ends[0]), "", file],
+        ["Wanda unstructured 50%", seed_range(bound), spread(bound.values()), pct(ends[1]), "", file],
+        [
+            "Wanda 2:4 + learned permutation (the recipe)",
+            seed_range(learned),
+            f"**{spread(learned.values())}**",
+            f"**{pct(gap)}**",
+            spread(learning, ".0f"),
+            file,
+        ],
+        [
+            "the same learner through `permute_` (`nmperm prune`)",
+            seed_range(pipe),
+            spread(pipe.values()),
+            f"{pct(pipe_gap)} (the recipe, seeds {seed_range(same)}: {pct(gap3)})",
+            spread([r["seconds"] for r in pipe_rows.values()], ".0f"),
+            link(RECIPE_PIPELINE, "json"),
+        ],
+    ]
+    return [
         "## The llm-compressor recipe: Wanda 2:4 with the learned permutation",
         "",
-        "Protocol: SmolLM2-135M (Q4_1 GGUF dequantised to float32) through `llmcompressor.oneshot` with "
-        "`recipes/wanda-2of4-learned.yaml` at its defaults, 32 x 512 calibration tokens of "
-        "`builtin:wiki-calibration` drawn by the seed (the same for the three variants of a seed), perplexity "
-        "on the first 24 x 512 tokens of `builtin:wiki-evaluation`; `wanda-unstructured` is Wanda at 50% "
-        f"without the 2:4 structure. Seeds {seeds[0]}-{seeds[-1]}, every row from {link(RECIPE_5SEEDS)}.",
+        f"Protocol: {first['model']} through `llmcompressor.oneshot` with `recipes/wanda-2of4-learned.yaml` at "
+        f"its defaults, {first['calibration'].split(' (seed')[0]} drawn by the seed, perplexity on the "
+        f"{first['evaluation']}, {first['machine']['threads']} CPU threads; median (min-max) over seeds. The "
+        "`permute_` row is `bench/quality.py` on the same protocol (learned rows only: its gap is taken against "
+        "the recipe's Wanda rows of its seeds).",
+        "",
+        *table(["row", "seeds", "perplexity", "gap closed", "learning (s)", "file"], body),
         "",
     ]
-    header = ["variant"] + [f"seed {s}" for s in seeds] + ["median", "gap closed", "file"]
-    body = []
-    for variant, values in (("wanda", base), ("wanda-unstructured", bound), ("wanda+learned", learned)):
-        cells = [num(values.get(s)) for s in seeds]
-        closed = f"**{pct(gap)}**" if variant == "wanda+learned" else ""
-        body.append([variant, *cells, num(median(values.values())), closed, link(RECIPE_5SEEDS, "json")])
-    body.append(
-        ["gap closed per seed (extra)", *[pct(shares.get(s)) for s in seeds], "", "", link(RECIPE_5SEEDS, "json")]
-    )
-    out += table(header, body)
-    learning = {s: rows["wanda+learned"][s].get("permutation_seconds") for s in seeds}
-    learning = {s: t for s, t in learning.items() if t is not None}
-    fp32 = load(RECIPE_FP32_SEED0)
-    fp32_row = next(v for v in fp32["variants"] if v["variant"] == "wanda+learned")
-    out += [
-        "",
-        f"Seeds 0-2 alone (the 3-seed protocol): {pct(gap3)} of the gap. Dense: "
-        f"{num(median(dense.values()))}. Learning (the modifier's `permutation_seconds`, 2 CPU cores): "
-        f"{min(learning.values()):.0f}-{max(learning.values()):.0f} s per seed; with `train_dtype: float32` "
-        f"set, seed 0: {fp32_row['permutation_seconds']:.0f} s at perplexity {fp32_row['perplexity']:.2f} "
-        f"({link(RECIPE_FP32_SEED0)}).",
-        "",
-    ]
-    pipe = ppl(quality_rows(RECIPE_PIPELINE)["learned end_to_end (exact)"])
-    pipe_seeds = sorted(pipe)
-    base_p = {s: base[s] for s in pipe_seeds}
-    bound_p = {s: bound[s] for s in pipe_seeds}
-    pipe_gap = gap_closed_of_medians(base_p.values(), pipe.values(), bound_p.values())
-    pipe_shares = gap_closed_per_seed(base_p, pipe, bound_p)
-    headline["pipeline_seeds_0_2"] = pipe_gap
-    out += [
-        "**The pipeline path on the same protocol** (`permute_`, as `nmperm prune` runs it: "
-        '`bench/quality.py --methods "learned end_to_end (exact)" --num-samples 32 --eval-samples 24`; the '
-        "learned rows only, so the gap is taken against the recipe's Wanda rows of the same seeds above):",
-        "",
-    ]
-    out += table(
-        ["method"] + [f"seed {s}" for s in pipe_seeds] + ["median", "gap closed", "per seed (extra)", "file"],
-        [
-            [
-                "learned end_to_end (exact), `permute_`",
-                *[num(pipe[s]) for s in pipe_seeds],
-                num(median(pipe.values())),
-                pct(pipe_gap),
-                ", ".join(pct(g) for g in pipe_shares.values()),
-                link(RECIPE_PIPELINE, "json"),
-            ]
-        ],
-    )
-    return out + [""]
 
 
-def earlier_recipes_section(headline: dict) -> list[str]:
-    data = load(RECIPES_EARLIER)
-    dense = data["dense_perplexity"]
-    rows = {v["variant"]: v for v in data["variants"]}
-    out = [
-        "## Stock recipes with SparseGPT, one seed (the recipes before end_to_end)",
-        "",
-        f"Protocol: `bench/recipes.py --num-samples 16 --eval-samples 16`: {data['calibration']}, evaluation "
-        f"{data['evaluation']}, seed 0; the permutation modifier ran the `layerwise` objective (2 epochs, exact), "
-        f"the default of the recipes then. Dense {dense:.2f}. SparseGPT here updates the weights it keeps.",
-        "",
-    ]
+def pipeline_section(headline: dict) -> list[str]:
+    dense = median(ppl(quality_rows(Q_ALL)[DENSE]).values())
+    args = load(Q_DEFAULT)["args"]
     body = []
-    for name, row in rows.items():
-        reference = rows.get(name.partition("+")[0]) if "+" in name else None
-        fraction = penalty_fraction(row["perplexity"], reference["perplexity"], dense) if reference else None
-        learning = row.get("permutation_seconds")
+    for name, fold in (
+        (Q_DEFAULT, "gather"),
+        (Q_DEFAULT, "exact"),
+        (Q_GATHER_5, "gather"),
+        (Q_SPARSEGPT, "exact"),
+        (Q_4OF8, "gather"),
+    ):
+        a = load(name)["args"]
+        if (a["num_samples"], a["seq_len"], a["eval_samples"]) != (
+            args["num_samples"],
+            args["seq_len"],
+            args["eval_samples"],
+        ):
+            raise ValueError(f"{name} is not on the {args['num_samples']} x {args['seq_len']} protocol")
+        by_method = quality_rows(name)
+        base, bound = ppl(by_method[BASE]), ppl(by_method[UNSTRUCTURED])
+        ria, learned_rows = by_method[f"RIA-style ({fold})"], by_method[f"learned end_to_end ({fold})"]
+        learned = ppl(learned_rows)
+        closed = [gap_closed_of_medians(base.values(), ppl(r).values(), bound.values()) for r in (ria, learned_rows)]
+        if name == Q_DEFAULT:
+            headline[f"quality_{fold}"] = closed[1]
         body.append(
             [
-                name,
-                num(row["perplexity"]),
-                num(penalty(row["perplexity"], dense), ".3f"),
-                pct(fraction),
-                num(row["oneshot_seconds"], ".0f"),
-                "" if learning is None else f"{learning:.0f}",
-                f"{row['linears_2of4']}/{row['linears']}",
-                link(RECIPES_EARLIER, "json"),
-            ]
-        )
-    out += table(
-        [
-            "variant",
-            "perplexity",
-            "penalty",
-            "penalty / same pruner's",
-            "oneshot (s)",
-            "learning (s)",
-            "2:4 linears",
-            "file",
-        ],
-        body,
-    )
-    if "sparsegpt+learned" in rows:
-        headline["sparsegpt_penalty_fraction"] = penalty_fraction(
-            rows["sparsegpt+learned"]["perplexity"], rows["sparsegpt"]["perplexity"], dense
-        )
-    return out + [""]
-
-
-def quality_table(name: str, methods: list[str] | None = None, dense: float | None = None) -> tuple[list[str], dict]:
-    """The bench/quality.py table of ``name``: per method the median (min-max), the gap closed (on the
-    medians), the per-seed shares, retained share, learning seconds and peak RSS; and the medians."""
-    by_method = quality_rows(name)
-    base, bound = ppl(by_method.get(BASE, {})), ppl(by_method.get(UNSTRUCTURED, {}))
-    if dense is None and DENSE in by_method:
-        dense = median(ppl(by_method[DENSE]).values())
-    body, medians = [], {}
-    for method in methods or list(by_method):
-        if method not in by_method:
-            continue
-        values = ppl(by_method[method])
-        medians[method] = median(values.values())
-        closed = shares = rec = ""
-        if base and bound and method != DENSE:
-            closed = pct(gap_closed_of_medians(base.values(), values.values(), bound.values()))
-            per_seed = gap_closed_per_seed(base, values, bound)
-            shares = (
-                ", ".join(pct(g) for g in per_seed.values())
-                if len(values) > 1 and method not in (BASE, UNSTRUCTURED)
-                else ""
-            )
-        if base and dense and method != DENSE:
-            rec = pct(recovery(median(base.values()), medians[method], dense))
-        rows = by_method[method].values()
-        retained = [r["retained_ratio"] for r in rows if r.get("retained_ratio") is not None]
-        seconds = [r["seconds"] for r in rows if r.get("seconds") is not None]
-        rss = [r["peak_rss_mb"] for r in rows if r.get("peak_rss_mb") is not None]
-        spread = f" ({min(values.values()):.2f}-{max(values.values()):.2f})" if len(values) > 1 else ""
-        body.append(
-            [
-                method,
-                ",".join(map(str, sorted(values))),
-                f"{medians[method]:.2f}{spread}",
-                closed,
-                shares,
-                rec,
-                num(median(retained), ".4f") if retained and "unstructured" not in method else "",
-                num(median(seconds), ".0f") if seconds else "",
-                num(median(rss), ".0f") if rss else "",
+                f"{a['scorer']} {a['pattern']}, {fold}",
+                seed_range(learned),
+                steps_of(learned_rows),
+                num(median(base.values())),
+                num(median(bound.values())),
+                num(median(ppl(ria).values())),
+                f"**{num(median(learned.values()))}**",
+                f"{pct(closed[0])}, **{pct(closed[1])}**",
+                num(median(r["seconds"] for r in learned_rows.values()), ".0f"),
                 link(name, "json"),
             ]
         )
     header = [
-        "method",
+        "pruner, fold",
         "seeds",
-        "perplexity median (min-max)",
-        "gap closed",
-        "per seed (extra)",
-        "recovery",
-        "retained",
+        "steps",
+        "no permutation",
+        "unstructured",
+        "RIA-style",
+        "learned end_to_end",
+        "gap closed: RIA-style, learned",
         "learning (s)",
-        "peak RSS (MB)",
         "file",
     ]
-    return table(header, body), medians
+    return [
+        f"## The pipeline (`permute_`, `nmperm prune`) on the {args['num_samples']} x {args['seq_len']} protocol",
+        "",
+        f"Protocol: SmolLM2-135M, `bench/quality.py` (each method and seed in its own process), "
+        f"{args['num_samples']} x {args['seq_len']} calibration tokens drawn by the seed, perplexity on the first "
+        f"{args['eval_samples']} x {args['seq_len']} tokens of `builtin:wiki-evaluation` (dense {dense:.2f}, "
+        f"{link(Q_ALL, 'json')}); medians over seeds; steps: the learner's, as recorded. SparseGPT here is its "
+        "saliency without the weight update.",
+        "",
+        *table(header, body),
+        "",
+    ]
 
 
-def quality_protocol(name: str) -> str:
-    args = load(name)["args"]
-    overrides = f"; `--set {' '.join(args['set'])}`" if args.get("set") else ""
-    return (
-        f"Protocol: SmolLM2-135M, {args['scorer']} {args['pattern']}, `bench/quality.py` (each method and seed "
-        f"in its own process), calibration {args['num_samples']} x {args['seq_len']} tokens drawn by the seed, "
-        f"evaluation the first {args['eval_samples']} x {args['seq_len']} tokens of `builtin:wiki-evaluation`"
-        f"{overrides}. Source: {link(name)} ({stamp_of(name)})."
+def objectives_section() -> list[str]:
+    by_method = quality_rows(Q_ALL)
+    base, bound = ppl(by_method[BASE]), ppl(by_method[UNSTRUCTURED])
+    steps = steps_of(by_method["learned end_to_end (gather)"])
+    body = []
+    for method, rows in by_method.items():
+        if method in (DENSE, BASE, UNSTRUCTURED):
+            continue
+        values = ppl(rows)
+        body.append(
+            [
+                method,
+                seed_range(values),
+                num(median(values.values())),
+                pct(gap_closed_of_medians(base.values(), values.values(), bound.values())),
+                num(median(r["seconds"] for r in rows.values()), ".0f"),
+                link(Q_ALL, "json"),
+            ]
+        )
+    curve = load(WINDOW_CURVE)
+    cb, cu = (curve["baselines"][k]["perplexity"] for k in (BASE, UNSTRUCTURED))
+    points = ", ".join(
+        f"K = {p['window']} {pct(gap_closed(cb, p['perplexity'], cu))} ({p['seconds']:.0f} s)" for p in curve["points"]
     )
-
-
-def quality_section(headline: dict) -> list[str]:
-    dense = median(ppl(quality_rows(Q_ALL)[DENSE]).values())
-    out = ["## The pipeline (`permute_`, `nmperm prune`) on the 16 x 512 protocol", ""]
-    out += [
-        f"The 16 x 512 protocol's dense perplexity is {dense:.2f} ({link(Q_ALL)}); recovery is taken against it.",
+    return [
+        f"## Objectives compared (Wanda 2:4; end_to_end and staged at {steps} steps, the earlier default)",
+        "",
+        f"Protocol: as above; no permutation {num(median(base.values()))}, unstructured "
+        f"{num(median(bound.values()))}; `learned` alone is the `layerwise` objective.",
+        "",
+        *table(["method", "seeds", "perplexity", "gap closed", "learning (s)", "file"], body),
+        "",
+        f"The `window` objective against its window size K (seed {curve['baselines'][BASE]['seed']}, exact, "
+        f"`--set window_layers=K`; K = {curve['points'][-1]['window']} is end_to_end), gap closed against the "
+        f"same seed's baselines: {points} ({link(WINDOW_CURVE, 'json')}).",
         "",
     ]
-    lines, medians = quality_table(Q_DEFAULT, dense=dense)
-    rows = quality_rows(Q_DEFAULT)
-    base, bound = ppl(rows[BASE]), ppl(rows[UNSTRUCTURED])
-    for method, key in (
-        ("learned end_to_end (exact)", "quality_exact"),
-        ("learned end_to_end (gather)", "quality_gather"),
-    ):
-        headline[key] = gap_closed_of_medians(base.values(), ppl(rows[method]).values(), bound.values())
-    out += [
-        "### Wanda 2:4, end_to_end at its defaults (120 steps in gather, 80 in exact), 3 seeds",
-        "",
-        quality_protocol(Q_DEFAULT),
-        "",
-        *lines,
-        "",
-        "### Wanda 2:4, gather, 5 seeds",
-        "",
-        quality_protocol(Q_GATHER_5),
-        "",
-        *quality_table(Q_GATHER_5, dense=dense)[0],
-        "",
-        "### Every method, Wanda 2:4, 3 seeds (end_to_end and staged at 20 steps, the default then)",
-        "",
-        quality_protocol(Q_ALL),
-        "",
-        *quality_table(Q_ALL)[0],
-        "",
-        "### SparseGPT's saliency (no weight update), exact fold, 3 seeds (end_to_end at 20 steps)",
-        "",
-        quality_protocol(Q_SPARSEGPT),
-        "",
-        *quality_table(Q_SPARSEGPT, dense=dense)[0],
-        "",
-        "### Wanda 4:8, seed 0 (end_to_end at 20 steps; the rows keep the suite's names)",
-        "",
-        quality_protocol(Q_4OF8),
-        "",
-        *quality_table(Q_4OF8, dense=dense)[0],
-        "",
-    ]
-    headline["anchor_medians"] = medians | {DENSE: dense}
-    return out + window_curve_lines()
-
-
-def window_curve_lines() -> list[str]:
-    data = load(WINDOW_CURVE)
-    base = data["baselines"][BASE]["perplexity"]
-    bound = data["baselines"][UNSTRUCTURED]["perplexity"]
-    protocol = data["baselines"]["protocol"]
-    out = [
-        "### The window objective against its window size K, seed 0",
-        "",
-        f"Protocol: as above ({protocol['scorer']} {protocol['pattern']}, calibration {protocol['num_samples']} x "
-        f"{protocol['seq_len']}, evaluation {protocol['eval_samples']} x {protocol['seq_len']}), exact fold, "
-        f"`--set window_layers=K`; K = 30 is end_to_end. 2:4 without permutation {base:.2f}, unstructured "
-        f"{bound:.2f}, same seed. Source: {link(WINDOW_CURVE)} ({stamp_of(WINDOW_CURVE)}).",
-        "",
-    ]
-    body = [
-        [
-            str(p["window"]),
-            num(p["perplexity"]),
-            pct(gap_closed(base, p["perplexity"], bound)),
-            num(p["seconds"], ".0f"),
-            num(p["peak_rss_mb"] / 1000, ".1f"),
-            link(WINDOW_CURVE, "json"),
-        ]
-        for p in data["points"]
-    ]
-    return out + table(["K", "perplexity", "gap closed", "learning (s)", "peak RSS (GB)", "file"], body) + [""]
 
 
 def anchors_section(headline: dict) -> list[str]:
-    out = [
-        "## Published anchors (SPEC section 8)",
-        "",
-        "WikiText-2 perplexities from the papers (typed in `bench/report.py`, `ANCHORS`); recovery = "
-        "(ln ppl_2:4 - ln ppl_method) / (ln ppl_2:4 - ln ppl_dense), computed here. Compare within a row only: "
-        "models, context lengths and calibration differ.",
-        "",
-    ]
     body = []
     for source, model, dense, wanda, (heuristic, name), learned in ANCHORS:
         rh, rl = recovery(wanda, heuristic, dense), recovery(wanda, learned, dense)
@@ -423,103 +304,110 @@ def anchors_section(headline: dict) -> list[str]:
                 model,
                 f"{dense:.2f}",
                 f"{wanda:.2f}",
-                f"{heuristic:.2f}, {name} ({pct(rh)})",
+                f"{heuristic:.2f} {name} ({pct(rh)})",
                 f"{learned:.2f} ({pct(rl)})",
-                f"{rl / rh:.1f}x",
             ]
         )
-    out += table(
-        ["source", "model", "dense", "Wanda 2:4", "heuristic (recovery)", "learned (recovery)", "learned / heuristic"],
-        body,
-    )
-    m = headline["anchor_medians"]
-    dense, wanda = m[DENSE], m[BASE]
-    ours = []
+    rows, args = quality_rows(Q_DEFAULT), load(Q_DEFAULT)["args"]
+    dense = median(ppl(quality_rows(Q_ALL)[DENSE]).values())
+    wanda = median(ppl(rows[BASE]).values())
     for fold in ("gather", "exact"):
-        heuristic, learned = m[f"RIA-style ({fold})"], m[f"learned end_to_end ({fold})"]
+        heuristic = median(ppl(rows[f"RIA-style ({fold})"]).values())
+        learned = median(ppl(rows[f"learned end_to_end ({fold})"]).values())
         rh, rl = recovery(wanda, heuristic, dense), recovery(wanda, learned, dense)
-        ours.append(
+        body.append(
             [
-                f"this project, {fold} ({link(Q_DEFAULT, 'json')}, dense from {link(Q_ALL, 'json')})",
-                "SmolLM2-135M (Q4_1)",
+                f"this project, {fold} ({link(Q_DEFAULT, 'json')})",
+                "SmolLM2-135M",
                 f"{dense:.2f}",
                 f"{wanda:.2f}",
-                f"{heuristic:.2f}, RIA-style ({pct(rh)})",
-                f"{learned:.2f}, end_to_end ({pct(rl)})",
-                f"{rl / rh:.1f}x",
+                f"{heuristic:.2f} RIA-style ({pct(rh)})",
+                f"{learned:.2f} ({pct(rl)})",
             ]
         )
-    out += ["", "Beside them, this project's medians on the 16 x 512 protocol (Wikipedia text, not WikiText-2):", ""]
-    out += table(
-        ["source", "model", "dense", "Wanda 2:4", "heuristic (recovery)", "learned (recovery)", "learned / heuristic"],
-        ours,
-    )
-    return out + [""]
+    return [
+        "## Published anchors (SPEC section 8)",
+        "",
+        "WikiText-2 perplexities from the papers (typed in `bench/report.py`, `ANCHORS`) beside this project's "
+        f"medians on the {args['num_samples']} x {args['seq_len']} protocol (Wikipedia text); recovery computed "
+        "here. Compare within a row only: models, context lengths and calibration differ.",
+        "",
+        *table(["source", "model", "dense", "Wanda 2:4", "heuristic (recovery)", "learned (recovery)"], body),
+        "",
+    ]
 
 
 def zeroshot_section() -> list[str]:
-    out = [
-        "## Zero-shot accuracy (lm-eval, first 100 documents per task), seed 0",
-        "",
-        "Protocol: `bench/zeroshot.py --limit 100`: eight tasks with lm-eval 0.4.13's prompts on local data; "
-        '"signal" tasks are those where dense beats guessing by more than two standard errors; recovered = '
-        "(mean_row - mean_2:4) / (mean_dense - mean_2:4) on them.",
-        "",
-    ]
-    body = []
+    body, tasks = [], set()
+    settings = load(ZEROSHOT[0])["settings"]
     for name in ZEROSHOT:
-        data = load(name)
         scorer = name.split("-")[1]
-        for method, e in data["summary"].items():
+        for method, e in load(name)["summary"].items():
             signal = e["signal"]
+            tasks.add(", ".join(signal.get("tasks", [])))
             body.append(
                 [
                     f"{scorer}: {method}",
-                    f"{e['all']['mean_acc']:.4f} ± {e['all']['mean_acc_stderr']:.4f}",
-                    "" if signal.get("mean_acc") is None else f"{signal['mean_acc']:.4f}",
-                    ", ".join(signal.get("tasks", [])),
+                    seed_range(e["seeds"]),
+                    f"{e['all']['mean_acc']:.3f} ± {e['all']['mean_acc_stderr']:.3f}",
+                    num(signal.get("mean_acc"), ".3f"),
                     pct(signal.get("recovered"), 0),
                     num(e["perplexity"], ".1f"),
                     link(name, "json"),
                 ]
             )
-    return (
-        out
-        + table(["row", "mean acc (8 tasks)", "signal mean", "signal tasks", "recovered", "perplexity", "file"], body)
-        + [""]
-    )
+    signal = f"({tasks.pop()})" if len(tasks) == 1 else "(per file)"
+    return [
+        f"## Zero-shot accuracy (lm-eval, first {settings['limit']} documents per task)",
+        "",
+        f"Protocol: `bench/zeroshot.py --limit {settings['limit']}`, {len(settings['tasks'])} tasks with lm-eval's "
+        f"prompts on local data; signal tasks {signal} are those where dense beats guessing by more than two "
+        "standard errors; recovered = (mean - mean_2:4) / (mean_dense - mean_2:4) on them.",
+        "",
+        *table(
+            [
+                "row",
+                "seeds",
+                f"mean acc ({len(settings['tasks'])} tasks)",
+                "signal mean",
+                "recovered",
+                "perplexity",
+                "file",
+            ],
+            body,
+        ),
+        "",
+    ]
 
 
 def architectures_section() -> list[str]:
-    out = [
-        "## Architectures (tiny random configs: fold exactness and 2:4, no quality)",
-        "",
-        "Protocol: `bench/architectures.py`: every supported family on a tiny random config, float32, 1 thread; "
-        "fold error = largest logit difference relative to the logits' scale after folding random permutations; "
-        "2:4 linears and `nmperm verify` over the learned and RIA runs in both folds.",
-        "",
-    ]
     body = []
     for name in ARCHITECTURES:
-        for row in load(name)["rows"]:
-            errors, runs = row["fold_error"], row["runs"].values()
-            gather = "refused" if errors["gather"] is None else f"{errors['gather']:.1e}"
-            passed = sum(r["verify"] == "passed" for r in runs)
-            body.append(
-                [
-                    row["family"],
-                    f"{errors['exact']:.1e}",
-                    gather,
-                    f"{sum(r['nm_linears'] for r in runs)}/{sum(r['linears'] for r in runs)}",
-                    f"{passed}/{len(row['runs'])}",
-                    link(name, "json"),
-                ]
-            )
-    return (
-        out
-        + table(["family", "fold error exact", "fold error gather", "2:4 linears", "verify passed", "file"], body)
-        + [""]
-    )
+        rows = load(name)["rows"]
+        gather = [r["fold_error"]["gather"] for r in rows]
+        runs = [run for r in rows for run in r["runs"].values()]
+        refused = [r["family"] for r in rows if r["fold_error"]["gather"] is None]
+        body.append(
+            [
+                str(len(rows)),
+                f"{max(r['fold_error']['exact'] for r in rows):.1e}",
+                f"{max(g for g in gather if g is not None):.1e}"
+                + (f" (refused: {', '.join(refused)})" if refused else ""),
+                f"{sum(r['nm_linears'] for r in runs)}/{sum(r['linears'] for r in runs)}",
+                f"{sum(r['verify'] == 'passed' for r in runs)}/{len(runs)}",
+                link(name, "json"),
+            ]
+        )
+    return [
+        "## Architectures (tiny random configs: fold exactness and 2:4, no quality)",
+        "",
+        "Protocol: `bench/architectures.py`, every supported family on a tiny random config, float32; fold error = "
+        "largest logit difference relative to the logits' scale after folding random permutations; the learned "
+        "and RIA runs in both folds. Per family in each file's `.md`.",
+        "",
+        *table(["configs", "worst fold error, exact", "gather", "2:4 linears", "verify passed", "file"], body),
+        "",
+    ]
 
 
 def export_section() -> list[str]:
@@ -527,32 +415,15 @@ def export_section() -> list[str]:
     found = re.search(r"(\d+) converted, (\d+) ready, (\d+) left dense", text)
     converted, ready, left = (int(g) for g in found.groups()) if found else (None, None, None)
     exact = sum(1 for line in text.splitlines() if re.search(r"\bready\s+exact\b", line))
-    out = [
-        "## Export and serving",
-        "",
-        "Protocol: `nmperm demo`, then `nmperm export nmperm-demo-output --to torchao --dtype bf16 --check` on a "
-        f"CPU machine: {ready} linears ready for cuSPARSELt bf16 ({exact} with an exact round trip), {converted} "
-        f"converted (no GPU), {left} left dense ({link(EXPORT)}).",
-        "",
-    ]
     check = load(GPU_CHECK)["model_check"]
     env = (RESULTS / GPU_ENV).read_text()
-    versions = re.search(r"^gpu (.+)$", env, re.M), re.search(r"^torch (\S+)", env, re.M)
-    versions += (re.search(r"torchao (\S+)", env), re.search(r"transformers (\S+)", env))
-    gpu, torch_v, torchao_v, transformers_v = (m.group(1) if m else "?" for m in versions)
+    found_env = (
+        re.search(r"^gpu (.+)$", env, re.M),
+        re.search(r"^torch (\S+)", env, re.M),
+        re.search(r"torchao (\S+)", env),
+    )
+    gpu, torch_v, torchao_v = (m.group(1) if m else "?" for m in found_env)
     passed = re.search(r"(\d+) passed", (RESULTS / GPU_TESTS).read_text())
-    out += [
-        f"The GPU rows ran on {gpu} with torch {torch_v}, torchao {torchao_v}, transformers {transformers_v} "
-        f"({link(GPU_ENV)}), where `tests/test_export.py` with its GPU tests passed "
-        f"{passed.group(1) if passed else '?'} tests ({link(GPU_TESTS)}).",
-        "",
-    ]
-    out += [
-        f"On a lent H200: a SmolLM2-shaped 2:4 model converted to cuSPARSELt bf16 "
-        f"({check['export']['counts']['converted']} linears) gives the same greedy tokens as the dense one: "
-        f"{check['same_tokens']} ({link(GPU_CHECK)}). Per linear, eager and compiled:",
-        "",
-    ]
     body = []
     for name in GPU:
         rows = load(name)["linear"]
@@ -563,32 +434,27 @@ def export_section() -> list[str]:
         ):
             values = [r[key] for r in rows if r.get(key) is not None]
             if values:
-                body.append(
-                    [
-                        label,
-                        str(len(values)),
-                        f"{median(values):.2f}x",
-                        f"{min(values):.2f}-{max(values):.2f}x",
-                        link(name, "json"),
-                    ]
-                )
-    return (
-        out + table(["speed-up (dense time / sparse time)", "shapes x tokens", "median", "range", "file"], body) + [""]
-    )
+                body.append([label, str(len(values)), f"{spread(values)}x", link(name, "json")])
+    return [
+        "## Export and serving",
+        "",
+        f"`nmperm demo`, then `nmperm export nmperm-demo-output --to torchao --dtype bf16 --check` on a CPU: {ready} "
+        f"linears ready for cuSPARSELt ({exact} with an exact round trip), {converted} converted (no GPU), {left} "
+        f"left dense ({link(EXPORT, 'txt')}). On {gpu} (torch {torch_v}, torchao {torchao_v}, "
+        f"{link(GPU_ENV, 'txt')}): `tests/test_export.py` passed {passed.group(1) if passed else '?'} tests "
+        f"({link(GPU_TESTS, 'txt')}); a SmolLM2-shaped 2:4 model converted to cuSPARSELt bf16 "
+        f"({check['export']['counts']['converted']} linears) gives the dense model's greedy tokens: "
+        f"{check['same_tokens']} ({link(GPU_CHECK, 'json')}). Per linear (speed-up = dense time / sparse time):",
+        "",
+        *table(["speed-up", "shapes x tokens", "median (min-max)", "file"], body),
+        "",
+    ]
 
 
 def cost_section() -> list[str]:
     speed = load(LEARN_SPEED)["end_to_end"]
-    out = [
-        "## Cost on 2 CPU cores",
-        "",
-        f"Learner pieces ({link(LEARN_SPEED)}, medians of 5): an end_to_end step (gather, 2 windows) "
-        f"{speed['float32']:.2f} s in float32, {speed['bfloat16']:.2f} s under bfloat16 autocast "
-        f"({speed['ratio_float32_over_bfloat16']:.2f}x); a selection {speed['select']:.2f} s.",
-        "",
-    ]
     fits = load(SCALING)
-    body = [
+    scaling = [
         [
             method,
             f"{fit['b']:.2f}",
@@ -598,126 +464,125 @@ def cost_section() -> list[str]:
         ]
         for method, fit in fits["fits"].items()
     ]
-    out += [
-        "Against layer width (one site, 2048 rows, synthetic Wanda-like scores; seconds = a x C_in^b, projected to "
-        "every decoder layer's sites, 70B extrapolated beyond the widest measured):",
-        "",
-        *table(["method", "exponent b", "LLaMA-2-7B (s)", "LLaMA-2-70B (s)", "file"], body),
-        "",
-        "The Hungarian solves of every 64 x 64 block (one thread, medians of 5):",
-        "",
-    ]
-    out += table(
-        ["shape", "blocks", "seconds", "file"],
+    hungarian = ", ".join(f"{r['shape']} {r['seconds']:.2f} s ({r['blocks']} blocks)" for r in load(HARDENING)["rows"])
+    steps = [
         [
-            [r["shape"], str(r["blocks"]), f"{r['seconds']:.3f}", link(HARDENING, "json")]
-            for r in load(HARDENING)["rows"]
-        ],
-    )
-    out += ["", "One end_to_end step (1 x 512 tokens) on random-weight Llama shapes:", ""]
-    body = []
-    for name in E2E_SCALING:
-        for r in load(name)["rows"]:
-            if "error" in r:
-                continue
-            body.append(
-                [
-                    r["shape"],
-                    r["train_dtype"],
-                    r["checkpointing"],
-                    f"{r['step_seconds']:.1f}",
-                    f"{r['select_seconds']:.1f}",
-                    f"{r['peak_bytes'] / 1e9:.1f}",
-                    link(name, "json"),
-                ]
-            )
-    out += table(
-        ["shape", "train dtype", "layer checkpointing", "step (s)", "selection (s)", "peak RSS (GB)", "file"], body
-    )
-    out += ["", "Data-parallel learning (end_to_end, exact; gloo ranks on the same 2 cores):", ""]
-    body = []
+            r["shape"],
+            r["train_dtype"],
+            r["checkpointing"],
+            f"{r['step_seconds']:.1f}",
+            f"{r['select_seconds']:.1f}",
+            f"{r['peak_bytes'] / 1e9:.1f}",
+            link(name, "json"),
+        ]
+        for name in E2E_SCALING
+        for r in load(name)["rows"]
+        if "error" not in r
+    ]
+    ranks = []
     for name in DISTRIBUTED:
         data = load(name)
         setup = data["setup"]
         for mode, e in data["summary"].items():
-            body.append(
-                [
-                    f"{setup['steps']} steps of {setup['sequences_per_step']} x {setup['seq_len']}",
-                    mode,
-                    f"{e['step_seconds']:.2f}",
-                    str(e["same_permutations"]),
-                    link(name, "json"),
-                ]
-            )
-    out += table(["run", "configuration", "step (s)", "same permutations", "file"], body)
-    return out + [""]
+            run = f"{setup['steps']} x {setup['sequences_per_step']} x {setup['seq_len']}"
+            ranks.append([run, mode, f"{e['step_seconds']:.2f}", str(e["same_permutations"]), link(name, "json")])
+    return [
+        "## Cost on 2 CPU cores",
+        "",
+        f"An end_to_end step (gather, 2 windows) {speed['float32']:.2f} s in float32, {speed['bfloat16']:.2f} s "
+        f"under bfloat16 autocast; a selection {speed['select']:.2f} s ({link(LEARN_SPEED, 'json')}). The "
+        f"Hungarian solves of every 64 x 64 block, one thread: {hungarian} ({link(HARDENING, 'json')}).",
+        "",
+        "Against layer width (one site, synthetic scores; seconds = a x C_in^b, projected to every decoder layer; "
+        "70B extrapolated):",
+        "",
+        *table(["method", "exponent b", "LLaMA-2-7B (s)", "LLaMA-2-70B (s)", "file"], scaling),
+        "",
+        "One end_to_end step (1 x 512 tokens) on random-weight Llama shapes:",
+        "",
+        *table(
+            ["shape", "train dtype", "layer checkpointing", "step (s)", "selection (s)", "peak RSS (GB)", "file"], steps
+        ),
+        "",
+        "Data-parallel learning (end_to_end, exact; gloo ranks on the same 2 cores):",
+        "",
+        *table(["steps x sequences x tokens", "configuration", "step (s)", "same permutations", "file"], ranks),
+        "",
+    ]
 
 
 def image_section() -> list[str]:
-    out = [
-        "## Image classification: a small ViT trained by the benchmark, 3 seeds",
-        "",
-        "Protocol: `bench/image_vit.py`: a 4-layer ViT (hidden 128) trained on scikit-learn's digits at 32x32, "
-        "Wanda 2:4 of every linear from 128 labelled calibration images per seed, 450 test images. The training "
-        "differs between hosts, so each file is its own model; recovered = share of the 2:4 loss won back, "
-        "median (min to max) over seeds.",
-        "",
-    ]
+    first = load(IMAGE_VIT[0])
+    methods, model, images, settings = list(first["summary"]), first["model"], first["data"], first["settings"]
     body = []
     for name in IMAGE_VIT:
         data = load(name)
-        for method, e in data["summary"].items():
-            ce = {k: v + 0.0 for k, v in e["cross_entropy_recovered_percent"].items()}  # no "-0.0"
-            body.append(
-                [
-                    method,
-                    f"{data['dense']['top1']:.2f}",
-                    f"{e['top1']['median']:.2f} ({e['top1']['min']:.2f}-{e['top1']['max']:.2f})",
-                    f"{e['cross_entropy']['median']:.4f}",
-                    f"{ce['median']:.1f}% ({ce['min']:.1f} to {ce['max']:.1f})",
-                    link(name, "json"),
-                ]
-            )
-    return (
-        out
-        + table(
-            ["method", "dense top-1", "top-1 median (range)", "test cross-entropy", "recovered cross-entropy", "file"],
-            body,
-        )
-        + [""]
-    )
+        cells = []
+        for method in methods:
+            e = data["summary"][method]
+            cells.append(f"{e['top1']['median']:.1f} / {e['cross_entropy_recovered_percent']['median'] + 0.0:.0f}%")
+        body.append([f"{data['dense']['top1']:.1f}", *cells, link(name, "json")])
+    return [
+        f"## Image classification: a small ViT trained by the benchmark, seeds {seed_range(first['seeds'])}",
+        "",
+        f"Protocol: `bench/image_vit.py`, a {model['num_hidden_layers']}-layer ViT trained on scikit-learn's digits, "
+        f"{settings['scorer']} 2:4 from {settings['calibration']} calibration images, {images['test']} test images; "
+        "each host trains its own model (one row each). Cells: top-1 / share of the 2:4 cross-entropy loss won back, "
+        "medians over seeds.",
+        "",
+        *table(["dense top-1", *methods, "file"], body),
+        "",
+    ]
 
 
 def report() -> tuple[str, dict]:
     headline: dict = {}
-    sections = [
+    body = [
+        *recipe_section(headline),
+        *pipeline_section(headline),
+        *objectives_section(),
+        *anchors_section(headline),
+        *zeroshot_section(),
+        *architectures_section(),
+        *export_section(),
+        *cost_section(),
+        *image_section(),
+    ]
+    cited = sorted(cited_files("\n".join(body)))
+    stamped = sum(1 for n in cited if n.endswith(".json") and "provenance" in load(n))
+    intro = [
         "# Results",
         "",
-        "Written by `python bench/report.py` from the files in [bench/results/](../bench/results/) (their index, "
-        "with the command that wrote each: [bench/results/README.md](../bench/results/README.md)); every figure "
-        "is computed from the files. Each row links its file, whose `provenance` block (files written since "
-        "stamping began) records the command, commit, CPU, train dtype, versions, seeds and wall time.",
+        "Written by `python bench/report.py` from the files in [bench/results/](../bench/results/README.md), whose "
+        "index gives each file's command and the files not tabled here. Every figure is computed from the files; "
+        "each row links its file; the `.md` beside a file, where there is one, has the per-seed rows. "
+        f"{stamped} of the {len(cited)} files cited carry a `provenance` stamp; for the others the index gives the "
+        "command and `git log` the commit.",
         "",
-        f"**Gap closed**, in every table: {GAP_CLOSED_DEFINITION}. Per-seed shares (each seed against its own "
-        "baselines) are listed as extra information, never as the headline. **Recovery**: the same share "
-        f"against the dense model. **Penalty**: {PENALTY_DEFINITION}.",
+        "**Gap closed** ([defined once](method.md#gap-closed)): the share of the log-perplexity gap from the N:M "
+        "pruner without permutation (0%) to the same pruner unstructured (100%), on the median across seeds. "
+        "**Recovery**: the same share against the dense model.",
         "",
     ]
-    sections += recipe_section(headline)
-    sections += earlier_recipes_section(headline)
-    sections += quality_section(headline)
-    sections += anchors_section(headline)
-    sections += zeroshot_section()
-    sections += architectures_section()
-    sections += export_section()
-    sections += cost_section()
-    sections += image_section()
-    return "\n".join(sections).rstrip() + "\n", headline
+    return references("\n".join(intro + body).rstrip()) + "\n", headline
+
+
+def references(markdown: str) -> str:
+    """The page with each result file's link target written once: inline links to bench/results/ become
+    numbered reference links (``[json][3]``), defined at the end in order of first use."""
+    numbers: dict[str, int] = {}
+
+    def number(match: re.Match) -> str:
+        return f"][{numbers.setdefault(match.group(1), len(numbers) + 1)}]"
+
+    text = re.sub(r"\]\((\.\./bench/results/[^)\s]+)\)", number, markdown)
+    return "\n".join([text, "", *(f"[{n}]: {target}" for target, n in numbers.items())])
 
 
 def cited_files(markdown: str) -> set[str]:
-    """Result files a markdown page links (``../bench/results/NAME``), relative to bench/results/."""
-    return set(re.findall(r"\.\./bench/results/([^)\s#]+[^/)\s#])\)", markdown))
+    """Result files a markdown page links (``](../bench/results/NAME)`` inline or ``[n]: ../bench/results/NAME``
+    as a reference definition), relative to bench/results/."""
+    return set(re.findall(r"\.\./bench/results/([^)\s#]+[^/)\s#])(?:\)|$)", markdown, re.M))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from .core.sinkhorn import anneal
 
 FRONT_ENDS = ("cli", "modifier")
 # end_to_end steps in all, by fold, when end_to_end_steps is unset (gather learns twice the sites;
-# both measured in docs/benchmarks.md)
+# both measured in docs/results.md)
 END_TO_END_STEPS = {"exact": 80, "gather": 120}
 
 

@@ -52,7 +52,7 @@ def _slot_gain(candidates: torch.Tensor, threshold: torch.Tensor) -> torch.Tenso
     five linears of every layer), where a tile of all rows per candidate would not fit any cache.
     One work buffer serves every tile: a fresh 16 MB temporary per tile would fragment the heap
     (glibc serves that size below its mmap threshold), so peak memory would grow with the number of
-    tiles (8.6 GB at 4096 x 2048 scores, docs/benchmarks.md "Scaling").
+    tiles (8.6 GB at 4096 x 2048 scores; 0.7 GB with one buffer, bench/results/scaling-cpu2.json).
     """
     rows, count = candidates.shape
     groups = threshold.shape[1]

@@ -22,7 +22,8 @@ from torch import nn
 from .. import compat
 from ..core.nm import NMPattern, is_nm
 from ..data.calibration import samples_of
-from ..io.checkpoint import linear_form, record_claim, verify_model
+from ..io.checkpoint import checkpoint_key_of, linear_form, record_claim, verify_model
+from ..io.checks import weight_checksums
 from ..io.sidecar import Sidecar
 from ..runtime.resume import ResumeStore
 
@@ -211,6 +212,8 @@ def install_save_hook(model: nn.Module) -> None:
         save(save_directory, *args, **kwargs)
         if sidecar is not None:
             strip_sparsity_config(save_directory)
+            # the sha256 of every pruned weight as written, which nmperm verify compares (format 2)
+            sidecar.checksums = weight_checksums(save_directory, sidecar.frames, checkpoint_key_of(sidecar))
             logger.info(f"nmperm: wrote {sidecar.save(save_directory)}")
             if state.learning_state is not None:
                 state.learning_state.remove()
