@@ -214,7 +214,7 @@ def test_corpus_is_shipped_and_disjoint():
 
 
 def test_train_dtype_reaches_the_config_and_bad_values_are_refused(saved_model, tmp_path, monkeypatch, capsys):
-    import nmperm_plugin.cli.commands as cli
+    import nmperm_plugin.cli.prune as cli
 
     model_dir, text = saved_model
     seen = []

@@ -714,7 +714,7 @@ def test_cusparselt_linear_lists_why_a_weight_cannot_be_served():
 
 def test_algorithm_choice_keys_and_candidates(monkeypatch):
     from nmperm_plugin import compat
-    from nmperm_plugin.export import serving as sv
+    from nmperm_plugin.export import cusparselt as sv
 
     assert sv.padded_rows(1, 8) == 8 and sv.padded_rows(64, 8) == 64 and sv.padded_rows(65, 8) == 72
     assert sv.alg_key(2048, 8192, 64, torch.bfloat16, False) == (2048, 8192, 64, "bfloat16", False)
