@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import resume
-from .api import permute_
+from .api import dense_linears, permute_
 from .arch.qwen_vl import TOWER, VISION, QwenVLAdapter, renamed
 from .calibration import CalibrationData
 from .config import PermuteConfig
@@ -136,9 +136,11 @@ def permute_parts_(
         sidecars["vision"] = in_model(sidecar)
     if "text" in parts:
         sidecars["text"], results["text"] = permute_(model, calibration, config, device)
-    if len(sidecars) == 2:
-        return merge_sidecars(sidecars["vision"], sidecars["text"]), results
-    return next(iter(sidecars.values())), results
+    sidecar = (
+        merge_sidecars(sidecars["vision"], sidecars["text"]) if len(sidecars) == 2 else next(iter(sidecars.values()))
+    )
+    sidecar.dense = dense_linears(model, sidecar)  # the whole model's linears: a part not pruned is dense
+    return sidecar, results
 
 
 def in_model_result(result: PruneResult) -> PruneResult:
