@@ -229,6 +229,11 @@ def _tensor_locations(directory: Path) -> dict[str, tuple[Path, dict, int]]:
     return where
 
 
+def stored_tensor_names(directory: str | Path) -> set[str]:
+    """The names of the tensors stored in ``directory``'s safetensors files (headers only)."""
+    return set(_tensor_locations(Path(directory)))
+
+
 def weight_checksums(
     directory: str | Path, linears: Iterable[str], key_of: Callable[[str], str] | None = None
 ) -> dict[str, dict]:

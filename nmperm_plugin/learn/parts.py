@@ -26,7 +26,7 @@ from ..config import PermuteConfig
 from ..data.calibration import CalibrationData
 from ..io.sidecar import Sidecar
 from ..runtime import resume
-from .pipeline import PruneResult, permute_model_
+from .pipeline import PruneResult, dense_linears, permute_model_
 
 PARTS = ("vision", "text")  # what permute_parts_ prunes, in this order
 DEFAULT_PARTS = ("text",)  # the paper's: the text decoder (of any other model: all of it)
@@ -135,9 +135,11 @@ def permute_parts_(
         sidecars["vision"] = in_model(sidecar)
     if "text" in parts:
         sidecars["text"], results["text"] = permute_model_(model, calibration, config, device)
-    if len(sidecars) == 2:
-        return merge_sidecars(sidecars["vision"], sidecars["text"]), results
-    return next(iter(sidecars.values())), results
+    sidecar = (
+        merge_sidecars(sidecars["vision"], sidecars["text"]) if len(sidecars) == 2 else next(iter(sidecars.values()))
+    )
+    sidecar.dense = dense_linears(model, sidecar)  # the whole model's linears: a part not pruned is dense
+    return sidecar, results
 
 
 def in_model_result(result: PruneResult) -> PruneResult:

@@ -137,4 +137,13 @@ def permute_model_(
         },
         verification={"fold_relative_logit_error": fold_error},
     )
+    sidecar.dense = dense_linears(model, sidecar, adapter)
     return sidecar, result
+
+
+def dense_linears(model: nn.Module, sidecar: Sidecar, adapter: Adapter | None = None) -> list[str]:
+    """The linears ``model``'s adapter permutes that ``sidecar`` does not list as pruned (all of them
+    without a mask): what it records as left dense on purpose, and ``nmperm verify`` holds it to."""
+    adapter = adapter or get_adapter(model)
+    linears = {name for site in adapter.serving_sites(model, sidecar.fold) for name in site.linears}
+    return sorted(linears - set(sidecar.frames)) if sidecar.masked else sorted(linears)
