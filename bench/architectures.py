@@ -52,8 +52,9 @@ from result_files import write_pair  # noqa: E402
 from nmperm_plugin import PermuteConfig, permute_  # noqa: E402
 from nmperm_plugin.core.nm import NMPattern, is_nm  # noqa: E402
 from nmperm_plugin.core.ops import function_error  # noqa: E402
-from nmperm_plugin.io.checkpoint import finish_sidecar, verify_checkpoint, verify_checksums, verify_model  # noqa: E402
+from nmperm_plugin.io.checkpoint import finish_sidecar  # noqa: E402
 from nmperm_plugin.io.sidecar import Sidecar  # noqa: E402
+from nmperm_plugin.io.verify import verify_checkpoint, verify_checksums, verify_model  # noqa: E402
 from nmperm_plugin.learn.fold import apply_gather, fold_permutations_  # noqa: E402
 from nmperm_plugin.learn.parts import permute_parts_  # noqa: E402
 from nmperm_plugin.plugins.registry import get_adapter  # noqa: E402

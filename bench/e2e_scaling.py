@@ -80,10 +80,10 @@ def worker(job: dict) -> dict:
     import torch
 
     from nmperm_plugin import PermuteConfig
+    from nmperm_plugin.learn.layers import capture_layer_inputs
     from nmperm_plugin.learn.losses import training_dtype
-    from nmperm_plugin.learn.objectives import layer_stack, window_learning
     from nmperm_plugin.learn.pipeline import make_run
-    from nmperm_plugin.learn.run import capture_layer_inputs
+    from nmperm_plugin.learn.window import layer_stack, window_learning
 
     device = torch.device(job["device"])
     model = build_model(job["shape"], getattr(torch, job["dtype"]), device)

@@ -192,9 +192,9 @@ def test_verify_catches_a_broken_fused_weight(ids, tmp_path):
 
 def test_layers_with_different_attention_inputs_get_their_own(ids):
     """Gemma 3's sliding and global layers (own masks, own rotary embeddings), Gemma 2 beyond its window:
-    the layer-by-layer walk must run each layer as the model does (run.capture_layer_inputs)."""
+    the layer-by-layer walk must run each layer as the model does (layers.capture_layer_inputs)."""
+    from nmperm_plugin.learn.layers import capture_layer_inputs, run_layer
     from nmperm_plugin.learn.pipeline import make_run
-    from nmperm_plugin.learn.run import capture_layer_inputs, run_layer
 
     for family in ("gemma3_text", "gemma2"):
         model = family_model(family)

@@ -19,7 +19,7 @@ from nmperm_plugin.config import default_of, markdown_table, schema
 from nmperm_plugin.core.nm import NMPattern, is_nm
 from nmperm_plugin.core.ops import function_error, function_tolerance
 from nmperm_plugin.io.sidecar import SIDECAR_NAME, Sidecar
-from nmperm_plugin.learn.objectives import Layerwise
+from nmperm_plugin.learn.sequential import Layerwise
 from nmperm_plugin.llmcompressor.modifier import LearnedPermutationModifier
 from nmperm_plugin.plugins.hooks import hookimpl
 from nmperm_plugin.plugins.registry import names, plugin_manager

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from conftest import tiny_model
 
 from nmperm_plugin import PermuteConfig, permute_
-from nmperm_plugin.io.checkpoint import verify_checkpoint
+from nmperm_plugin.io.verify import verify_checkpoint
 from nmperm_plugin.runtime import distributed
 
 BIN = Path(sys.executable).parent

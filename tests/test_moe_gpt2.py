@@ -162,8 +162,9 @@ def test_torchao_export_sees_every_pruned_weight_as_a_linear(family, fold, ids, 
     """The torchao export puts the model in its linear form for good (``to_linear_``; gather: after the
     gathers, GPT-2's c_proj inside its GatherLinear): every pruned expert slice and Conv1D is a 2:4
     layer ready to convert, none is missing, and the function holds."""
+    from nmperm_plugin.export.directory import export_checkpoint
     from nmperm_plugin.export.report import READY
-    from nmperm_plugin.export.torchao import TorchaoExportConfig, export_checkpoint
+    from nmperm_plugin.export.torchao import TorchaoExportConfig
 
     model = family_model(family)
     sidecar, _ = permute_(model, ids, _prune_config("ria", fold))
@@ -186,8 +187,8 @@ def test_modifier_with_apply_mask_prunes_and_saves_a_verified_checkpoint(family,
     from llmcompressor.core import State
     from torch.utils.data import DataLoader
 
-    from nmperm_plugin.io.checkpoint import verify_checkpoint
     from nmperm_plugin.io.sidecar import Sidecar
+    from nmperm_plugin.io.verify import verify_checkpoint
     from nmperm_plugin.llmcompressor.modifier import LearnedPermutationModifier
 
     model = family_model(family)

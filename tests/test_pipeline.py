@@ -8,9 +8,10 @@ from conftest import assert_same_function, tiny_model
 from nmperm_plugin import PermuteConfig, permute_
 from nmperm_plugin.core.nm import NMPattern, is_nm
 from nmperm_plugin.learn.fold import apply_gather
+from nmperm_plugin.learn.layers import capture_layer_inputs, run_layer
 from nmperm_plugin.learn.learner import LearnConfig, learn
 from nmperm_plugin.learn.pipeline import make_run
-from nmperm_plugin.learn.run import Run, capture_layer_inputs, run_layer
+from nmperm_plugin.learn.run import Run
 
 FAST = dict(steps_per_layer=3, end_to_end_steps=3, select_every=1)
 

@@ -22,8 +22,8 @@ from nmperm_plugin.arch.qwen_vl import per_sample_images
 from nmperm_plugin.core.nm import NMPattern, is_nm
 from nmperm_plugin.core.ops import function_error
 from nmperm_plugin.learn.fold import GatherLinear, GatherNorm
+from nmperm_plugin.learn.layers import capture_layer_inputs, run_layer
 from nmperm_plugin.learn.parts import merge_sidecars, permute_parts_
-from nmperm_plugin.learn.run import capture_layer_inputs, run_layer
 from nmperm_plugin.plugins.registry import get_adapter
 
 VOCAB, IMAGE, VIDEO, START, END = 128, 120, 121, 122, 123

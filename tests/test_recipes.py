@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 
 import nmperm_plugin  # noqa: F401 - registers LearnedPermutationModifier
 from nmperm_plugin.core.nm import NMPattern, is_nm
-from nmperm_plugin.io.checkpoint import verify_checkpoint
 from nmperm_plugin.io.sidecar import SIDECAR_NAME, Sidecar
+from nmperm_plugin.io.verify import verify_checkpoint
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 PROBE = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(7))

@@ -19,7 +19,7 @@ from conftest import tiny_model
 
 from nmperm_plugin import PermuteConfig, permute_and_prune_
 from nmperm_plugin.cli.commands import main
-from nmperm_plugin.io.checkpoint import verify_checkpoint
+from nmperm_plugin.io.verify import verify_checkpoint
 from nmperm_plugin.learn import losses as objectives
 from nmperm_plugin.runtime import resume
 

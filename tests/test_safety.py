@@ -29,9 +29,10 @@ import nmperm_plugin.cli.prune as prune_cli
 from nmperm_plugin.cli.commands import main
 from nmperm_plugin.core.nm import NMPattern
 from nmperm_plugin.core.solvers import allocation
-from nmperm_plugin.io import safety
-from nmperm_plugin.io.checkpoint import save_checkpoint, verify_checkpoint
+from nmperm_plugin.io import ownership, replace, safety
+from nmperm_plugin.io.checkpoint import save_checkpoint
 from nmperm_plugin.io.sidecar import SIDECAR_NAME, Sidecar
+from nmperm_plugin.io.verify import verify_checkpoint
 
 FAST = ["--num-samples", "4", "--seq-len", "32", "--block-size", "16"]
 PACKAGE = Path(safety.__file__).resolve().parents[1]  # the nmperm_plugin folder
@@ -142,7 +143,7 @@ def arm_traps(monkeypatch) -> None:
     monkeypatch.setattr(safety.shutil, "rmtree", trap("rmtree"))
     for name in ("rename", "mkdir", "rmdir", "replace"):
         monkeypatch.setattr(safety.os, name, trap(name))
-    monkeypatch.setattr(safety, "_exchange", trap("renameat2"))
+    monkeypatch.setattr(replace, "_exchange", trap("renameat2"))
     monkeypatch.setattr(Path, "mkdir", trap("Path.mkdir"))
 
 
@@ -287,9 +288,10 @@ def test_overflowing_activations_are_named_not_scipy(tokenizer, tmp_path, capsys
 
 def test_wrote_is_printed_only_after_the_written_model_passed_verify(saved_model, tmp_path, monkeypatch, capsys):
     import nmperm_plugin.io.checkpoint as checkpoint
+    import nmperm_plugin.io.verify as verify
 
     model_dir, text = saved_model
-    failing = checkpoint.Verification()
+    failing = verify.Verification()
     failing.add("every weight is finite", False, "lm_head.weight: 1 of 19200 NaN/inf")
     monkeypatch.setattr(checkpoint, "verify_checkpoint", lambda directory: failing)
     out = tmp_path / "out"
@@ -509,20 +511,20 @@ WRITER = textwrap.dedent(
     package = types.ModuleType("nmperm_plugin")  # load safety.py without the package's heavy __init__
     package.__path__ = [sys.argv[3]]
     sys.modules["nmperm_plugin"] = package
-    from nmperm_plugin.io import safety
+    from nmperm_plugin.io import ownership, replace, safety
 
     target, mode = sys.argv[1], sys.argv[2]
 
     def write(staging):
         (staging / "weights.bin").write_bytes(b"new" * 100000)
-        files = safety.written_files(staging)  # the ownership record --overwrite reads
+        files = ownership.written_files(staging)  # the ownership record --overwrite reads
         (staging / "nmperm.json").write_text(json.dumps({"format": "nmperm-sidecar/2", "which": "new", "files": files}))
         if mode in ("sigint", "sigkill"):
             print("ready", flush=True)
             time.sleep(60)
 
     if mode == "between":  # the two-rename scheme, killed right after moving the old output aside
-        safety._exchange = lambda a, b: False
+        replace._exchange = lambda a, b: False
         real_rename = os.rename
 
         def rename(a, b):
@@ -542,7 +544,7 @@ def _output(path: Path, which: str) -> Path:
     """A minimal output nmperm wrote: ``weights.bin`` and a sidecar that records it (``files``)."""
     path.mkdir(exist_ok=True)
     (path / "weights.bin").write_bytes(which.encode() * 100000)
-    files = safety.written_files(path)
+    files = ownership.written_files(path)
     (path / "nmperm.json").write_text(json.dumps({"format": "nmperm-sidecar/2", "which": which, "files": files}))
     return path
 
@@ -610,13 +612,13 @@ def test_killed_after_the_swap_the_new_output_is_in_place(tmp_path):
 def test_the_output_path_always_holds_a_complete_output_during_the_swap(tmp_path, monkeypatch):
     target = _old_output(tmp_path / "out")
     seen = []
-    real = safety._remove_ours
+    real = replace._remove_ours
 
     def remove(path, owner):
         seen.append(_which(target))  # at the moment the old output is deleted, the new one is in place
         real(path, owner)
 
-    monkeypatch.setattr(safety, "_remove_ours", remove)
+    monkeypatch.setattr(replace, "_remove_ours", remove)
 
     def write(staging):
         _output(staging, "new")
@@ -644,7 +646,7 @@ def test_a_live_runs_staging_directory_is_left_alone(tmp_path):
     live = tmp_path / f".out.nmperm-new-{os.getppid()}-0123abcd"
     live.mkdir()
     notes: list[str] = []
-    safety.recover_leftovers(target, notes.append)
+    replace.recover_leftovers(target, notes.append)
     assert live.is_dir() and "running process" in notes[0]
 
 
@@ -723,7 +725,7 @@ def test_no_file_nmperm_reads_can_run_code(saved_model, tmp_path, monkeypatch, c
     assert _prune(model_dir, text, ckpt, "--method", "ria", *FAST) == 0
     sidecar = (ckpt / SIDECAR_NAME).read_bytes()
     (ckpt / SIDECAR_NAME).write_bytes(pickle.dumps(Payload(marker)))
-    assert main(["verify", str(ckpt)]) == 2 and not safety.is_nmperm_output(ckpt)
+    assert main(["verify", str(ckpt)]) == 2 and not ownership.is_nmperm_output(ckpt)
     (ckpt / SIDECAR_NAME).write_bytes(sidecar)
     (ckpt / "model.safetensors").unlink()
     torch.save({"model.embed_tokens.weight": Payload(marker)}, ckpt / "pytorch_model.bin")
@@ -807,7 +809,7 @@ def test_once_the_new_output_is_in_place_a_failed_cleanup_is_a_warning(tmp_path,
     """(5) The swap completes and says so: the old copy that cannot be deleted is named, the write is a
     success, and the next run removes the leftover (or names it again, without failing)."""
     target = _old_output(tmp_path / "out")
-    real, failures = safety._remove_ours, [1]
+    real, failures = replace._remove_ours, [1]
 
     def remove(path, owner):
         if failures:
@@ -815,7 +817,7 @@ def test_once_the_new_output_is_in_place_a_failed_cleanup_is_a_warning(tmp_path,
             raise PermissionError(errno.EPERM, "Operation not permitted", "tokenizer.json")
         real(path, owner)
 
-    monkeypatch.setattr(safety, "_remove_ours", remove)
+    monkeypatch.setattr(replace, "_remove_ours", remove)
     notes: list[str] = []
     safety.atomic_write(target, lambda staging: _output(staging, "new"), overwrite=True, note=notes.append)
     assert _which(target) == "new" and "now holds the new checkpoint" in notes[0]
@@ -883,7 +885,7 @@ def test_verify_and_export_check_the_claim_against_the_model(copy_of, saved_mode
     assert main(["verify", str(one)]) == 1
     assert f"1 linear(s) of the model listed neither as pruned nor as dense: {name}" in capsys.readouterr().out
     pytest.importorskip("torchao")
-    from nmperm_plugin.export.torchao import export_checkpoint
+    from nmperm_plugin.export.directory import export_checkpoint
 
     with pytest.raises(ValueError, match="is not the N:M checkpoint its nmperm.json says"):
         export_checkpoint(dense)

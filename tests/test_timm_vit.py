@@ -17,7 +17,8 @@ from test_architectures import exact_fold, gather_fold
 
 from nmperm_plugin import PermuteConfig, permute_
 from nmperm_plugin.core.ops import function_error
-from nmperm_plugin.io.checkpoint import finish_sidecar, verify_checksums, verify_model
+from nmperm_plugin.io.checkpoint import finish_sidecar
+from nmperm_plugin.io.verify import verify_checksums, verify_model
 from nmperm_plugin.learn.fold import GatherLinear, GatherNorm
 from nmperm_plugin.plugins.registry import get_adapter
 

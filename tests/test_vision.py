@@ -27,10 +27,10 @@ from nmperm_plugin.core.ops import function_error
 from nmperm_plugin.data.calibration import samples_of, stack_labels
 from nmperm_plugin.io.sidecar import Sidecar
 from nmperm_plugin.learn.fold import GatherLinear, GatherNorm
+from nmperm_plugin.learn.layers import capture_layer_inputs
 from nmperm_plugin.learn.learner import LazyWeights, Member
 from nmperm_plugin.learn.losses import LayerStack, WindowObjective
 from nmperm_plugin.learn.pipeline import make_run
-from nmperm_plugin.learn.run import capture_layer_inputs
 from nmperm_plugin.plugins.registry import get_adapter
 
 VISION = {

@@ -9,10 +9,10 @@ from conftest import assert_same_function, tiny_model
 
 from nmperm_plugin import PermuteConfig, permute_
 from nmperm_plugin.core.nm import NMPattern, is_nm
+from nmperm_plugin.learn.layers import capture_layer_inputs
 from nmperm_plugin.learn.learner import LazyWeights, Member
 from nmperm_plugin.learn.losses import EpochBatches, LayerStack, WindowObjective
 from nmperm_plugin.learn.pipeline import make_run
-from nmperm_plugin.learn.run import capture_layer_inputs
 from nmperm_plugin.plugins.registry import get_adapter
 
 FAST = dict(block_size=16, sequences_per_step=2, select_sequences=2, end_to_end_steps=3)
@@ -177,7 +177,7 @@ def test_auto_recomputes_the_dense_targets_when_they_do_not_fit(input_ids, monke
     from loguru import logger
 
     from nmperm_plugin.io import checks
-    from nmperm_plugin.learn import objectives as strategies
+    from nmperm_plugin.learn import window as strategies
 
     monkeypatch.setattr(checks, "available_memory", lambda device: 1024)  # 1 KiB free on the host
     chosen, lines = [], []

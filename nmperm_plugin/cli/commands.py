@@ -11,7 +11,7 @@ from functools import partialmethod
 from loguru import logger
 
 from .. import compat
-from ..io.checkpoint import verify_checkpoint
+from ..io.verify import verify_checkpoint
 from ..runtime import distributed, resume
 from .options import add_parts_argument, resolve_device
 from .prune import _add_prune_options, cmd_prune

@@ -22,7 +22,8 @@ from ..data.vl import load_captioned_images, load_vl_model, vl_batches
 from ..eval.perplexity import perplexity
 from ..io.checkpoint import check_output_dir, save_checkpoint
 from ..io.models import check_seq_len, load_model, model_type_of, stored_dtype
-from ..io.safety import check_free_space, guard_output
+from ..io.replace import check_free_space
+from ..io.safety import guard_output
 from ..learn import parts
 from ..runtime import distributed, resume
 from .options import add_config_arguments, add_device_argument, config_from_args, resolve_device

@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io.checkpoint import load_checkpoint_model
 from ..io.checks import check_finite_parameters
-from ..io.models import read_config
+from ..io.models import load_checkpoint_model, read_config
 from .text import is_datasets_folder, load_datasets_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

@@ -34,9 +34,8 @@ from loguru import logger
 from torch import nn
 
 from ..arch.qwen_vl import per_sample_images
-from ..io.checkpoint import load_checkpoint_model
 from ..io.checks import check_finite_parameters
-from ..io.models import check_model_directory
+from ..io.models import check_model_directory, load_checkpoint_model
 from .images import BATCH, IMAGE_SUFFIXES, image_column, load_image_processor, pick_indices
 from .text import is_datasets_folder, load_datasets_folder, read_text
 

@@ -10,6 +10,7 @@ ServeConfig(...))`` prepares a converted model for serving (cuSPARSELt algorithm
 """
 
 from .cusparselt import CusparseltLinear, ServeError, prepare_linears_
+from .directory import export_checkpoint
 from .pack import pack_2to4, roundtrip_exact, unpack_2to4
 from .report import CONVERTED, DENSE, READY, ExportReport, LayerResult
 from .serving import GraphRunner, ServeConfig, ServedModel, check_served, parse_shape, serve
@@ -22,7 +23,7 @@ from .sparsify import (
     register_sparsify_handler,
     sparsify_,
 )
-from .torchao import TorchaoExportConfig, export_checkpoint, find_linears, to_torchao_
+from .torchao import TorchaoExportConfig, find_linears, to_torchao_
 from .validate import BACKENDS, PRECISIONS, ShapeRule, shape_rule, validate_linear
 
 __all__ = [

@@ -95,7 +95,8 @@ def serve_text(rows: list[dict]) -> str:
 def run_export(args: argparse.Namespace) -> int:
     """Run ``nmperm export``; 0 on success, 1 when ``--check`` finds a problem, 2 on bad input."""
     from .cusparselt import ServeError
-    from .torchao import TorchaoExportConfig, check_checkpoint_dir, export_checkpoint
+    from .directory import check_checkpoint_dir, export_checkpoint
+    from .torchao import TorchaoExportConfig
 
     try:
         config = TorchaoExportConfig(dtype=args.dtype, backend=args.backend, check=True)

@@ -16,7 +16,6 @@ module keeps its name, and ``TorchaoExportConfig`` its, for the code written aga
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,14 +24,18 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import compat
-from ..io.sidecar import SIDECAR_NAME, Sidecar
+from ..io.sidecar import Sidecar
 from .pack import roundtrip_exact
 from .report import CONVERTED, DENSE, READY, ExportReport, LayerResult
 from .sparsify import Float8SemiSparseWeightConfig, SemiSparseWeightConfig, SparsifyConfig, sparsify_
 from .validate import BACKENDS, PRECISIONS, torch_dtype_name, validate_linear
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+
+
 FP8_PROBE_TOLERANCE = 0.125  # relative L2 error of a probe output: e4m3 rounding gives ~0.05, wrong metadata ~1
+
+
 CPU_NOTE = (
     "layers were validated and packed on CPU only; the 2:4 sparse matmul needs a CUDA GPU "
     "(SM 8.0+ for fp16/bf16, SM 9.x for FP8), so nothing was converted"
@@ -294,50 +297,3 @@ def to_torchao_(
         )
     logger.info(report.summary())
     return report
-
-
-def load_pruned_model(directory: Path, config: TorchaoExportConfig) -> nn.Module:
-    """Load a transformers causal LM checkpoint in ``config``'s dtype (or as stored), in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    from ..io.checkpoint import load_pretrained
-
-    model = load_pretrained(AutoModelForCausalLM, directory, dtype=config.torch_dtype or "auto")
-    return model.eval()
-
-
-def check_checkpoint_dir(directory: Path) -> None:
-    """Raise ``FileNotFoundError`` unless ``directory`` holds a transformers config and an nmperm sidecar."""
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is not a directory: pass a checkpoint written by `nmperm prune`")
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{directory}/config.json not found: not a transformers checkpoint")
-    if not (directory / SIDECAR_NAME).is_file():
-        raise FileNotFoundError(
-            f"{directory}/{SIDECAR_NAME} not found: this directory was not written by nmperm (run `nmperm prune` first)"
-        )
-
-
-def export_checkpoint(
-    directory: str | Path, config: TorchaoExportConfig | None = None
-) -> tuple[nn.Module, ExportReport]:
-    """Load an nmperm checkpoint (model + ``nmperm.json``) and run :func:`to_torchao_` on it.
-
-    ``fold: gather`` checkpoints get their gathers applied (``nmperm_plugin.learn.fold.apply_gather``) so the
-    pruned weights are N:M before validation. Raises ``FileNotFoundError``/``ValueError`` for a
-    directory that is not an nmperm checkpoint, before anything is loaded.
-    """
-    config = config or TorchaoExportConfig()
-    path = Path(directory)
-    check_checkpoint_dir(path)
-    sidecar = Sidecar.load(path)
-    model = load_pruned_model(path, config)
-    from ..io.checkpoint import claim_failures
-
-    problems = claim_failures(model, sidecar) if sidecar.masked else ["it holds permutations only, no N:M mask"]
-    if problems:
-        raise ValueError(
-            f"{path} is not the N:M checkpoint its {SIDECAR_NAME} says: {'; '.join(problems)}; nothing to export as "
-            "2:4 (`nmperm verify` shows every check)"
-        )
-    return model, to_torchao_(model, config, sidecar)

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import pickle
 from pathlib import Path
 
 from loguru import logger
 from torch import nn
 
-from .checks import check_finite_parameters, check_weight_files, stored_float_dtype
+from .checks import (
+    WeightFileError,
+    check_finite_parameters,
+    check_loading_info,
+    check_weight_files,
+    stored_float_dtype,
+)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -113,8 +120,6 @@ def load_model(path: str | Path) -> tuple[nn.Module, object]:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import load_pretrained
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist: give a transformers directory or a .gguf file")
@@ -151,3 +156,41 @@ def stored_dtype(model: nn.Module):
 
     dtype = getattr(model, "nmperm_stored_dtype", None)
     return None if dtype in (None, torch.float32) else dtype
+
+
+def checkpoint_class(directory: str | Path) -> type:
+    """The ``transformers`` class that ``directory``'s config names (``architectures``: a ViT's
+    ``ViTForImageClassification``), else ``AutoModelForCausalLM``; never a class from the checkpoint."""
+    import transformers
+
+    names = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=False).architectures or []
+    found = getattr(transformers, names[0], None) if names else None
+    is_model = isinstance(found, type) and issubclass(found, transformers.PreTrainedModel)
+    return found if is_model else transformers.AutoModelForCausalLM
+
+
+def load_checkpoint_model(directory: str | Path) -> nn.Module:
+    """The model in ``directory`` (:func:`checkpoint_class`) in float32, never running code from it,
+    safetensors first."""
+    files = check_weight_files(directory)
+    return load_pretrained(
+        checkpoint_class(directory),
+        directory,
+        dtype="float32",
+        use_safetensors=True if files[0].suffix == ".safetensors" else None,
+    )
+
+
+def load_pretrained(cls, directory: str | Path, **kwargs) -> nn.Module:
+    """``cls.from_pretrained(directory, **kwargs)``, never running code from the directory, refused
+    (:func:`~nmperm_plugin.io.checks.check_loading_info`) when a weight is missing, unexpected or of another
+    shape: the one way nmperm loads a checkpoint's weights."""
+    try:
+        model, info = cls.from_pretrained(directory, trust_remote_code=False, output_loading_info=True, **kwargs)
+    except pickle.UnpicklingError:  # transformers reads .bin files with torch.load(weights_only=True)
+        raise WeightFileError(
+            f"a weight file of {directory} holds Python objects other than tensors, which nmperm never loads (they "
+            "could run code): re-save the model as safetensors from a trusted copy"
+        ) from None
+    check_loading_info(info, directory)
+    return model

@@ -19,8 +19,8 @@ from ..config import LearnConfig
 from ..core.nm import NMPattern, hard_mask, retained_score, unstructured_bound
 from ..core.permuter import hard_together, sample_together
 from ..core.sinkhorn import anneal
-from ..runtime import distributed, resume
-from ..runtime.callbacks import LearnCallback
+from ..runtime import distributed
+from ..runtime.callbacks import LearnCallback, default_callbacks
 
 
 def module_key(site: str) -> str:
@@ -165,11 +165,6 @@ class LearnState:
 
     def place(self, perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return _placed(perms, self.effective)
-
-
-def default_callbacks(description: str) -> list[LearnCallback]:
-    """The active resume store's and the process group's callbacks, where there are any."""
-    return [c for c in (distributed.callback(description), resume.callback(description)) if c is not None]
 
 
 def learn(

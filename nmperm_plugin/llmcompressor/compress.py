@@ -22,9 +22,9 @@ from torch import nn
 from .. import compat
 from ..core.nm import NMPattern, is_nm
 from ..data.calibration import samples_of
-from ..io.checkpoint import checkpoint_key_of, linear_form, record_claim, verify_model
 from ..io.checks import weight_checksums
 from ..io.sidecar import Sidecar
+from ..io.verify import checkpoint_key_of, linear_form, record_claim, verify_model
 from ..runtime.resume import ResumeStore
 
 STATE_ATTR = "_nmperm_state"

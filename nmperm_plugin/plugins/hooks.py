@@ -33,5 +33,5 @@ class Specs:
 
     @hookspec
     def nmperm_objectives(self) -> list:
-        """Return :class:`~nmperm_plugin.learn.objectives.ObjectiveStrategy` instances to add (what
+        """Return :class:`~nmperm_plugin.learn.sequential.ObjectiveStrategy` instances to add (what
         ``objective:`` names)."""

@@ -19,8 +19,6 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from .callbacks import LearnCallback
-
 T = TypeVar("T")
 
 
@@ -177,30 +175,3 @@ def check_same(what: str, value: str) -> None:
             f"{what} differs between ranks (rank 0 and rank {differing[0]}): every rank must load the same model "
             "and calibration data with the same configuration and seed"
         )
-
-
-class DistributedCallback(LearnCallback):
-    """A learning run across ranks: every rank starts from the same permuters (checked), the ranks'
-    gradients are summed before each step (each rank's loss is pre-scaled by its share), the loss
-    recorded is the sum over the ranks, and only rank 0 shows progress."""
-
-    def __init__(self, description: str) -> None:
-        self.description = description
-        self.quiet = not is_main()
-
-    def begin(self, state) -> bool:
-        effective = state.effective
-        tensors = [t for _, t in sorted(effective.permuters.state_dict().items())] + list(effective.fixed.values())
-        check_same(f"the starting permutations of {self.description!r}", digest(tensors))
-        return False
-
-    def after_backward(self, state) -> None:
-        sum_gradients(state.effective.permuters.parameters())
-
-    def loss_value(self, value: float) -> float:
-        return sum_float(value)
-
-
-def callback(description: str) -> DistributedCallback | None:
-    """The callback of a learning run under ``torch.distributed`` with several ranks (else None)."""
-    return DistributedCallback(description) if world_size() > 1 else None
