@@ -177,7 +177,7 @@ def test_end_to_end_exact_learns_hidden_only_when_asked(learn_hidden, input_ids,
 
 @pytest.mark.parametrize("train_dtype,learning_dtype", [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
 def test_end_to_end_learns_in_train_dtype_and_selects_in_float32(train_dtype, learning_dtype, input_ids, monkeypatch):
-    import nmperm_plugin.learn.objectives as strategies
+    import nmperm_plugin.learn.window as strategies
 
     model = tiny_model()
     dtypes = []
