@@ -8,7 +8,6 @@ the chosen parts of a vision-language model.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -21,9 +20,9 @@ from torch import nn
 from .config import PermuteConfig
 from .data.calibration import CalibrationData
 from .io.sidecar import Sidecar
-from .learn.parts import DEFAULT_PARTS, check_parts, fingerprint, parse_parts, permute_chosen_
+from .learn.parts import DEFAULT_PARTS, check_parts, open_state, parse_parts, permute_chosen_
 from .learn.pipeline import PruneResult
-from .runtime import distributed, resume
+from .runtime import resume
 from .runtime.onload import execution_device, fits_on, storage_device
 
 Placement = Literal["onload", "auto"]
@@ -87,7 +86,5 @@ def _resumable(state, model, calibration, config, parts, device):
     if state is None:
         return nullcontext()
     if not isinstance(state, resume.ResumeStore):
-        setup = fingerprint(model, calibration, config, parts, device or storage_device(model))
-        distributed.check_same("the model, the calibration data or the configuration", json.dumps(setup))
-        state = resume.ResumeStore(state, setup).open()
+        state = open_state(state, model, calibration, config, parts, device or storage_device(model))
     return resume.using(state)

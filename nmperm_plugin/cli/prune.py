@@ -5,7 +5,6 @@ llm-compressor recipe through ``oneshot``)."""
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -176,9 +175,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     distributed.on_main(lambda: check_free_space(target, checkpoint_bytes(model, written_dtype)))
     store = None
     if learning:
-        setup = parts.fingerprint(model, calibration, config, args.parts, device)
-        distributed.check_same("the model, the calibration data or the configuration", json.dumps(setup))
-        store = resume.ResumeStore(state_dir, setup, restart_hint="add --no-resume").open(args.resume)
+        store = parts.open_state(
+            state_dir, model, calibration, config, args.parts, device, args.resume, restart_hint="add --no-resume"
+        )
     start = time.monotonic()
     sidecar, _ = permute_(model, calibration, config, device, parts=args.parts, state=store, placement="auto")
     sidecar.figures["total_seconds"] = round(time.monotonic() - start, 1)

@@ -15,6 +15,7 @@ run's setup names its parts).
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Sequence
 
@@ -25,7 +26,7 @@ from ..arch.qwen_vl import TOWER, VISION, QwenVLAdapter, renamed
 from ..config import PermuteConfig
 from ..data.calibration import CalibrationData
 from ..io.sidecar import Sidecar
-from ..runtime import resume
+from ..runtime import distributed, resume
 from .pipeline import PruneResult, dense_linears, permute_model_
 
 PARTS = ("vision", "text")  # what permute_parts_ prunes, in this order
@@ -205,3 +206,21 @@ def fingerprint(
     if has_vision_tower(model):
         found["config"]["parts"] = list(parse_parts(parts))
     return found
+
+
+def open_state(
+    directory,
+    model: nn.Module,
+    calibration: CalibrationData,
+    config: PermuteConfig,
+    parts: Sequence[str] = DEFAULT_PARTS,
+    device: torch.device | str = "cpu",
+    resume_run: bool = True,
+    restart_hint: str = "pass resume=False",
+) -> resume.ResumeStore:
+    """The learning state of a :func:`permute_chosen_` run in ``directory``, opened: with
+    ``resume_run``, an interrupted run of the same :func:`fingerprint` continues; every rank must hold
+    the same setup (checked)."""
+    setup = fingerprint(model, calibration, config, parts, device)
+    distributed.check_same("the model, the calibration data or the configuration", json.dumps(setup))
+    return resume.ResumeStore(directory, setup, restart_hint=restart_hint).open(resume_run)
