@@ -241,6 +241,3 @@ def _kept(args: argparse.Namespace) -> str:
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
-
-if __name__ == "__main__":
-    sys.exit(main())
