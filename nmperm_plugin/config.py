@@ -6,7 +6,9 @@ The ``nmperm`` flags (:mod:`nmperm_plugin.cli.options`), the llm-compressor modi
 new field appears everywhere at once (``tests/test_config.py`` checks that it does).
 
 Step counts are two fields, resolved by the objective when it runs and never written back:
-``steps_per_layer`` (layer-wise objectives) and ``end_to_end_steps`` (whole-model objectives).
+``steps_per_layer`` (layer-wise objectives) and ``end_to_end_steps`` (whole-model objectives). Unset
+(None), ``sequences_per_step`` is resolved the same way, by the number of ranks the run has
+(:func:`nmperm_plugin.runtime.distributed.sequences_per_step`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ FRONT_ENDS = ("cli", "modifier")
 # end_to_end steps in all, by fold, when end_to_end_steps is unset (gather learns twice the sites;
 # both measured in docs/results.md)
 END_TO_END_STEPS = {"exact": 80, "gather": 120}
+# sequences in one learning step when sequences_per_step is unset; under torch.distributed it is raised
+# to a multiple of the ranks (runtime.distributed.sequences_per_step), so that every rank gets its share
+SEQUENCES_PER_STEP = 1
 
 
 TRAIN_DTYPES = ("auto", "float32", "bfloat16")
@@ -117,7 +122,12 @@ class PermuteConfig:
         "learner steps in all for end_to_end, per window for window and auto (default: 80 with exact, 120 with gather)",
         minimum=0,
     )
-    sequences_per_step: int = option(1, "calibration sequences in one learning step", minimum=1)
+    sequences_per_step: int | None = option(
+        None,
+        "calibration sequences in one learning step (unset: 1, or under torch.distributed the smallest multiple of "
+        "the ranks)",
+        minimum=1,
+    )
     select_sequences: int = option(4, "calibration sequences that rank candidate permutations", minimum=1)
     learn_hidden: bool = option(False, "exact: also learn the global hidden permutation (else the heuristic's)")
     layers_per_step: int = option(4, "decoder layers per step when learning the global hidden site", minimum=1)

@@ -1,6 +1,7 @@
 """Several ranks through torch.distributed (issue 15, item 3): 2 gloo ranks on CPU find the same
 permutations as 1 rank with the same seed and data, the CLI runs under torchrun with rank 0 alone
-writing, and a step with fewer sequences than ranks is refused on every rank."""
+writing, and a step with fewer sequences than ranks is refused on every rank. Unset, the sequences
+per step become a multiple of the ranks (issue 33, item 5): torchrun works at the defaults."""
 
 import json
 import os
@@ -13,10 +14,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import tiny_model
+from loguru import logger
 
 from nmperm_plugin import PermuteConfig, permute_
+from nmperm_plugin.cli.commands import main
 from nmperm_plugin.io.verify import verify_checkpoint
 from nmperm_plugin.runtime import distributed
+from nmperm_plugin.runtime.state import fingerprint
 
 BIN = Path(sys.executable).parent
 CASES = {
@@ -36,11 +40,18 @@ def _permutations(case: str) -> dict[str, list[int]]:
     return sidecar.permutations
 
 
+def _default_permutations() -> dict[str, list[int]]:
+    """end_to_end with ``sequences_per_step`` unset (a multiple of the ranks under a process group)."""
+    fields = {k: v for k, v in COMMON.items() if k != "sequences_per_step"} | CASES["end_to_end"]
+    sidecar, _ = permute_(tiny_model(), _ids(), PermuteConfig(**fields))
+    return sidecar.permutations
+
+
 def _worker(rank: int, world: int, rendezvous: str, results: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
-        found = {case: _permutations(case) for case in CASES}
+        found = {case: _permutations(case) for case in CASES} | {"default": _default_permutations()}
         try:
             permute_(tiny_model(), _ids(), PermuteConfig(**(COMMON | CASES["end_to_end"] | {"sequences_per_step": 1})))
             found["refused"] = None
@@ -66,6 +77,38 @@ def test_two_gloo_ranks_find_the_permutations_of_one(two_ranks, case, one_thread
     assert two_ranks[0][case] == two_ranks[1][case]  # the ranks agree with each other
     assert two_ranks[0][case] == single  # and with one process on all the sequences
     assert any(perm != sorted(perm) for perm in single.values())  # something was permuted
+
+
+def test_two_ranks_at_the_default_sequences_per_step_find_one_rank_with_the_same_global_batch(two_ranks, one_thread):
+    single = _permutations("end_to_end")  # 1 process, sequences_per_step=2 given
+    assert two_ranks[0]["default"] == two_ranks[1]["default"] == single
+
+
+def test_unset_sequences_per_step_is_the_default_raised_to_a_multiple_of_the_ranks(monkeypatch):
+    assert distributed.sequences_per_step(None) == 1 and distributed.sequences_per_step(3) == 3  # one process
+    messages: list[str] = []
+    handler = logger.add(messages.append, level="INFO", format="{message}")
+    try:
+        for ranks in (2, 3, 8):
+            monkeypatch.setattr(distributed, "world_size", lambda ranks=ranks: ranks)
+            assert distributed.sequences_per_step(None) == ranks
+            assert distributed.sequences_per_step(ranks + 1) == ranks + 1  # given: kept, even when not a multiple
+            assert distributed.sequences_per_step(None, log=False) == ranks
+            with pytest.raises(ValueError, match=f"sequences_per_step 1 is smaller than the {ranks} ranks.*leave it"):
+                distributed.sequences_per_step(1)
+    finally:
+        logger.remove(handler)
+    assert len(messages) == 3 and "2 sequences per learning step" in messages[0] and "2 ranks" in messages[0]
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match="1 sequence.* per step for 2 ranks.*--num-samples"):
+        distributed.check_shares(1)  # fewer calibration sequences than ranks
+
+
+def test_a_resumed_state_compares_the_resolved_sequences_per_step(monkeypatch):
+    config = PermuteConfig()
+    assert fingerprint(tiny_model(), _ids(), config)["config"]["sequences_per_step"] == 1
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    assert fingerprint(tiny_model(), _ids(), config)["config"]["sequences_per_step"] == 2
 
 
 def test_fewer_sequences_per_step_than_ranks_is_refused_on_every_rank(two_ranks):
@@ -126,3 +169,18 @@ def test_cli_under_torchrun_refuses_on_every_rank_and_none_hangs(saved_model, tm
     for rank in (0, 1):
         assert "sequences_per_step 1 is smaller than the 2 ranks" in logs[rank], logs[rank]
     assert not out.exists()
+
+
+def test_cli_under_torchrun_at_the_defaults_takes_a_sequence_per_rank(saved_model, tmp_path, one_thread):
+    """The documented launch without --sequences-per-step: 2 sequences per step, said in the log, and
+    the permutations of 1 process given --sequences-per-step 2."""
+    model, text = saved_model
+    out, single = tmp_path / "out", tmp_path / "single"
+    done = _torchrun(tmp_path, "logs", "prune", str(model), "--dataset", str(text), "--output", str(out), *CLI_FAST)
+    logs = _rank_logs(tmp_path / "logs")
+    assert done.returncode == 0, done.stderr[-3000:] + str(logs)
+    assert "2 sequences per learning step" in logs[0] and "multiple of the 2 ranks" in logs[0], logs[0]
+    assert main(["prune", str(model), "--dataset", str(text), "--output", str(single), *CLI_FAST,
+                 "--sequences-per-step", "2"]) == 0  # fmt: skip
+    permutations = [json.loads((d / "nmperm.json").read_text())["permutations"] for d in (out, single)]
+    assert permutations[0] == permutations[1]

@@ -161,7 +161,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     load = _loader(args)
     if config.method == "learned":  # every rank needs a sequence of each step: refused before any work
-        distributed.check_shares(min(config.sequences_per_step, args.num_samples))
+        per_step = distributed.sequences_per_step(config.sequences_per_step, log=False)  # logged as the run starts
+        distributed.check_shares(min(per_step, args.num_samples))
     target = distributed.on_main(lambda: check_output_dir(args.output, args.overwrite, inputs))
     state_dir = resume.state_dir_of(target)
     learning = config.method == "learned"  # only the learning keeps a resumable state

@@ -25,6 +25,7 @@ from ..core.permuter import BlockPermuter
 from ..core.scores import ChannelStats
 from ..data.calibration import CalibrationData, samples_of, stack_labels, to_device
 from ..io.checks import check_fits_in_memory
+from ..runtime import distributed
 from ..runtime.onload import head_on, moved, storage_device
 from .layers import capture_layer_inputs, collect_stats, run_layer
 from .learner import EffectiveWeights, Member, module_key, retained_ratio
@@ -83,6 +84,7 @@ class Run:
         self.sites = adapter.sites(model, config.fold)
         self.layers = adapter.decoder_layers(model)
         self.rng = torch.Generator().manual_seed(config.seed)
+        self.sequences_per_step = distributed.sequences_per_step(config.sequences_per_step)  # unset: by the ranks
         self.site_of = {name: site for site in self.sites for name in site.linears}
         self.linears = {name: model.get_submodule(name) for name in self.site_of}
         names = {id(module): name for name, module in model.named_modules()}

@@ -112,7 +112,7 @@ class Layerwise(Sequential):
         ``kwargs`` are this layer's keyword arguments."""
         config = run.config
         return LayerwiseObjective(
-            run.layers[index], kwargs, inputs, target, config.sequences_per_step, config.select_sequences, run.rng
+            run.layers[index], kwargs, inputs, target, run.sequences_per_step, config.select_sequences, run.rng
         )
 
     def learn_layer(self, run: Run, index: int, local: list[Site], scores, hidden, kwargs, dense_outputs) -> None:
@@ -137,7 +137,7 @@ def learn_global_site(run: Run, site: Site, scores, inputs: list, targets: list,
         inputs,
         targets,
         params,
-        config.sequences_per_step,
+        run.sequences_per_step,
         config.layers_per_step,
         config.select_sequences,
         run.rng,

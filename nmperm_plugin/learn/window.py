@@ -111,7 +111,7 @@ def window_learning(
     effective.cache_fixed = not checkpointed  # checkpointing: no weight kept beyond its layer
     objective = WindowObjective(
         stack, window, hidden, targets, run.labels, config.alpha,
-        config.sequences_per_step, config.select_sequences, run.rng, autocast, checkpointed,
+        run.sequences_per_step, config.select_sequences, run.rng, autocast, checkpointed,
     )  # fmt: skip
     return effective, objective
 

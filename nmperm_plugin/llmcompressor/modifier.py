@@ -25,7 +25,7 @@ from ..io.sidecar import Sidecar
 from ..learn import parts as vl_parts
 from ..learn.pipeline import PruneResult, strategy_of
 from ..plugins.registry import check_names
-from ..runtime import resume
+from ..runtime import distributed, resume
 from ..runtime.onload import execution_device, storage_device, undispatched
 from .compress import PermutedState, attach, calibration_data, check_recipe, check_unpermuted, ignored_linears
 
@@ -147,7 +147,8 @@ class _ModifierBase(Modifier):
         """``ceil(epochs * sequences / sequences_per_step)``; None without ``epochs``."""
         if self.epochs is None:
             return None
-        return math.ceil(self.epochs * num_sequences / min(self.sequences_per_step, num_sequences))
+        per_step = distributed.sequences_per_step(self.sequences_per_step, log=False)  # unset: by the ranks
+        return math.ceil(self.epochs * num_sequences / min(per_step, num_sequences))
 
     def permute_config(self, num_sequences: int, ignore: tuple[str, ...] = ()) -> PermuteConfig:
         """The run's :class:`PermuteConfig`: the schema fields as given, ``epochs`` turned into steps

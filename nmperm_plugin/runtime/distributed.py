@@ -18,6 +18,9 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from loguru import logger
+
+from ..config import SEQUENCES_PER_STEP
 
 T = TypeVar("T")
 
@@ -35,12 +38,36 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def sequences_per_step(configured: int | None, log: bool = True) -> int:
+    """The calibration sequences of one learning step: ``configured`` when the user set it (refused
+    below the number of ranks), else the default raised to the smallest multiple of the ranks at or
+    above it, so that ``torchrun`` works at the defaults (said in the log when ``log``)."""
+    ranks = world_size()
+    if configured is not None:
+        if configured < ranks:
+            raise ValueError(
+                f"sequences_per_step {configured} is smaller than the {ranks} ranks: every rank needs a sequence of "
+                f"each step; set sequences_per_step (--sequences-per-step) to at least {ranks} (a multiple of it "
+                "splits evenly), or leave it unset for a multiple of the ranks"
+            )
+        return configured
+    resolved = -(-SEQUENCES_PER_STEP // ranks) * ranks
+    if log and resolved != SEQUENCES_PER_STEP:
+        logger.info(
+            f"nmperm: {resolved} sequences per learning step: sequences_per_step is unset and its default "
+            f"{SEQUENCES_PER_STEP} is raised to a multiple of the {ranks} ranks, so each rank takes an equal share "
+            "(set --sequences-per-step to choose)"
+        )
+    return resolved
+
+
 def check_shares(per_step: int) -> None:
-    """Each rank needs at least one sequence of every step."""
+    """Each rank needs at least one sequence of every step (``per_step``: the step's sequences, at
+    most the calibration sequences)."""
     if per_step < world_size():
         raise ValueError(
-            f"sequences_per_step {per_step} is smaller than the {world_size()} ranks: every rank needs a sequence "
-            f"of each step; set sequences_per_step to at least {world_size()} (a multiple of it splits evenly)"
+            f"{per_step} sequence(s) per step for {world_size()} ranks: every rank needs a sequence of each step; "
+            f"give at least {world_size()} calibration sequences (--num-samples) and sequences_per_step"
         )
 
 

@@ -105,8 +105,10 @@ def fingerprint(model: nn.Module, calibration: CalibrationData, config, device: 
     """What a saved state must match to be resumed: every configuration field, the model's weights
     (:func:`model_summary`), the calibration token ids (or image batches) and the device type (the
     learning precision depends on it). The number of ranks is recorded, not compared (a resume with another count
-    continues correctly, equal to rounding)."""
+    continues correctly, equal to rounding); an unset ``sequences_per_step`` is compared as the ranks
+    resolve it, since it follows their count."""
     fields = json.loads(json.dumps(dataclasses.asdict(config)))
+    fields["sequences_per_step"] = distributed.sequences_per_step(config.sequences_per_step, log=False)
     return {
         "config": fields,
         "model": model_summary(model),
