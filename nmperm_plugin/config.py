@@ -141,6 +141,11 @@ class PermuteConfig:
         "each step's (a dense forward more per step; auto: keep when they fit in memory)",
         DENSE_TARGETS,
     )
+    shard_weights: bool = option(
+        False,
+        "under torch.distributed: each rank keeps 1/ranks of every decoder-layer matrix and of its scores, "
+        "gathered per layer as it runs (docs/distributed.md)",
+    )
     alpha: float = option(0.1, "end_to_end distillation weight", minimum=0)
     train_dtype: str = option(
         "auto", "precision of end_to_end's learning passes (auto: bfloat16 where fast)", TRAIN_DTYPES

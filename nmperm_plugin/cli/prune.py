@@ -24,7 +24,7 @@ from ..io.models import check_seq_len, load_model, model_type_of, stored_dtype
 from ..io.replace import check_free_space
 from ..io.safety import guard_output
 from ..learn import parts
-from ..runtime import distributed, resume
+from ..runtime import distributed, resume, sharding
 from .options import add_config_arguments, add_device_argument, config_from_args, resolve_device
 
 
@@ -170,6 +170,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         args.state_dir = state_dir
         distributed.on_main(lambda: guard_output(state_dir, inputs))
         distributed.on_main(lambda: resume.check_state_dir(state_dir))  # a folder of yours there: before the load
+    if config.shard_weights:  # no process group, or ranks with unequal selection batches: refused before the load
+        per_step = distributed.sequences_per_step(config.sequences_per_step, log=False)
+        sharding.check_setting(config.select_sequences, per_step, args.num_samples)
     device = resolve_device(args.device)
     model, tokenizer, calibration, evaluate = load(args)
     written_dtype = stored_dtype(model)

@@ -21,6 +21,7 @@ from ..core.permuter import hard_together, sample_together
 from ..core.sinkhorn import anneal
 from ..runtime import distributed
 from ..runtime.callbacks import LearnCallback, default_callbacks
+from ..runtime.sharding import is_shard, whole
 
 
 def module_key(site: str) -> str:
@@ -71,7 +72,10 @@ class EffectiveWeights:
         return self._masked(member, self.fixed[member.site])
 
     def _onloaded(self, member: Member) -> tuple[torch.Tensor, torch.Tensor]:
-        """``member``'s weight and scores on the device effective weights are built on."""
+        """``member``'s weight and scores on the device effective weights are built on (gathered from
+        the ranks when sharded: freed with the effective weight, and gathered again in a recomputation)."""
+        if is_shard(member.weight) or is_shard(member.scores):
+            return whole(member.weight, self.device), whole(member.scores, self.device)
         if self.device is None:
             return member.weight, member.scores
         return member.weight.to(self.device, non_blocking=True), member.scores.to(self.device, non_blocking=True)
@@ -139,7 +143,7 @@ class RetainedObjective(Objective):
     """
 
     def __init__(self, members: list[Member], pattern: NMPattern) -> None:
-        self.bound = sum(float(unstructured_bound(m.scores, pattern)) for m in members)
+        self.bound = sum(float(unstructured_bound(whole(m.scores), pattern)) for m in members)
 
     def loss(self, weights: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
         # every rank computes the same loss and the ranks' gradients are summed: count it once
@@ -231,5 +235,9 @@ def _placed(perms: dict[str, torch.Tensor], effective: EffectiveWeights) -> dict
 
 def retained_ratio(members: list[Member], perms: dict[str, torch.Tensor], pattern: NMPattern) -> float:
     """Retained score over the unstructured bound, summed over members."""
-    kept = sum(float(retained_score(m.scores[:, perms[m.site].to(m.scores.device)], pattern)) for m in members)
-    return kept / sum(float(unstructured_bound(m.scores, pattern)) for m in members)
+    kept = bound = 0.0
+    for member in members:
+        scores = whole(member.scores)  # gathered once per member when sharded
+        kept += float(retained_score(scores[:, perms[member.site].to(scores.device)], pattern))
+        bound += float(unstructured_bound(scores, pattern))
+    return kept / bound

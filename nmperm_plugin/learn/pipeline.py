@@ -25,6 +25,7 @@ from ..data.calibration import CalibrationData, samples_of, to_device
 from ..io.checks import check_finite_parameters, check_pattern_fits
 from ..io.sidecar import Sidecar
 from ..plugins.registry import check_names, get_adapter, get_mask_generator, get_objective, get_solver
+from ..runtime.sharding import check_setting, sharded
 from .fold import fold_
 from .objectives import HEURISTIC, ObjectiveStrategy
 from .run import Run
@@ -62,6 +63,8 @@ def make_run(
     run = Run(model, calibration, config, adapter, get_mask_generator(config.scorer), solver, device)
     check_pattern_fits(run.pattern, run.linears, run.sites if config.method != "identity" else ())
     check_finite_parameters(model)
+    if config.shard_weights:  # refused here, before the dense pass, where it cannot run
+        check_setting(config.select_sequences, run.sequences_per_step, len(run.samples), adapter)
     return run
 
 
@@ -77,7 +80,9 @@ def permute_and_prune_(
     The model stays in its original channel order; call :func:`fold_` to fold the permutations.
     ``device``: where to compute, if not where the weights are (then each decoder layer is copied
     there when it runs, :mod:`nmperm_plugin.runtime.onload`). ``adapter``: resolved once per run by
-    the caller (None: the registered one that handles ``model``).
+    the caller (None: the registered one that handles ``model``). With ``config.shard_weights``, the
+    decoder layers' matrices are sharded over the ranks after their inputs are captured and gathered
+    back whole at the end (:mod:`nmperm_plugin.runtime.sharding`).
     """
     check_names(config)  # the configuration is plain data: its plugin names are checked as the run starts
     for parameter in model.parameters():
@@ -93,7 +98,8 @@ def permute_and_prune_(
         )
         start = time.monotonic()
         hidden, kwargs = run.layer_inputs()
-        strategy.solve(run, hidden, kwargs, apply_masks=config.apply_mask)
+        with sharded(run.layers, config.shard_weights):  # each rank keeps its part; whole again after
+            strategy.solve(run, hidden, kwargs, apply_masks=config.apply_mask)
     seconds, objective = time.monotonic() - start, run.objective if config.method == "learned" else None
     return PruneResult(run.sites, run.perms, run.pruned, run.retained, run.history, seconds, objective)
 

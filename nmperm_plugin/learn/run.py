@@ -27,6 +27,7 @@ from ..data.calibration import CalibrationData, samples_of, stack_labels, to_dev
 from ..io.checks import check_fits_in_memory
 from ..runtime import distributed
 from ..runtime.onload import head_on, moved, storage_device
+from ..runtime.sharding import is_shard, part_of, shard_of, whole
 from .layers import capture_layer_inputs, collect_stats, run_layer
 from .learner import EffectiveWeights, Member, module_key, retained_ratio
 
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
 
 def solve_site(site: Site, scores: dict[str, torch.Tensor], solver, pattern, rng) -> torch.Tensor:
     """One permutation for ``site`` from its linears' stacked scores (per head group when tied)."""
-    stacked = torch.cat([scores[name] for name in site.linears]).cpu()  # [rows, C]; the heuristics run on CPU
+    cpu = torch.device("cpu")
+    stacked = torch.cat([whole(scores[name], cpu) for name in site.linears])  # [rows, C]; the heuristics run on CPU
     if site.tied_heads is None:
         return solver(stacked, pattern, rng)
     size = site.head_size
@@ -46,6 +48,12 @@ def solve_site(site: Site, scores: dict[str, torch.Tensor], solver, pattern, rng
         columns = [stacked[:, h * size : (h + 1) * size] for h in (heads == group).nonzero().flatten().tolist()]
         per_group.append(solver(torch.cat(columns), pattern, rng))
     return tied_head_perm(site.tied_heads, torch.stack(per_group))
+
+
+def frozen(weight: nn.Parameter) -> torch.Tensor:
+    """``weight`` detached, or the parameter itself when sharded (its mark of the whole shape is on
+    that object, and :func:`whole` gathers it detached)."""
+    return weight if is_shard(weight) else weight.detach()
 
 
 def block_size_of(site: Site, wanted: int, m: int) -> int:
@@ -74,6 +82,7 @@ class Run:
         self.storage = storage_device(model)  # where the weights are
         self.device = self.storage if device is None else device  # where the run computes
         self.onloading = self.device != self.storage  # each layer copied to the device when it runs
+        self.sharded = config.shard_weights  # each rank keeps its part of every layer's matrices and scores
         self.model, self.config = model, config
         self.objective = config.objective  # the objective that ran (``auto`` sets the one it chose)
         raw = samples_of(calibration)
@@ -120,9 +129,14 @@ class Run:
         return {n: lin for n, lin in self.linears.items() if n.startswith(self.layer_prefixes[index])}
 
     def scores_of(self, names: dict[str, nn.Linear], stats: dict[str, ChannelStats]) -> dict[str, torch.Tensor]:
-        """Each linear's saliency scores, normalised to mean 1."""
-        scores = {n: self.generator(lin.weight.to(self.device), stats[n]) for n, lin in names.items()}
-        return {n: (s / s.mean().clamp_min(1e-12)).to(self.storage) for n, s in scores.items()}
+        """Each linear's saliency scores, normalised to mean 1, one linear at a time (with
+        ``shard_weights``: this rank's part of them, like its weights)."""
+        scores = {}
+        for name, linear in names.items():
+            score = self.generator(whole(linear.weight, self.device), stats[name])
+            score = (score / score.mean().clamp_min(1e-12)).to(self.storage)
+            scores[name] = shard_of(score) if self.sharded else score
+        return scores
 
     def layer_scores(self, index: int, hidden: torch.Tensor, kwargs: list[dict]) -> dict[str, torch.Tensor]:
         """Scores of layer ``index``'s linears from its inputs ``hidden`` (``kwargs``: every layer's)."""
@@ -168,7 +182,7 @@ class Run:
         return [
             Member(
                 n[len(prefix) :] + ".weight",
-                scores[n] if weights_are_scores else lin.weight.detach(),
+                scores[n] if weights_are_scores else frozen(lin.weight),
                 scores[n],
                 self.site_of[n].name,
             )
@@ -213,6 +227,7 @@ class Run:
         for name, score in scores.items():
             if name not in self.pruned:
                 continue
+            score = whole(score)
             if self.config.unstructured:
                 k = score.shape[1] * self.pattern.n // self.pattern.m
                 masks[name] = torch.zeros_like(score, dtype=torch.bool).scatter_(1, score.topk(k, dim=1).indices, True)
@@ -225,7 +240,7 @@ class Run:
         prefix = self.layer_prefixes[index]
         weights = {}
         for name, mask in masks.items():
-            weight = self.linears[name].weight.to(hidden.device)
+            weight = whole(self.linears[name].weight, hidden.device)
             weights[name[len(prefix) :] + ".weight"] = weight * mask.to(hidden.device, weight.dtype)
         return run_layer(self.layers[index], hidden, kwargs[index], weights)
 
@@ -233,4 +248,5 @@ class Run:
     def apply_masks(self, masks: dict[str, torch.Tensor]) -> None:
         """Zero the pruned weights: ``masks`` maps linear names to their keep masks."""
         for name, mask in masks.items():
-            self.linears[name].weight.mul_(mask.to(self.linears[name].weight.dtype))
+            weight = self.linears[name].weight
+            weight.mul_(part_of(mask, weight).to(weight.dtype))  # a shard: its part of the mask

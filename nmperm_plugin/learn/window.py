@@ -52,11 +52,13 @@ class Window(ObjectiveStrategy):
                 run.solve(site, scores)
         stack = layer_stack(run, kwargs)
         autocast = training_dtype(config.train_dtype, run.device)
-        checkpointed = layer_checkpointing(config.layer_checkpointing, run.device) or run.onloading
+        # onloaded or sharded layers are whole only while they run: recomputed in backward, not kept
+        checkpointed = layer_checkpointing(config.layer_checkpointing, run.device) or run.onloading or run.sharded
         logger.info(
             f"nmperm: {len(windows)} window(s) of up to {size} decoder layers, {config.total_steps} steps each, "
             f"train dtype {autocast or 'float32'}, layer checkpointing {'on' if checkpointed else 'off'}"
             + (f" (layers onloaded from {run.storage} to {run.device} one at a time)" if run.onloading else "")
+            + (" (layer weights sharded over the ranks, gathered per layer)" if run.sharded else "")
         )
         for window in windows:
             if keep:
@@ -75,8 +77,9 @@ class Window(ObjectiveStrategy):
                         dense_inputs = run_layer(run.layers[index], dense_inputs.to(run.device), kwargs[index]).cpu()
         for index in range(num_layers):
             run.record_retained(index, scores)
-        if apply_masks:
-            run.apply_masks(run.masks(scores))
+        if apply_masks:  # one linear's mask at a time: never the whole model's masks (or scores) at once
+            for name, score in scores.items():
+                run.apply_masks(run.masks({name: score}))
 
     def describe(self, config: PermuteConfig) -> str:
         size = self.layers or config.window_layers

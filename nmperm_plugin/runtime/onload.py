@@ -19,6 +19,7 @@ from torch.func import functional_call
 
 from .. import compat
 from ..io import checks
+from .sharding import is_shard, whole
 
 __all__ = [
     "call_on",
@@ -72,13 +73,14 @@ def moved(value, device: torch.device):
 
 def module_tensors(module: nn.Module, device: torch.device, skip: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """``module``'s parameters and buffers that are not on ``device`` (and not named in ``skip``),
-    copied there, by name; empty when the module lives on ``device``."""
+    copied there, by name, and its sharded ones gathered whole there (:mod:`.sharding`); empty when
+    the module lives on ``device`` unsharded."""
     skipped = set(skip)
     named = chain(module.named_parameters(), module.named_buffers())
     return {
-        name: tensor.detach().to(device, non_blocking=True)
+        name: whole(tensor, device) if is_shard(tensor) else tensor.detach().to(device, non_blocking=True)
         for name, tensor in named
-        if tensor.device != device and name not in skipped
+        if (tensor.device != device or is_shard(tensor)) and name not in skipped
     }
 
 
