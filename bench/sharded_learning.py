@@ -13,8 +13,9 @@ processes, one mode after the other. Per rank:
   learning (its steps and selections): ``VmHWM``, reset through ``/proc/self/clear_refs`` as each
   begins (the model built and its layer inputs captured before); glibc's mmap threshold is pinned,
   so that freed tensors go back to the system and RSS follows the tensors;
-* peak RSS of the whole process (``ru_maxrss``: with building the whole model, which every rank
-  does before it shards);
+* RSS before the model is built (torch and the libraries), and the peak RSS of building the whole
+  model (which every rank does before it shards), of the end (the retained ratios, the masks and, when
+  sharded, gathering the weights back whole) and of the whole process (the largest of them all);
 * seconds per learner step (the learner's time less its selections, over the steps) and the bytes
   of the whole tensors all-gathered per step and per selection.
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -65,6 +65,14 @@ def _peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def _rss() -> int:
+    """This process's resident set now, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
 def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak RSS restarts from the current RSS
 
@@ -81,6 +89,7 @@ def worker(args: argparse.Namespace) -> None:
     from nmperm_plugin.learn import losses, run, window
     from nmperm_plugin.runtime import distributed, sharding
 
+    rss_before_model = _rss()
     torch.manual_seed(0)  # the same random model on every rank
     model = LlamaForCausalLM(LlamaConfig(**(SHAPE | {"num_hidden_layers": args.layers}))).eval()
     ids = torch.randint(
@@ -93,6 +102,7 @@ def worker(args: argparse.Namespace) -> None:
     layer_parameters = [p for layer in model.model.layers for p in layer.parameters()]
     record: dict = {
         "rank": distributed.rank(),
+        "rss_before_model_bytes": rss_before_model,
         "parameters": sum(p.numel() for p in model.parameters()),
         "layer_weight_bytes_whole": sum(p.numel() * p.element_size() for p in layer_parameters),
         # every decoder-layer matrix is a pruned linear here (exact fold, nothing ignored): float32 scores
@@ -109,6 +119,7 @@ def worker(args: argparse.Namespace) -> None:
         return real_gather(output, local, *a, **k)
 
     def dense_pass(self, *a, **k):
+        record["peak_rss_build_bytes"] = _peak_rss()  # building the whole model, capturing the layer inputs
         _reset_peak_rss()  # from here on: the run's memory, not the whole model's build
         start = time.perf_counter()
         try:
@@ -136,6 +147,7 @@ def worker(args: argparse.Namespace) -> None:
         finally:
             record["learn_seconds"] = time.perf_counter() - start
             record["peak_rss_learning_bytes"] = _peak_rss()
+            _reset_peak_rss()
             phase[0] = "other"
 
     sharding._all_gather, run.Run.dense_pass, window.learn = counting_gather, dense_pass, learn
@@ -147,7 +159,9 @@ def worker(args: argparse.Namespace) -> None:
     record["gathered_bytes_per_step"] = gathered["step"] / args.steps
     record["gathered_bytes_per_selection"] = gathered["select"] / record["selections"]
     record["gathered_bytes_outside_learning"] = gathered["other"]
-    record["peak_rss_process_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    record["peak_rss_end_bytes"] = _peak_rss()
+    peaks = ("build", "start", "learning", "end")  # clear_refs resets ru_maxrss too: the largest window's
+    record["peak_rss_process_bytes"] = max(record[f"peak_rss_{peak}_bytes"] for peak in peaks)
     Path(f"{args.worker}.rank{distributed.rank()}.json").write_text(json.dumps(record))
     dist.barrier()
     dist.destroy_process_group()
@@ -169,8 +183,8 @@ def run_mode(args: argparse.Namespace, mode: str) -> list[dict]:
 def summary(records: dict[str, list[dict]]) -> dict:
     """Per mode, the largest figure over its ranks (the rank that bounds the memory and the time)."""
     keys = (
-        "layer_weight_bytes_held", "score_bytes_held", "peak_rss_start_bytes", "peak_rss_learning_bytes",
-        "peak_rss_process_bytes",
+        "layer_weight_bytes_held", "score_bytes_held", "rss_before_model_bytes", "peak_rss_build_bytes",
+        "peak_rss_start_bytes", "peak_rss_learning_bytes", "peak_rss_end_bytes", "peak_rss_process_bytes",
         "step_seconds", "select_seconds", "dense_pass_seconds", "run_seconds", "gathered_bytes_per_step",
         "gathered_bytes_per_selection",
     )  # fmt: skip
@@ -188,16 +202,17 @@ def markdown(result: dict) -> str:
         f"weights whole: {first['layer_weight_bytes_whole'] / GIB:.2f} GiB, their scores whole: "
         f"{first['score_bytes_whole'] / GIB:.2f} GiB. Per mode the largest value over the 2 ranks.",
         "",
-        "| mode | layer weights held (GiB) | scores held (GiB) | peak RSS, start (GiB) | peak RSS, learning (GiB) "
-        "| peak RSS, whole process (GiB) | s / step | s / selection | gathered / step (GiB) "
+        "| mode | layer weights held (GiB) | scores held (GiB) | RSS before the model (GiB) | peak RSS: build "
+        "| start | learning | end | whole process (GiB) | s / step | s / selection | gathered / step (GiB) "
         "| gathered / selection (GiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, row in rows.items():
         lines.append(
             f"| {mode} | {row['layer_weight_bytes_held'] / GIB:.2f} | {row['score_bytes_held'] / GIB:.2f} | "
+            f"{row['rss_before_model_bytes'] / GIB:.2f} | {row['peak_rss_build_bytes'] / GIB:.2f} | "
             f"{row['peak_rss_start_bytes'] / GIB:.2f} | {row['peak_rss_learning_bytes'] / GIB:.2f} | "
-            f"{row['peak_rss_process_bytes'] / GIB:.2f} | "
+            f"{row['peak_rss_end_bytes'] / GIB:.2f} | {row['peak_rss_process_bytes'] / GIB:.2f} | "
             f"{row['step_seconds']:.1f} | {row['select_seconds'] / max(setup['selections'], 1):.1f} | "
             f"{row['gathered_bytes_per_step'] / GIB:.2f} | {row['gathered_bytes_per_selection'] / GIB:.2f} |"
         )
@@ -234,7 +249,9 @@ def main(argv: list[str] | None = None) -> None:
             "peak_rss_start": "VmHWM from the dense pass to the start of learning (reset via /proc/self/clear_refs; "
             "MALLOC_MMAP_THRESHOLD_=131072)",
             "peak_rss_learning": "VmHWM over the learning's steps and selections (reset as it starts)",
-            "peak_rss_process": "ru_maxrss of the rank's process (building the whole model included)",
+            "peak_rss_build": "VmHWM from the start of the process to the dense pass (the whole model built)",
+            "peak_rss_end": "VmHWM after the learning (retained ratios, masks, the weights gathered back whole)",
+            "peak_rss_process": "the largest of the four windows (clear_refs resets ru_maxrss as well)",
             "gathered": "bytes of the whole tensors all-gathered (each rank receives (ranks-1)/ranks of them)",
         },
         "summary": rows,
