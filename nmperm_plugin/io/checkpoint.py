@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -46,14 +47,21 @@ def save_checkpoint(
 
     record_claim(model, sidecar)
 
+    seconds = {}
+
     def write(staging: Path) -> None:
+        start = time.monotonic()
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        seconds["save"] = time.monotonic() - start
         finish_sidecar(staging, sidecar, verify)
+        seconds["verify"] = time.monotonic() - start - seconds["save"]
 
     target = safety.atomic_write(directory, write, overwrite, inputs, note=logger.warning)
-    logger.info(f"wrote {target}")
+    logger.info(
+        f"wrote {target} (saved in {seconds['save']:.1f} s, checksums and verification in {seconds['verify']:.1f} s)"
+    )
     return target
 
 

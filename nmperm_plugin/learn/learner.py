@@ -7,6 +7,7 @@ better) over a dict of effective weights; :class:`EffectiveWeights` turns permut
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -166,6 +167,7 @@ class LearnState:
     best: float = float("inf")
     best_perms: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    ranking_seconds: float = 0.0  # this call's time in the selection passes
 
     def place(self, perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return _placed(perms, self.effective)
@@ -191,9 +193,11 @@ def learn(
     for hook in hooks:
         if (saved := hook.finished(state)) is not None:
             return state.place(saved[0]), saved[1]
+    started = time.monotonic()
     if not any([hook.begin(state) for hook in hooks]):  # every hook begins; none restored a saved point
         state.best_perms = effective.hard_perms()
         state.best = objective.select(effective.hard(state.best_perms))
+        state.ranking_seconds = time.monotonic() - started
         state.history = [{"step": 0, "tau": config.tau_start, "loss": None, "select": state.best}]
     quiet = config.steps == 0 or any(hook.quiet for hook in hooks)
     steps = range(state.step, config.steps)
@@ -212,8 +216,10 @@ def learn(
             loss_value = hook.loss_value(loss_value)
         record = {"step": step + 1, "tau": tau, "lr": lr, "loss": loss_value, "select": None}
         if config.ranks(step + 1):
+            ranking = time.monotonic()
             perms = effective.hard_perms()
             record["select"] = objective.select(effective.hard(perms))
+            state.ranking_seconds += time.monotonic() - ranking
             if record["select"] < state.best:
                 state.best, state.best_perms = record["select"], perms
         state.history.append(record)
@@ -223,6 +229,11 @@ def learn(
     for hook in hooks:
         hook.end(state)
     logger.debug(f"{description}: select {state.history[0]['select']:.5g} -> {state.best:.5g}")
+    if len(steps):
+        logger.info(
+            f"nmperm: {description}: {len(steps)} learning steps in {time.monotonic() - started:.1f} s, "
+            f"{state.ranking_seconds:.1f} s of it ranking hard permutations"
+        )
     return state.best_perms, state.history
 
 

@@ -120,9 +120,11 @@ def permute_model_(
     probe = to_device(adapter.model_inputs(samples[0]), next(model.parameters()).device)
     with torch.no_grad():
         before = adapter.outputs(model(**probe))
+    started = time.monotonic()
     frames = fold_(model, result, config.fold, adapter)
     with torch.no_grad():
         fold_error = function_error(before, adapter.outputs(model(**probe)))
+    logger.info(f"nmperm: folded ({config.fold}) and checked in {time.monotonic() - started:.1f} s")
     if fold_error > function_tolerance(before.dtype):
         raise RuntimeError(
             f"folding changed the model's outputs by {fold_error:.3g} of their scale: this is a bug, please report it"

@@ -23,6 +23,7 @@ from ..core.nm import hard_mask
 from ..core.ops import tied_head_perm
 from ..core.permuter import BlockPermuter
 from ..core.scores import ChannelStats
+from ..core.solvers import stack_rows
 from ..data.calibration import CalibrationData, samples_of, stack_labels, to_device
 from ..io.checks import check_fits_in_memory
 from ..runtime import distributed
@@ -38,9 +39,10 @@ if TYPE_CHECKING:
 def solve_site(site: Site, scores: dict[str, torch.Tensor], solver, pattern, rng) -> torch.Tensor:
     """One permutation for ``site`` from its linears' stacked scores (per head group when tied)."""
     cpu = torch.device("cpu")
-    stacked = torch.cat([whole(scores[name], cpu) for name in site.linears])  # [rows, C]; the heuristics run on CPU
-    if site.tied_heads is None:
-        return solver(stacked, pattern, rng)
+    parts = [whole(scores[name], cpu) for name in site.linears]  # the heuristics run on CPU
+    if site.tied_heads is None:  # a weighted row sample where the site is too large to solve exactly
+        return solver(stack_rows(parts, pattern, rng), pattern, rng)
+    stacked = torch.cat(parts)  # [rows, C]: a head's site is small, whatever the model
     size = site.head_size
     heads = torch.tensor(site.tied_heads)
     per_group = []
