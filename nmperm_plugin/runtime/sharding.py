@@ -1,8 +1,8 @@
 """Layer-sharded learning (``shard_weights``): each ``torch.distributed`` rank keeps only its part of
-every frozen decoder-layer matrix and of its saliency scores; a layer's whole tensors are gathered
-(``all_gather_into_tensor``) where it runs, in forward and again in a checkpointed backward's
-recomputation, and freed after the call. Data parallelism is unchanged: every rank takes its share
-of each step's sequences and the cost matrices' gradients are summed (:mod:`.distributed`).
+every frozen decoder-layer matrix and of its saliency scores; a layer's whole tensors are
+all-gathered where it runs, in forward and again in a checkpointed backward's recomputation, and
+freed after the call. Data parallelism is unchanged: every rank takes its share of each step's
+sequences and the cost matrices' gradients are summed (:mod:`.distributed`).
 
 A shard is the rank's contiguous slice of the flattened tensor, padded to ``ceil(numel / ranks)``
 so that every rank's slice has the same length, and marked with the whole tensor's shape. A sharded
@@ -28,7 +28,7 @@ from ..arch import Adapter
 from . import distributed
 
 _SHAPE = "_nmperm_whole_shape"  # attribute marking a shard with its whole tensor's shape
-# torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single; 2.11 has only the first
+# all_gather_single where torch has it (torch 2.13 deprecates all_gather_into_tensor for it), else the older name
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
