@@ -33,7 +33,7 @@ RESULTS = ROOT / "bench" / "results"
 OUTPUT = ROOT / "docs" / "results.md"
 
 RECIPE_5SEEDS = "recipes-wanda-2of4-e2e-epochs-fp32-amd-5seeds.json"
-RECIPE_PIPELINE = "quality-wanda-2of4-e2e-exact-epochs-32x512-3seeds.json"
+RECIPE_PIPELINE = "quality-wanda-2of4-e2e-exact-3seeds-start.json"
 Q_DEFAULT = "quality-wanda-2of4-e2e-default-3seeds.json"
 Q_GATHER_5 = "quality-wanda-2of4-e2e-gather-default-5seeds.json"
 Q_ALL = "quality-wanda-2of4-all-methods-3seeds.json"
