@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .head import TokenHead
+
 FOLD_MODES = ("exact", "gather")
 
 
@@ -129,6 +131,14 @@ class Adapter:
         output embeddings); a family with another (soft-capping, a projection) overrides it."""
         norm, lm_head = model.model.norm, model.get_output_embeddings()
         return lambda hidden: lm_head(norm(hidden))
+
+    def token_head(self, model: nn.Module, head: Callable[[torch.Tensor], torch.Tensor]) -> TokenHead | None:
+        """``head`` (this adapter's :meth:`head` as the run calls it) as a :class:`TokenHead`, whose
+        :meth:`task_loss` and :meth:`output_distillation` the objectives then take a chunk of
+        positions at a time, never the whole logits: for a head that maps every position alone with
+        those two losses the next token's cross-entropy and a KL divergence of logits. None (here):
+        the objectives take the losses of :meth:`head`'s whole output."""
+        return None
 
     # -- the model's inputs and outputs (defaults: a Hugging Face model with ``.logits``) ------------
     def model_inputs(self, sample: Mapping[str, torch.Tensor]) -> dict:

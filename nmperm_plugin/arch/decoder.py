@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 
 from ..core.ops import GatherLinear, GatherNorm, permute_embedding_, permute_inputs_, permute_outputs_
 from .base import Adapter, Site
+from .head import TokenHead
 
 
 def find(root: nn.Module, path: str) -> nn.Module | None:
@@ -228,6 +229,16 @@ class DecoderAdapter(Adapter):
             return logits if cap is None else torch.tanh(logits / cap) * cap
 
         return head
+
+    def token_head(self, model: nn.Module, head: Callable[[torch.Tensor], torch.Tensor]) -> TokenHead | None:
+        """A language model's head, chunked over positions (its logits are never whole), unless the
+        family has losses of its own (a vision model's classes or features: None)."""
+        kind = type(self)
+        own_losses = (kind.task_loss, kind.output_distillation) != (Adapter.task_loss, Adapter.output_distillation)
+        output = getattr(model, "get_output_embeddings", lambda: None)()
+        if own_losses or output is None:
+            return None
+        return TokenHead(head, output.weight.shape[0])
 
     def model_inputs(self, sample: Mapping[str, torch.Tensor]) -> dict:
         """The sample's inputs without its labels, and no key/value cache (calibration runs whole sequences)."""

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import compat
-from ..arch.base import kl_distillation, next_token_cross_entropy
+from ..arch.base import TokenHead, kl_distillation, next_token_cross_entropy
 from ..runtime import distributed
 from ..runtime.onload import call_on
 from .learner import LazyWeights, Objective
@@ -194,13 +194,12 @@ class RecomputedTargets:
 
 @dataclass
 class LayerStack:
-    """A model run one block at a time: the layers, their parameter-name prefixes
-    (``model.layers.3.``), each layer's keyword arguments (position embeddings, mask), ``head``
-    (last hidden state ``[B, T, D]`` -> the model's output: an LM's logits ``[B, T, V]``, a
-    classifier's ``[B, C]``), ``loss`` (output, labels -> the task's loss; the adapter's
-    ``task_loss``, by default the next token's cross-entropy) and ``distill`` (pruned output, dense
-    output -> the task term without labels; the adapter's ``output_distillation``, by default a KL
-    divergence)."""
+    """A model run one block at a time: the layers, their parameter-name prefixes (``model.layers.3.``),
+    each layer's keyword arguments (position embeddings, mask), ``head`` (last hidden state ``[B, T, D]``
+    -> an LM's logits ``[B, T, V]``, a classifier's ``[B, C]``), ``loss`` (output, labels -> the task's
+    loss: the adapter's ``task_loss``), ``distill`` (pruned, dense output -> the task term without labels:
+    the adapter's ``output_distillation``) and ``token_head`` (the adapter's, or None: the head and those
+    two losses by chunks of positions, the ``[B, T, V]`` logits never whole)."""
 
     layers: list[nn.Module]
     prefixes: list[str]
@@ -208,6 +207,7 @@ class LayerStack:
     head: Callable[[torch.Tensor], torch.Tensor]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = next_token_cross_entropy
     distill: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = kl_distillation
+    token_head: TokenHead | None = None
 
 
 class WindowObjective(Objective):
@@ -275,9 +275,12 @@ class WindowObjective(Objective):
             distill = distill + F.smooth_l1_loss(hidden.float(), target.float())
         if not self.ends_model:
             return torch.zeros((), device=self.device), distill
+        labels = None if self.labels is None else self.labels[index]
+        if self.stack.token_head is not None:  # by chunks of positions; target: the dense last layer's output
+            return self.stack.token_head.task(hidden, labels, target), distill
         output = self.stack.head(hidden)
-        if self.labels is not None:
-            return self.stack.loss(output, self.labels[index]), distill
+        if labels is not None:
+            return self.stack.loss(output, labels), distill
         with torch.no_grad():
             dense = self.stack.head(target)  # target: the dense last layer's output
         return self.stack.distill(output, dense), distill

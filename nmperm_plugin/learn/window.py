@@ -87,10 +87,12 @@ class Window(ObjectiveStrategy):
 
 
 def layer_stack(run: Run, kwargs: list[dict]) -> LayerStack:
-    """The run's model as a :class:`LayerStack`: its layers, their keyword arguments, head and losses."""
-    adapter = run.adapter
+    """The run's model as a :class:`LayerStack`: its layers, their keyword arguments, head and losses
+    (a language model's: computed a chunk of positions at a time)."""
+    adapter, head = run.adapter, run.head()
+    token_head = adapter.token_head(run.model, head)
     return LayerStack(
-        list(run.layers), run.layer_prefixes, kwargs, run.head(), adapter.task_loss, adapter.output_distillation
+        list(run.layers), run.layer_prefixes, kwargs, head, adapter.task_loss, adapter.output_distillation, token_head
     )
 
 
