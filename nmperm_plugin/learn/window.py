@@ -3,10 +3,12 @@ states) on a moving window of decoder layers, or on all of them at once."""
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import torch
 from loguru import logger
+from tqdm.auto import tqdm
 
 from ..io.checks import dense_targets_shortfall
 from .learner import EffectiveWeights, learn
@@ -45,11 +47,15 @@ class Window(ObjectiveStrategy):
         size = self.window_layers(config, num_layers)
         windows = [range(start, min(start + size, num_layers)) for start in range(0, num_layers, size)]
         keep = keeps_dense_targets(run, hidden, config.dense_targets)
+        started = time.monotonic()
         scores, dense = run.dense_pass(hidden, kwargs, list(run.linears), keep_outputs=keep, on=torch.device("cpu"))
         dense_inputs = None if keep else hidden.cpu()  # recompute: the dense input of the current window
-        for site in run.sites:
-            if site.name not in run.perms:
-                run.solve(site, scores)
+        logger.info(f"nmperm: dense pass over {len(run.layers)} decoder layers in {time.monotonic() - started:.1f} s")
+        started = time.monotonic()
+        unsolved = [site for site in run.sites if site.name not in run.perms]
+        for site in tqdm(unsolved, desc=f"{run.config.init} start", leave=False):
+            run.solve(site, scores)
+        logger.info(f"nmperm: {run.config.init} start of {len(unsolved)} sites in {time.monotonic() - started:.1f} s")
         stack = layer_stack(run, kwargs)
         autocast = training_dtype(config.train_dtype, run.device)
         # onloaded or sharded layers are whole only while they run: recomputed in backward, not kept
