@@ -1,5 +1,4 @@
-"""Data-driven objectives (SPEC 2): sequential layer-wise reconstruction and the paper's end-to-end
-loss, over the whole model or a window of consecutive decoder layers."""
+"""Data-driven objectives (SPEC 2): layer-wise reconstruction and the end-to-end loss (model or window)."""
 
 from __future__ import annotations
 
@@ -53,8 +52,8 @@ class LayerwiseObjective(Objective):
 
     ``inputs`` come from the already pruned (and permuted) earlier layers, ``targets`` from the dense
     model, so the loss sees how errors compound. The next ``per_step`` sequences of a shuffled pass
-    drive each step (:class:`EpochBatches`); a fixed subset of ``select_count`` sequences ranks the hard permutations.
-    """
+    drive each step (:class:`EpochBatches`); a fixed subset of ``select_count`` sequences ranks the
+    hard permutations."""
 
     def __init__(
         self,
