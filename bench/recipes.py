@@ -1,28 +1,33 @@
-"""Stock llm-compressor recipes with and without ``LearnedPermutationModifier``: perplexity and wall time.
+"""llm-compressor recipes with and without ``LearnedPermutationModifier``: perplexity and wall time.
 
 On SmolLM2-135M (the embedded GGUF, rebuilt as a plain model and saved to a temporary directory,
 because ``oneshot`` needs a saved model) it runs through ``llmcompressor.oneshot``:
 
-- ``wanda``: Wanda 2:4 (recipes/wanda-2of4-learned.yaml without the permutation modifier);
-- ``wanda-unstructured``: Wanda at 50% without the 2:4 structure (the far end of the structural gap);
-- ``wanda+learned``: recipes/wanda-2of4-learned.yaml;
-- ``sparsegpt``: SparseGPT 2:4 (recipes/sparsegpt-2of4-learned.yaml without the modifier);
-- ``sparsegpt+learned``: recipes/sparsegpt-2of4-learned.yaml;
+- ``wanda``, ``sparsegpt``: the stock pruner at 2:4 (``WandaPruningModifier``, ``SparseGPTModifier``);
+- ``wanda-unstructured``, ``sparsegpt-unstructured``: the same pruner at 50% without the N:M
+  structure (the far end of the structural gap);
+- ``wanda+learned``: recipes/wanda-2of4-learned.yaml (learned permutation and masks, Wanda after);
+- ``sparsegpt+learned``: the learned permutation (sparsegpt scores, no masks applied), then stock
+  ``SparseGPTModifier`` 2:4 choosing its own masks on the permuted model;
+- ``learned+reconstruct``: recipes/sparsegpt-2of4-learned.yaml (learned permutation and masks, the
+  kept weights updated by the modifier's reconstruction, no pruner after it);
 
 each from the same dense model and the same ``num_samples x seq_len`` calibration windows of
-``builtin:wiki-calibration``, and measures perplexity on the first 24 x 512 windows of
-``builtin:wiki-evaluation`` and the wall time of ``oneshot``. Results go to
-``bench/results/recipes-<model>-<time>.json``.
+``--calibration`` (default ``builtin:wiki-calibration``), and measures perplexity on the first
+``eval_samples x eval_seq_len`` windows of ``--evaluation`` and the wall time of ``oneshot``.
+``--set FIELD=VALUE`` overrides the permutation modifier's fields in every learned variant.
+Results go to ``bench/results/recipes-<model>-<time>.json``.
 
-    python bench/recipes.py                          # SmolLM2-135M
-    python bench/recipes.py --variants wanda wanda+learned --num-samples 16
+    python bench/recipes.py                          # SmolLM2-135M, every variant
+    python bench/recipes.py --variants sparsegpt learned+reconstruct
     python bench/recipes.py --tiny                   # random tiny Llama: checks the script end to end in seconds
     python bench/recipes.py --from-json s0.json s1.json s2.json --output merged.json   # seeds side by side
 
-The structural gap closed by ``X+learned`` is bench/metrics.py's: (ln ppl_X - ln ppl_X+learned) /
-(ln ppl_X - ln ppl_X-unstructured) on each variant's median perplexity across seeds; a merged table
-also lists each seed's share (against the same seed's calibration for all three) as extra information.
-Every file carries bench/result_files.py's provenance stamp; a merged file keeps each input's.
+Figures (bench/metrics.py, on each variant's median perplexity across seeds): the structural gap
+closed by ``X+learned`` against ``X`` and ``X-unstructured`` (``learned+reconstruct`` against
+SparseGPT's rows), and every row's penalty ``ln(ppl / ppl_dense)`` as a fraction of SparseGPT 2:4's;
+a merged table also lists each seed's share and fraction as extra information. Every file carries
+bench/result_files.py's provenance stamp; a merged file keeps each input's.
 """
 
 from __future__ import annotations
@@ -38,18 +43,37 @@ from pathlib import Path
 import torch
 import yaml
 from loguru import logger
-from metrics import gap_closed_of_medians, gap_closed_per_seed, median
+from metrics import (
+    GAP_CLOSED_DEFINITION,
+    PENALTY_DEFINITION,
+    gap_closed_of_medians,
+    gap_closed_per_seed,
+    median,
+    penalty_fraction,
+)
 from result_files import write_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 RECIPES = {
-    "wanda": ROOT / "recipes" / "wanda-2of4-learned.yaml",
-    "sparsegpt": ROOT / "recipes" / "sparsegpt-2of4-learned.yaml",
+    "wanda+learned": ROOT / "recipes" / "wanda-2of4-learned.yaml",
+    "learned+reconstruct": ROOT / "recipes" / "sparsegpt-2of4-learned.yaml",
 }
-VARIANTS = ("wanda", "wanda-unstructured", "wanda+learned", "sparsegpt", "sparsegpt+learned")
+PRUNERS = {"wanda": "WandaPruningModifier", "sparsegpt": "SparseGPTModifier"}
+VARIANTS = (
+    "wanda",
+    "wanda-unstructured",
+    "wanda+learned",
+    "sparsegpt",
+    "sparsegpt-unstructured",
+    "sparsegpt+learned",
+    "learned+reconstruct",
+)
+BASES = {"wanda+learned": "wanda", "sparsegpt+learned": "sparsegpt", "learned+reconstruct": "sparsegpt"}
+REFERENCE = "sparsegpt"  # the penalty fractions' reference row: what llm-compressor users run for 2:4
 UNSTRUCTURED = "-unstructured"  # the recipe's pruner at the same sparsity without the N:M structure (the gap's far end)
 MODIFIER = "LearnedPermutationModifier"
+QUANTIZED_AFTER = ("learned+reconstruct",)  # the variants whose model --quantize quantizes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,8 +84,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--eval-samples", type=int, default=24, help="evaluation windows")
     parser.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window")
+    parser.add_argument("--calibration", default="builtin:wiki-calibration", help="calibration text (nmperm data)")
+    parser.add_argument("--evaluation", default="builtin:wiki-evaluation", help="evaluation text (nmperm data)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help=f"override {MODIFIER} fields")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quantize", nargs="*", default=[], metavar="SCHEME",
+        help="QuantizationModifier schemes (FP8_DYNAMIC, W8A8, W4A16) applied to learned+reconstruct's model",
+    )  # fmt: skip
     parser.add_argument("--output", type=Path, help="result file (default bench/results/recipes-*.json)")
     parser.add_argument("--from-json", type=Path, nargs="+", help="merge per-seed result files (no runs)")
     args = parser.parse_args(argv)
@@ -104,24 +134,38 @@ def saved_model(directory: Path, tiny: bool, texts: list[str]) -> tuple[Path, ob
     return directory, tokenizer
 
 
+def pruner_stage(pruner: str, structure: str) -> dict:
+    """A stock llm-compressor pruner at 50% with ``structure`` ("2:4", or "0:0": unstructured)."""
+    args = {"sparsity": 0.5, "mask_structure": structure, "ignore": ["re:.*lm_head"]}
+    return {PRUNERS[pruner]: args}
+
+
+def shipped_modifier() -> dict:
+    """The permutation modifier's fields as recipes/wanda-2of4-learned.yaml ships them."""
+    recipe = yaml.safe_load(RECIPES["wanda+learned"].read_text())
+    return dict(recipe["sparsity_stage"]["sparsity_modifiers"][MODIFIER])
+
+
 def recipe_for(variant: str, overrides: dict) -> str:
-    """The recipe of ``variant`` as YAML: the file, without the permutation modifier for the baselines."""
-    base, _, learned = variant.partition("+")
-    unstructured = base.endswith(UNSTRUCTURED)
-    recipe = yaml.safe_load(RECIPES[base.removesuffix(UNSTRUCTURED)].read_text())
+    """The recipe of ``variant`` as YAML, ``overrides`` applied to its permutation modifier."""
+    if variant in RECIPES:
+        recipe = yaml.safe_load(RECIPES[variant].read_text())
+    elif variant == "sparsegpt+learned":  # the permutation alone; SparseGPT chooses its masks on it
+        modifier = shipped_modifier() | {"scorer": "sparsegpt", "apply_mask": False}
+        stage = {MODIFIER: modifier} | pruner_stage("sparsegpt", "2:4")
+        recipe = {"sparsity_stage": {"sparsity_modifiers": stage}}
+    else:
+        pruner = variant.removesuffix(UNSTRUCTURED)
+        structure = "0:0" if variant.endswith(UNSTRUCTURED) else "2:4"
+        recipe = {"sparsity_stage": {"sparsity_modifiers": pruner_stage(pruner, structure)}}
     for stage in recipe.values():
         for group in stage.values():
-            for args in group.values():
-                if unstructured and "mask_structure" in args:
-                    args["mask_structure"] = "0:0"
-            if learned and MODIFIER in group:
+            if MODIFIER in group:
                 args = group[MODIFIER]
                 for pair in (("steps", "epochs"), ("epochs", "steps")):  # one replaces the other
                     if pair[0] in overrides:
                         args.pop(pair[1], None)
                 args.update(overrides)
-            else:
-                group.pop(MODIFIER, None)
     return yaml.safe_dump(recipe, sort_keys=False)
 
 
@@ -129,9 +173,7 @@ def learned_train_dtype(overrides: dict) -> str:
     """The ``train_dtype`` the permutation modifier is given: ``--set``, else the recipe's, else the default."""
     if "train_dtype" in overrides:
         return str(overrides["train_dtype"])
-    recipe = yaml.safe_load(RECIPES["wanda"].read_text())
-    fields = [group.get(MODIFIER, {}) for stage in recipe.values() for group in stage.values()]
-    return next((str(f["train_dtype"]) for f in fields if "train_dtype" in f), "auto")
+    return str(shipped_modifier().get("train_dtype", "auto"))
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -184,7 +226,32 @@ def run_variant(variant: str, model_dir: Path, calibration, evaluation, args, ov
         result["permutation_seconds"] = sidecar.figures.get("permutation_seconds")
         result["retained_ratio"] = sidecar.figures.get("retained_ratio")
     logger.info(f"{variant}: perplexity {value:.2f}, oneshot {seconds:.0f} s")
+    if variant in QUANTIZED_AFTER:
+        result["quantized"] = [quantized_row(model, scheme, evaluation) for scheme in args.quantize]
     return result
+
+
+def quantized_row(pruned, scheme: str, evaluation) -> dict:
+    """``pruned`` (a copy) quantized by ``QuantizationModifier`` ``scheme`` (round to nearest, data-free),
+    saved compressed and checked by ``nmperm verify``'s checks, with its perplexity."""
+    import copy
+
+    from llmcompressor import oneshot
+
+    from nmperm_plugin.eval.perplexity import perplexity
+    from nmperm_plugin.io.verify import verify_checkpoint
+
+    model = copy.deepcopy(pruned)
+    recipe = {"quantization_stage": {"quantization_modifiers": {"QuantizationModifier": {
+        "targets": ["Linear"], "scheme": scheme, "ignore": ["lm_head"]}}}}  # fmt: skip
+    model = oneshot(model=model, recipe=yaml.safe_dump(recipe))
+    with torch.no_grad():
+        value = perplexity(model, evaluation, desc=scheme)
+    with tempfile.TemporaryDirectory(prefix="nmperm-quantized-") as out:
+        model.save_pretrained(out, save_compressed=True)
+        report = verify_checkpoint(out)
+    logger.info(f"{scheme}: perplexity {value:.2f}, nmperm verify {'passed' if report.ok else 'FAILED'}")
+    return {"scheme": scheme, "perplexity": value, "verified": report.ok, "checks": report.checks}
 
 
 def seed_of(run: dict) -> int:
@@ -195,38 +262,57 @@ def seed_of(run: dict) -> int:
 
 
 def merge(paths: list[Path], output: Path) -> int:
-    """Per-seed files side by side: each variant's perplexity per seed and median, and the gap closed
-    (bench/metrics.py: on the medians; each seed's share listed beside it)."""
+    """Per-seed files side by side: each variant's perplexity per seed and median, the gap closed and
+    the penalty fraction (bench/metrics.py: on the medians; each seed's listed beside them)."""
     started = time.time()
     runs = [json.loads(p.read_text()) for p in paths]
     per_seed: dict[int, dict[str, dict]] = {}
+    dense: dict[int, float] = {}
     for run, path in zip(runs, paths, strict=True):
         rows = per_seed.setdefault(seed_of(run), {})  # a later file's variant replaces an earlier one's
         rows.update({v["variant"]: v | {"file": path.name, "overrides": run["overrides"]} for v in run["variants"]})
+        dense[seed_of(run)] = run["dense_perplexity"]
     seeds = sorted(per_seed)
     variants = sorted({v for rows in per_seed.values() for v in rows}, key=lambda v: VARIANTS.index(v))
-    lines = ["| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | median | gap closed | per seed |"]
-    lines.append("|---" * (len(seeds) + 4) + "|")
-    summary = {}
+    head = " | ".join(f"seed {s}" for s in seeds)
+    lines = [f"| variant | {head} | median | gap closed | per seed | penalty / {REFERENCE}'s | per seed |"]
+    lines.append("|---" * (len(seeds) + 6) + "|")
+    lines.append(f"| dense | {' | '.join(f'{dense[s]:.2f}' for s in seeds)} | {median(dense.values()):.2f} | | | | |")
+    summary = {"dense": {"perplexities": [dense[s] for s in seeds], "seeds": seeds, "median": median(dense.values())}}
 
     def ppl(variant: str) -> dict[int, float]:
         return {s: per_seed[s][variant]["perplexity"] for s in seeds if variant in per_seed[s]}
 
+    reference = ppl(REFERENCE)
     for variant in variants:
         values = ppl(variant)
         entry = {"perplexities": list(values.values()), "seeds": list(values), "median": median(values.values())}
-        base = variant.partition("+")[0]
+        base = BASES.get(variant)
         bound = f"{base}{UNSTRUCTURED}"
-        gap = shares = ""
-        if variant.endswith("+learned") and ppl(base) and ppl(bound):
+        gap = shares = fraction = fractions = ""
+        if base and ppl(base) and ppl(bound):
             entry["gap_closed"] = gap_closed_of_medians(ppl(base).values(), values.values(), ppl(bound).values())
             entry["gap_closed_per_seed"] = gap_closed_per_seed(ppl(base), values, ppl(bound))
             gap = f"{entry['gap_closed']:.1%}"
             shares = ", ".join(f"{g:.1%}" for g in entry["gap_closed_per_seed"].values())
+        if reference:
+            entry["penalty_fraction"] = penalty_fraction(
+                entry["median"], median(reference.values()), median(dense[s] for s in values)
+            )
+            entry["penalty_fraction_per_seed"] = {
+                s: penalty_fraction(values[s], reference[s], dense[s]) for s in values if s in reference
+            }
+            entry["beats_reference_every_seed"] = all(values[s] < reference[s] for s in values if s in reference)
+            fraction = f"{entry['penalty_fraction']:.2f}"
+            fractions = ", ".join(f"{f:.2f}" for f in entry["penalty_fraction_per_seed"].values())
         summary[variant] = entry
         cells = " | ".join(f"{values[s]:.2f}" if s in values else "" for s in seeds)
-        lines.append(f"| {variant} | {cells} | {entry['median']:.2f} | {gap} | {shares} |")
-    lines += ["", "gap closed: bench/metrics.py (on the medians); per seed: each seed against its own baselines."]
+        lines.append(f"| {variant} | {cells} | {entry['median']:.2f} | {gap} | {shares} | {fraction} | {fractions} |")
+    lines += [
+        "",
+        f"{GAP_CLOSED_DEFINITION}; for learned+reconstruct, base and unstructured are SparseGPT's. "
+        f"{PENALTY_DEFINITION}; the reference row is {REFERENCE} (2:4). Per seed: each seed against its own rows.",
+    ]
     result = {"files": [p.name for p in paths], "runs": runs, "summary": summary}
     write_pair(output, result, "\n".join(lines) + "\n", seeds=seeds, started=started, train_dtype=None, inputs=paths)
     print("\n".join(lines))
@@ -246,12 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     from nmperm_plugin.eval.perplexity import perplexity
 
     overrides = parse_overrides(args.set)
-    calibration_texts = load_texts("builtin:wiki-calibration")
+    calibration_texts = load_texts(args.calibration)
     results = {
         "model": "tiny-random-llama" if args.tiny else "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)",
         "seed": args.seed,
-        "calibration": f"{args.num_samples} x {args.seq_len} tokens of builtin:wiki-calibration (seed {args.seed})",
-        "evaluation": f"first {args.eval_samples} x {args.eval_seq_len} tokens of builtin:wiki-evaluation",
+        "calibration": f"{args.num_samples} x {args.seq_len} tokens of {args.calibration} (seed {args.seed})",
+        "evaluation": f"first {args.eval_samples} x {args.eval_seq_len} tokens of {args.evaluation}",
         "overrides": overrides,
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
         "variants": [],
@@ -259,9 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="nmperm-bench-") as work:
         model_dir, tokenizer = saved_model(Path(work) / "model", args.tiny, calibration_texts)
         calibration = token_windows(tokenizer, calibration_texts, args.num_samples, args.seq_len, seed=args.seed)
-        evaluation = token_windows(
-            tokenizer, load_texts("builtin:wiki-evaluation"), args.eval_samples, args.eval_seq_len
-        )
+        evaluation = token_windows(tokenizer, load_texts(args.evaluation), args.eval_samples, args.eval_seq_len)
         with torch.no_grad():
             dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
             results["dense_perplexity"] = perplexity(dense, evaluation)

@@ -23,8 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from metrics import (  # noqa: E402
+    PENALTY_DEFINITION,
     gap_closed,
     gap_closed_of_medians,
+    penalty_fraction,
     recovery,
 )
 
@@ -34,6 +36,18 @@ OUTPUT = ROOT / "docs" / "results.md"
 
 RECIPE_5SEEDS = "recipes-wanda-2of4-e2e-epochs-fp32-amd-5seeds.json"
 RECIPE_PIPELINE = "quality-wanda-2of4-e2e-exact-3seeds-start.json"
+RECIPE_SPARSEGPT = "recipes-smollm2-2of4-sparsegpt-3seeds.json"
+RECIPE_OTHER_TEXT = "recipes-smollm2-2of4-sparsegpt-lambada.json"
+RECIPE_ROWS = {  # bench/recipes.py's variants, in its order
+    "wanda": "Wanda 2:4",
+    "wanda-unstructured": "Wanda unstructured 50%",
+    "wanda+learned": "learned permutation and masks, then Wanda 2:4 (`wanda-2of4-learned.yaml`)",
+    "sparsegpt": "SparseGPT 2:4",
+    "sparsegpt-unstructured": "SparseGPT unstructured 50%",
+    "sparsegpt+learned": "learned permutation, then SparseGPT 2:4 choosing its masks",
+    "learned+reconstruct": "learned permutation and masks, kept weights reconstructed and distilled "
+    "(`sparsegpt-2of4-learned.yaml`)",
+}
 Q_DEFAULT = "quality-wanda-2of4-e2e-default-3seeds.json"
 Q_GATHER_5 = "quality-wanda-2of4-e2e-gather-default-5seeds.json"
 Q_ALL = "quality-wanda-2of4-all-methods-3seeds.json"
@@ -187,6 +201,72 @@ def recipe_section(headline: dict) -> list[str]:
         "the recipe's Wanda rows of its seeds).",
         "",
         *table(["row", "seeds", "perplexity", "gap closed", "learning (s)", "file"], body),
+        "",
+    ]
+
+
+def sparsegpt_table(name: str, headline: dict, key: str) -> list[str]:
+    """One bench/recipes.py merged file as a table: perplexity, penalty as a share of SparseGPT 2:4's
+    (on the medians; whether the row beats SparseGPT on every seed), the quantized rows."""
+    rows, dense = recipe_rows(name)
+    reference = ppl(rows["sparsegpt"])
+    file = link(name, "json")
+    body = [["dense", seed_range(dense), spread(dense.values()), "", "", "", file]]
+    for variant, label in RECIPE_ROWS.items():
+        if variant not in rows:
+            continue
+        values = ppl(rows[variant])
+        seeds = sorted(values)
+        fraction = penalty_fraction(
+            median(values.values()), median(reference[s] for s in seeds), median(dense[s] for s in seeds)
+        )
+        beats = all(values[s] < reference[s] for s in seeds) if variant != "sparsegpt" else None
+        seconds = spread([r["oneshot_seconds"] for r in rows[variant].values()], ".0f")
+        bold = variant == "learned+reconstruct"
+        cells = [f"**{spread(values.values())}**" if bold else spread(values.values())]
+        cells.append(f"**{fraction:.2f}**" if bold else f"{fraction:.2f}")
+        body.append(
+            [label, seed_range(seeds), *cells, "" if beats is None else "yes" if beats else "no", seconds, file]
+        )
+        if variant == "learned+reconstruct":
+            headline[key] = fraction
+        for scheme in sorted({q["scheme"] for r in rows[variant].values() for q in r.get("quantized", [])}):
+            quantized = {
+                s: q for s, r in rows[variant].items() for q in r.get("quantized", []) if q["scheme"] == scheme
+            }
+            qs = sorted(quantized)
+            fraction = penalty_fraction(
+                median(q["perplexity"] for q in quantized.values()),
+                median(reference[s] for s in qs),
+                median(dense[s] for s in qs),
+            )
+            verified = "2:4 verified" if all(q["verified"] for q in quantized.values()) else "**not 2:4**"
+            body.append([
+                f"the same, then {scheme} ({verified})", seed_range(qs),
+                spread(q["perplexity"] for q in quantized.values()), f"{fraction:.2f}", "", "", file,
+            ])  # fmt: skip
+    return table(["row", "seeds", "perplexity", "penalty / SparseGPT 2:4's", "beats SparseGPT every seed",
+                  "oneshot (s)", "file"], body)  # fmt: skip
+
+
+def sparsegpt_section(headline: dict) -> list[str]:
+    first = load(RECIPE_SPARSEGPT)["runs"][0]
+    other = load(RECIPE_OTHER_TEXT)["runs"][0]
+    return [
+        "## Against SparseGPT: the best 2:4 model through llm-compressor",
+        "",
+        f"Protocol: {first['model']} through `llmcompressor.oneshot`, stock pruners and the shipped recipes at their "
+        f"defaults, {first['calibration'].split(' (seed')[0]} drawn by the seed, perplexity on the "
+        f"{first['evaluation']}, {first['machine']['threads']} CPU threads; median (min-max) over seeds. "
+        f"**Penalty**: {PENALTY_DEFINITION}, here against SparseGPT 2:4 on the medians (1.00: SparseGPT's own "
+        "cost; 0: the dense model).",
+        "",
+        *sparsegpt_table(RECIPE_SPARSEGPT, headline, "sparsegpt_penalty_fraction"),
+        "",
+        f"The same on text outside the repository's corpus: {other['calibration'].split(' (seed')[0]}, perplexity on "
+        f"the {other['evaluation']} (LAMBADA's passages, narrative fiction; `bench/lambada_text.py`).",
+        "",
+        *sparsegpt_table(RECIPE_OTHER_TEXT, headline, "other_text_penalty_fraction"),
         "",
     ]
 
@@ -584,6 +664,7 @@ def image_section() -> list[str]:
 def report() -> tuple[str, dict]:
     headline: dict = {}
     body = [
+        *sparsegpt_section(headline),
         *recipe_section(headline),
         *pipeline_section(headline),
         *objectives_section(),

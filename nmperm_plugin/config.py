@@ -112,6 +112,24 @@ class PermuteConfig:
     apply_mask: bool = option(
         True, "apply the final N:M masks (false: permute only, leave masking to a pruner)", modifier_default=False
     )
+    reconstruct: bool = option(
+        False,
+        "apply the masks with the kept weights updated to reproduce each linear's dense outputs (SparseGPT's pass, "
+        "then least squares; layer by layer, each layer's inputs from the already pruned ones); needs apply_mask",
+    )
+    reconstruct_damp: float = option(
+        0.01, "reconstruct: dampening added to the Hessian's diagonal, as a share of its mean", minimum=0
+    )
+    reconstruct_iters: int = option(
+        20, "reconstruct: conjugate-gradient iterations after SparseGPT's pass (0: SparseGPT's pass alone)", minimum=0
+    )
+    distill_steps: int = option(
+        0,
+        "steps of distillation of the kept weights after the masks, the masks fixed (KL to the dense model plus "
+        "alpha times every layer's distance to it; 0: none); needs apply_mask",
+        minimum=0,
+    )
+    distill_lr: float = option(1e-4, "distill_steps: Adam's learning rate at the first step (cosine decay)", minimum=0)
     unstructured: bool = option(False, "per-row mask of the same density instead of N:M (the bound; method identity)")
     ignore: tuple[str, ...] = option(
         (), "regexes of linear names left dense (still permuted)", front_ends=("cli",)
@@ -185,6 +203,15 @@ class PermuteConfig:
             )
         if self.unstructured and self.method != "identity":
             raise ValueError("unstructured masks need no permutation: use method='identity'")
+        if self.distill_steps and not self.apply_mask:
+            raise ValueError(
+                "distill_steps trains the kept weights once the masks are applied: it needs apply_mask true"
+            )
+        if self.reconstruct and not self.apply_mask:
+            raise ValueError(
+                "reconstruct updates the kept weights as the masks are applied: it needs apply_mask true (in a "
+                "recipe, the modifier then prunes and no SparseGPTModifier or WandaPruningModifier follows it)"
+            )
 
     @property
     def nm(self) -> NMPattern:

@@ -150,16 +150,19 @@ def test_recipes_merge_reports_the_gap_on_the_medians(tmp_path):
     recipes = _bench("recipes")
     metrics = _bench("metrics")
     files = []
-    table = {0: (210.0, 60.4, 112.0), 1: (222.0, 60.1, 118.0), 2: (203.0, 60.5, 130.0)}
+    variants = ("wanda", "wanda-unstructured", "wanda+learned", "sparsegpt", "learned+reconstruct")
+    table = {
+        0: (210.0, 60.4, 112.0, 100.0, 70.0),
+        1: (222.0, 60.1, 118.0, 110.0, 75.0),
+        2: (203.0, 60.5, 130.0, 90.0, 95.0),
+    }
     for seed, values in table.items():
         run = {
             "seed": seed,
             "calibration": f"x (seed {seed})",
             "overrides": {},
-            "variants": [
-                {"variant": v, "perplexity": p}
-                for v, p in zip(("wanda", "wanda-unstructured", "wanda+learned"), values, strict=True)
-            ],
+            "dense_perplexity": 26.5,
+            "variants": [{"variant": v, "perplexity": p} for v, p in zip(variants, values, strict=True)],
         }
         path, _ = _bench("result_files").write_pair(tmp_path / f"s{seed}", run, "", seeds=[seed], started=time.time())
         files.append(path)
@@ -168,5 +171,10 @@ def test_recipes_merge_reports_the_gap_on_the_medians(tmp_path):
     learned = merged["summary"]["wanda+learned"]
     assert learned["gap_closed"] == pytest.approx(metrics.gap_closed(210.0, 118.0, 60.4))
     assert len(learned["gap_closed_per_seed"]) == 3
+    best = merged["summary"]["learned+reconstruct"]  # penalty over dense as a share of SparseGPT 2:4's
+    assert best["penalty_fraction"] == pytest.approx(metrics.penalty_fraction(75.0, 100.0, 26.5))
+    assert best["penalty_fraction_per_seed"]["2"] == pytest.approx(metrics.penalty_fraction(95.0, 90.0, 26.5))
+    assert best["beats_reference_every_seed"] is False  # seed 2: 95 against SparseGPT's 90
+    assert merged["summary"]["sparsegpt"]["penalty_fraction"] == pytest.approx(1.0)
     assert [i["provenance"]["seeds"] for i in merged["provenance"]["inputs"]] == [[0], [1], [2]]
     assert merged["provenance"]["train_dtype"] is None

@@ -204,9 +204,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     target = distributed.on_main(finish)
     what = "permutations only, no mask" if not config.apply_mask else f"{pattern}, {sidecar.method}, fold {config.fold}"
+    if config.apply_mask:
+        what += f"; weights {'reconstructed' if config.reconstruct else 'kept as they were'}"
+        what += f", {config.distill_steps} distillation steps" if config.distill_steps else ""
+        if not (config.reconstruct and config.distill_steps):
+            logger.info(f"nmperm: for the best quality add {BEST_QUALITY} (docs/results.md)")
     if distributed.is_main():
         print(f"wrote {target} ({what}; verified: {len(sidecar.frames)} pruned linears, checksums recorded)")
     return 0
+
+
+BEST_QUALITY = "--reconstruct --distill-steps 64"  # recipes/sparsegpt-2of4-learned.yaml
 
 
 def checkpoint_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:

@@ -27,11 +27,12 @@ class ChannelStats:
 
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``x`` (``[..., in]``)."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        self.sq_norm += x.square().sum(0)
+        x = x.detach().reshape(-1, x.shape[-1])
+        self.sq_norm += x.to(torch.float64).square().sum(0)
         self.tokens += x.shape[0]
-        if self.hessian is not None:
-            self.hessian += x.T @ x
+        if self.hessian is not None:  # a batch's product in float32 (as llm-compressor's), the sum in float64
+            x = x.float()
+            self.hessian += (x.T @ x).double()
 
     def permuted(self, perm: torch.Tensor) -> ChannelStats:
         """The statistics of the same inputs with their channels reordered as ``x[..., perm]``."""

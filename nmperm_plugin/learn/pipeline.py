@@ -26,6 +26,7 @@ from ..io.checks import check_finite_parameters, check_pattern_fits
 from ..io.sidecar import Sidecar
 from ..plugins.registry import check_names, get_adapter, get_mask_generator, get_objective, get_solver
 from ..runtime.sharding import check_setting, sharded
+from .distill import dense_targets, distill_
 from .fold import fold_
 from .objectives import HEURISTIC, ObjectiveStrategy
 from .run import Run
@@ -98,8 +99,11 @@ def permute_and_prune_(
         )
         start = time.monotonic()
         hidden, kwargs = run.layer_inputs()
+        targets = dense_targets(run, hidden, kwargs) if config.distill_steps else None
         with sharded(run.layers, config.shard_weights):  # each rank keeps its part; whole again after
             strategy.solve(run, hidden, kwargs, apply_masks=config.apply_mask)
+        if targets is not None:
+            run.history["distillation"] = distill_(run, hidden, kwargs, targets)
     seconds, objective = time.monotonic() - start, run.objective if config.method == "learned" else None
     return PruneResult(run.sites, run.perms, run.pruned, run.retained, run.history, seconds, objective)
 
@@ -142,11 +146,18 @@ def permute_model_(
             "permutation_seconds": round(result.seconds, 1),
             "retained_ratio": sum(result.retained.values()) / max(len(result.retained), 1),
             "retained_ratio_per_layer": result.retained,
+            "reconstructed": config.apply_mask and config.reconstruct,
+            "distillation_select": _distillation(result.history.get("distillation")),
         },
         verification={"fold_relative_logit_error": fold_error},
     )
     sidecar.dense = dense_linears(model, sidecar, adapter)
     return sidecar, result
+
+
+def _distillation(curve: list[dict] | None) -> dict | None:
+    """The distillation's selection loss before and after (None: no distillation ran)."""
+    return None if not curve else {"before": curve[0]["select"], "after": curve[-1]["select"]}
 
 
 def dense_linears(model: nn.Module, sidecar: Sidecar, adapter: Adapter | None = None) -> list[str]:

@@ -22,6 +22,7 @@ from ..arch import Adapter, Site
 from ..core.nm import hard_mask
 from ..core.ops import tied_head_perm
 from ..core.permuter import BlockPermuter
+from ..core.reconstruct import reconstruct
 from ..core.scores import ChannelStats
 from ..core.solvers import stack_rows
 from ..data.calibration import CalibrationData, samples_of, stack_labels, to_device
@@ -245,6 +246,33 @@ class Run:
             weight = whole(self.linears[name].weight, hidden.device)
             weights[name[len(prefix) :] + ".weight"] = weight * mask.to(hidden.device, weight.dtype)
         return run_layer(self.layers[index], hidden, kwargs[index], weights)
+
+    def prune_layer(self, index: int, hidden: torch.Tensor, kwargs: list[dict], masks: dict) -> torch.Tensor:
+        """Prune layer ``index`` to ``masks`` (with ``reconstruct``, updating its kept weights) and
+        return its output for ``hidden``, the outputs of the already pruned earlier layers."""
+        if self.config.reconstruct:
+            return self.reconstruct_layer(index, hidden, kwargs, masks)
+        output = self.pruned_layer_output(index, hidden, kwargs, masks)
+        self.apply_masks(masks)
+        return output
+
+    def reconstruct_layer(self, index: int, hidden: torch.Tensor, kwargs: list[dict], masks: dict) -> torch.Tensor:
+        """Prune layer ``index`` to ``masks`` with the kept weights updated for them
+        (:func:`~nmperm_plugin.core.reconstruct.reconstruct`) and return its new output. As in
+        llm-compressor's sequential pipeline, every linear's Hessian comes from one pass of the layer
+        still dense over ``hidden``, the outputs of the already pruned earlier layers."""
+        names = {name: self.linears[name] for name in masks}
+        stats, _ = collect_stats(self.layers[index], names, hidden, kwargs[index], hessian=True)
+        with torch.no_grad():
+            for name, mask in masks.items():
+                weight = self.linears[name].weight
+                config = self.config
+                dense = whole(weight, self.device)
+                updated = reconstruct(
+                    dense, mask.to(self.device), stats[name].hessian, config.reconstruct_damp, config.reconstruct_iters
+                )
+                weight.copy_(part_of(updated, weight).to(weight.device))
+        return run_layer(self.layers[index], hidden, kwargs[index])
 
     @torch.no_grad()
     def apply_masks(self, masks: dict[str, torch.Tensor]) -> None:

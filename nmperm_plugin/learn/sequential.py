@@ -56,10 +56,10 @@ class Sequential(ObjectiveStrategy):
             self.learn_layer(run, index, local, scores, hidden, kwargs, dense_outputs)
             run.record_retained(index, scores)
             masks = run.masks(scores)
-            next_hidden = run.pruned_layer_output(index, hidden, kwargs, masks)
             if apply_masks:
-                run.apply_masks(masks)
-            hidden = next_hidden
+                hidden = run.prune_layer(index, hidden, kwargs, masks)
+            else:
+                hidden = run.pruned_layer_output(index, hidden, kwargs, masks)
 
     def solve_global(self, run: Run, hidden: torch.Tensor, kwargs: list[dict]) -> list[torch.Tensor]:
         """Solve the sites shared by all layers (exact ``hidden``) on the dense model's statistics;

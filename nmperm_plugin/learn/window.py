@@ -47,6 +47,7 @@ class Window(ObjectiveStrategy):
         size = self.window_layers(config, num_layers)
         windows = [range(start, min(start + size, num_layers)) for start in range(0, num_layers, size)]
         keep = keeps_dense_targets(run, hidden, config.dense_targets)
+        first_inputs = hidden
         started = time.monotonic()
         scores, dense = run.dense_pass(hidden, kwargs, list(run.linears), keep_outputs=keep, on=torch.device("cpu"))
         dense_inputs = None if keep else hidden.cpu()  # recompute: the dense input of the current window
@@ -83,7 +84,14 @@ class Window(ObjectiveStrategy):
                         dense_inputs = run_layer(run.layers[index], dense_inputs.to(run.device), kwargs[index]).cpu()
         for index in range(num_layers):
             run.record_retained(index, scores)
-        if apply_masks:  # one linear's mask at a time: never the whole model's masks (or scores) at once
+        started = time.monotonic()
+        if apply_masks and config.reconstruct:  # SparseGPT's walk: each layer's inputs from the pruned ones
+            hidden = first_inputs
+            for index in tqdm(range(num_layers), desc="reconstruction", leave=False):
+                masks = run.masks({n: scores[n] for n in run.layer_linears(index)})
+                hidden = run.prune_layer(index, hidden, kwargs, masks)
+            logger.info(f"nmperm: masks applied with SparseGPT's reconstruction in {time.monotonic() - started:.1f} s")
+        elif apply_masks:  # one linear's mask at a time: never the whole model's masks (or scores) at once
             for name, score in scores.items():
                 run.apply_masks(run.masks({name: score}))
 

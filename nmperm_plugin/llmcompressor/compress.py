@@ -150,9 +150,18 @@ def check_recipe(modifier, modifiers: list) -> None:
                 "folds the permutations of the dense model when the recipe is initialised, before any pruning or "
                 "quantization"
             )
-    for other in modifiers[position + 1 :]:
+    after = modifiers[position + 1 :]
+    for other in after:
         if _kind(other) == "pruner":
             _check_pruner(modifier, other)
+    pruned = modifier.apply_mask or any(_kind(other) == "pruner" for other in after)
+    for other in after:
+        if pruned and type(other).__name__ == "GPTQModifier":
+            raise ValueError(
+                "GPTQModifier after pruning loses the N:M pattern: llm-compressor's GPTQ (since #2860) updates every "
+                "weight of a column, the pruned ones included; quantize with QuantizationModifier (round to nearest, "
+                "symmetric: a zero stays zero), as recipes/sparsegpt-2of4-learned-w4a16.yaml does"
+            )
 
 
 def _check_pruner(modifier, pruner) -> None:
@@ -162,6 +171,12 @@ def _check_pruner(modifier, pruner) -> None:
             f"fold 'gather' keeps weights in the original channel order, so {name} would prune them in the wrong "
             "order and break the N:M structure: the modifier applies its own masks with fold 'gather' "
             f"(apply_mask: true); remove {name} or use fold: exact"
+        )
+    if modifier.reconstruct:
+        raise ValueError(
+            f"reconstruct: true applies the learned masks and updates the kept weights for them; {name} after it "
+            f"would choose masks of its own and undo both: remove {name} (the modifier prunes), or set reconstruct: "
+            "false and apply_mask: false to let the pruner choose the masks on the permuted model"
         )
     structure = str(getattr(pruner, "mask_structure", ""))
     if re.fullmatch(r"\d+:\d+", structure) and structure != "0:0" and structure != modifier.pattern:
