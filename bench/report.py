@@ -205,16 +205,24 @@ def recipe_section(headline: dict) -> list[str]:
     ]
 
 
-def sparsegpt_table(name: str, headline: dict, key: str) -> list[str]:
+def sparsegpt_table(name: str, headline: dict, key: str, borrowed: str | None = None) -> list[str]:
     """One bench/recipes.py merged file as a table: perplexity, penalty as a share of SparseGPT 2:4's
-    (on the medians; whether the row beats SparseGPT on every seed), the quantized rows."""
+    (on the medians; whether the row beats SparseGPT on every seed), the quantized rows; a variant the
+    file lacks is taken from ``borrowed`` (the same protocol) for the same seeds, linked to it."""
     rows, dense = recipe_rows(name)
     reference = ppl(rows["sparsegpt"])
-    file = link(name, "json")
-    body = [["dense", seed_range(dense), spread(dense.values()), "", "", "", file]]
+    files = {variant: link(name, "json") for variant in rows}
+    if borrowed:  # rows measured on the same protocol in an earlier file: its runs of this table's seeds
+        earlier, _ = recipe_rows(borrowed)
+        for variant in RECIPE_ROWS:
+            if variant not in rows and variant in earlier:
+                rows[variant] = {s: r for s, r in earlier[variant].items() if s in dense}
+                files[variant] = link(borrowed, "json")
+    body = [["dense", seed_range(dense), spread(dense.values()), "", "", "", link(name, "json")]]
     for variant, label in RECIPE_ROWS.items():
         if variant not in rows:
             continue
+        file = files[variant]
         values = ppl(rows[variant])
         seeds = sorted(values)
         fraction = penalty_fraction(
@@ -259,9 +267,10 @@ def sparsegpt_section(headline: dict) -> list[str]:
         f"defaults, {first['calibration'].split(' (seed')[0]} drawn by the seed, perplexity on the "
         f"{first['evaluation']}, {first['machine']['threads']} CPU threads; median (min-max) over seeds. "
         f"**Penalty**: {PENALTY_DEFINITION}, here against SparseGPT 2:4 on the medians (1.00: SparseGPT's own "
-        "cost; 0: the dense model).",
+        "cost; 0: the dense model). A row linked to another file comes from that file's runs of the same seeds "
+        "(same protocol and host, an earlier commit: its provenance says which).",
         "",
-        *sparsegpt_table(RECIPE_SPARSEGPT, headline, "sparsegpt_penalty_fraction"),
+        *sparsegpt_table(RECIPE_SPARSEGPT, headline, "sparsegpt_penalty_fraction", borrowed=RECIPE_5SEEDS),
         "",
         f"The same on text outside the repository's corpus: {other['calibration'].split(' (seed')[0]}, perplexity on "
         f"the {other['evaluation']} (LAMBADA's passages, narrative fiction; `bench/lambada_text.py`).",
