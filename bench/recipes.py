@@ -15,7 +15,9 @@ because ``oneshot`` needs a saved model) it runs through ``llmcompressor.oneshot
 each from the same dense model and the same ``num_samples x seq_len`` calibration windows of
 ``--calibration`` (default ``builtin:wiki-calibration``), and measures perplexity on the first
 ``eval_samples x eval_seq_len`` windows of ``--evaluation`` and the wall time of ``oneshot``.
-``--set FIELD=VALUE`` overrides the permutation modifier's fields in every learned variant.
+``--set FIELD=VALUE`` overrides the permutation modifier's fields in every learned variant;
+``--quantize RECIPE ...`` quantizes a copy of learned+reconstruct's model with each recipe file's
+quantization stage (data-free) and records its perplexity and ``nmperm verify``'s checks.
 Results go to ``bench/results/recipes-<model>-<time>.json``.
 
     python bench/recipes.py                          # SmolLM2-135M, every variant
@@ -89,8 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help=f"override {MODIFIER} fields")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--quantize", nargs="*", default=[], metavar="SCHEME",
-        help="QuantizationModifier schemes (FP8_DYNAMIC, W8A8, W4A16) applied to learned+reconstruct's model",
+        "--quantize", nargs="*", type=Path, default=[], metavar="RECIPE",
+        help="recipe files whose quantization stage is applied to learned+reconstruct's model, each in turn",
     )  # fmt: skip
     parser.add_argument("--output", type=Path, help="result file (default bench/results/recipes-*.json)")
     parser.add_argument("--from-json", type=Path, nargs="+", help="merge per-seed result files (no runs)")
@@ -227,12 +229,18 @@ def run_variant(variant: str, model_dir: Path, calibration, evaluation, args, ov
         result["retained_ratio"] = sidecar.figures.get("retained_ratio")
     logger.info(f"{variant}: perplexity {value:.2f}, oneshot {seconds:.0f} s")
     if variant in QUANTIZED_AFTER:
-        result["quantized"] = [quantized_row(model, scheme, evaluation) for scheme in args.quantize]
+        result["quantized"] = [quantized_row(model, recipe, evaluation) for recipe in args.quantize]
     return result
 
 
-def quantized_row(pruned, scheme: str, evaluation) -> dict:
-    """``pruned`` (a copy) quantized by ``QuantizationModifier`` ``scheme`` (round to nearest, data-free),
+def quantization_stages(recipe: Path) -> dict:
+    """The stages of a shipped recipe file other than its sparsity stage: what it quantizes with."""
+    stages = yaml.safe_load(recipe.read_text())
+    return {name: stage for name, stage in stages.items() if not name.startswith("sparsity")}
+
+
+def quantized_row(pruned, recipe: Path, evaluation) -> dict:
+    """``pruned`` (a copy) quantized by ``recipe``'s quantization stage (data-free: round to nearest),
     saved compressed and checked by ``nmperm verify``'s checks, with its perplexity."""
     import copy
 
@@ -241,17 +249,14 @@ def quantized_row(pruned, scheme: str, evaluation) -> dict:
     from nmperm_plugin.eval.perplexity import perplexity
     from nmperm_plugin.io.verify import verify_checkpoint
 
-    model = copy.deepcopy(pruned)
-    recipe = {"quantization_stage": {"quantization_modifiers": {"QuantizationModifier": {
-        "targets": ["Linear"], "scheme": scheme, "ignore": ["lm_head"]}}}}  # fmt: skip
-    model = oneshot(model=model, recipe=yaml.safe_dump(recipe))
+    model = oneshot(model=copy.deepcopy(pruned), recipe=yaml.safe_dump(quantization_stages(recipe)))
     with torch.no_grad():
-        value = perplexity(model, evaluation, desc=scheme)
+        value = perplexity(model, evaluation, desc=recipe.stem)
     with tempfile.TemporaryDirectory(prefix="nmperm-quantized-") as out:
         model.save_pretrained(out, save_compressed=True)
         report = verify_checkpoint(out)
-    logger.info(f"{scheme}: perplexity {value:.2f}, nmperm verify {'passed' if report.ok else 'FAILED'}")
-    return {"scheme": scheme, "perplexity": value, "verified": report.ok, "checks": report.checks}
+    logger.info(f"{recipe.stem}: perplexity {value:.2f}, nmperm verify {'passed' if report.ok else 'FAILED'}")
+    return {"scheme": recipe.stem, "perplexity": value, "verified": report.ok, "checks": report.checks}
 
 
 def seed_of(run: dict) -> int:

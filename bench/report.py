@@ -250,7 +250,7 @@ def sparsegpt_table(name: str, headline: dict, key: str, borrowed: str | None = 
             )
             verified = "2:4 verified" if all(q["verified"] for q in quantized.values()) else "**not 2:4**"
             body.append([
-                f"the same, then {scheme} ({verified})", seed_range(qs),
+                f"`{scheme}.yaml`: the same, quantized ({verified})", seed_range(qs),
                 spread(q["perplexity"] for q in quantized.values()), f"{fraction:.2f}", "", "", file,
             ])  # fmt: skip
     return table(["row", "seeds", "perplexity", "penalty / SparseGPT 2:4's", "beats SparseGPT every seed",
