@@ -248,8 +248,12 @@ def quantized_row(pruned, recipe: Path, evaluation) -> dict:
 
     from nmperm_plugin.eval.perplexity import perplexity
     from nmperm_plugin.io.verify import verify_checkpoint
+    from nmperm_plugin.llmcompressor.compress import install_save_hook
 
-    model = oneshot(model=copy.deepcopy(pruned), recipe=yaml.safe_dump(quantization_stages(recipe)))
+    model = copy.deepcopy(pruned)
+    model.__dict__.pop("save_pretrained", None)  # the copied wrapper would save the original model
+    install_save_hook(model)  # the sidecar of the copy, written beside its checkpoint
+    model = oneshot(model=model, recipe=yaml.safe_dump(quantization_stages(recipe)))
     with torch.no_grad():
         value = perplexity(model, evaluation, desc=recipe.stem)
     with tempfile.TemporaryDirectory(prefix="nmperm-quantized-") as out:
