@@ -88,6 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window")
     parser.add_argument("--calibration", default="builtin:wiki-calibration", help="calibration text (nmperm data)")
     parser.add_argument("--evaluation", default="builtin:wiki-evaluation", help="evaluation text (nmperm data)")
+    parser.add_argument(
+        "--also-evaluate", nargs="*", default=[], metavar="TEXT",
+        help="more evaluation texts (the same number of windows), recorded as other_perplexity",
+    )  # fmt: skip
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help=f"override {MODIFIER} fields")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -188,7 +192,9 @@ def parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
-def run_variant(variant: str, model_dir: Path, calibration, evaluation, args, overrides: dict) -> dict:
+def run_variant(
+    variant: str, model_dir: Path, calibration, evaluation, args, overrides: dict, other: dict | None = None
+) -> dict:
     from datasets import Dataset
     from llmcompressor import oneshot
 
@@ -228,6 +234,10 @@ def run_variant(variant: str, model_dir: Path, calibration, evaluation, args, ov
         result["permutation_seconds"] = sidecar.figures.get("permutation_seconds")
         result["retained_ratio"] = sidecar.figures.get("retained_ratio")
     logger.info(f"{variant}: perplexity {value:.2f}, oneshot {seconds:.0f} s")
+    with torch.no_grad():  # the same model on text of another kind than its calibration (--also-evaluate)
+        result["other_perplexity"] = {
+            text: perplexity(model, windows, desc=text) for text, windows in (other or {}).items()
+        }
     if variant in QUANTIZED_AFTER:
         result["quantized"] = [quantized_row(model, recipe, evaluation) for recipe in args.quantize]
     return result
@@ -358,8 +368,13 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
             results["dense_perplexity"] = perplexity(dense, evaluation)
+            other = {
+                text: token_windows(tokenizer, load_texts(text), args.eval_samples, args.eval_seq_len)
+                for text in args.also_evaluate
+            }
+            results["dense_other_perplexity"] = {text: perplexity(dense, w) for text, w in other.items()}
         for variant in args.variants:
-            results["variants"].append(run_variant(variant, model_dir, calibration, evaluation, args, overrides))
+            results["variants"].append(run_variant(variant, model_dir, calibration, evaluation, args, overrides, other))
     slug = "tiny" if args.tiny else "smollm2-135m"
     path = args.output or RESULTS / f"recipes-{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     lines = [

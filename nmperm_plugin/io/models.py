@@ -178,7 +178,20 @@ def load_checkpoint_model(directory: str | Path) -> nn.Module:
         directory,
         dtype="float32",
         use_safetensors=True if files[0].suffix == ".safetensors" else None,
+        **_decompressed(directory),
     )
+
+
+def _decompressed(directory: str | Path) -> dict:
+    """``from_pretrained`` arguments that give a packed compressed-tensors checkpoint (int4 weights
+    stored as ``weight_packed``, e.g. W4A16) its float ``weight`` back, so every linear can be read."""
+    config = json.loads((Path(directory) / "config.json").read_text())
+    quantization = config.get("quantization_config") or {}
+    if quantization.get("quant_method") != "compressed-tensors" or quantization.get("format") != "pack-quantized":
+        return {}
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(run_compressed=False)}
 
 
 def load_pretrained(cls, directory: str | Path, **kwargs) -> nn.Module:
