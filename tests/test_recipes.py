@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import nmperm_plugin  # noqa: F401 - registers LearnedPermutationModifier
 from nmperm_plugin.core.nm import NMPattern, is_nm
+from nmperm_plugin.io.models import load_checkpoint_model
 from nmperm_plugin.io.sidecar import SIDECAR_NAME, Sidecar
 from nmperm_plugin.io.verify import verify_checkpoint
 
@@ -142,7 +143,10 @@ def test_recipe_through_oneshot(recipe, tiny_dir, tmp_path):
     assert "LearnedPermutationModifier" in (out / "recipe.yaml").read_text()
     assert verify_checkpoint(out).ok
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    if quantization.get("format") == "pack-quantized":  # int4 weight_packed: read back decompressed, as verify does
+        reloaded = load_checkpoint_model(out)
+    else:
+        reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert float((_logits(reloaded) - in_memory).abs().max()) < 1e-5
     assert all(is_nm(_weight(reloaded, n), pattern) for n in targeted)
 
