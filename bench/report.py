@@ -257,6 +257,28 @@ def sparsegpt_table(name: str, headline: dict, key: str, borrowed: str | None = 
                   "oneshot (s)", "file"], body)  # fmt: skip
 
 
+def cross_text_table(name: str) -> list[str]:
+    """The runs of ``name`` that also evaluated on another text (``--also-evaluate``): each variant's
+    perplexity there and its penalty as a share of SparseGPT 2:4's, from the same run."""
+    body = []
+    for run in load(name)["runs"]:
+        for text, dense in (run.get("dense_other_perplexity") or {}).items():
+            values = {v["variant"]: v["other_perplexity"][text] for v in run["variants"] if v.get("other_perplexity")}
+            if "sparsegpt" not in values:
+                continue
+            seed = str(run["seed"])
+            body.append(["dense", seed, num(dense), "", Path(text).name])
+            for variant, value in values.items():
+                fraction = penalty_fraction(value, values["sparsegpt"], dense)
+                body.append([RECIPE_ROWS[variant], seed, num(value), f"{fraction:.2f}", Path(text).name])
+    return table(["row", "seed", "perplexity", "penalty / SparseGPT 2:4's", "evaluated on"], body) if body else []
+
+
+def bare(text: str) -> str:
+    """``text`` with every absolute path shown by its file name (a run's temporary directory says nothing)."""
+    return re.sub(r"/\S*/(\S+)", r"`\1`", text)
+
+
 def sparsegpt_section(headline: dict) -> list[str]:
     first = load(RECIPE_SPARSEGPT)["runs"][0]
     other = load(RECIPE_OTHER_TEXT)["runs"][0]
@@ -272,10 +294,16 @@ def sparsegpt_section(headline: dict) -> list[str]:
         "",
         *sparsegpt_table(RECIPE_SPARSEGPT, headline, "sparsegpt_penalty_fraction", borrowed=RECIPE_5SEEDS),
         "",
-        f"The same on text outside the repository's corpus: {other['calibration'].split(' (seed')[0]}, perplexity on "
-        f"the {other['evaluation']} (LAMBADA's passages, narrative fiction; `bench/lambada_text.py`).",
+        f"The same on text outside the repository's corpus: {bare(other['calibration'].split(' (seed')[0])}, "
+        f"perplexity on the {bare(other['evaluation'])} (LAMBADA's passages, narrative fiction, written by "
+        "`bench/lambada_text.py`).",
         "",
         *sparsegpt_table(RECIPE_OTHER_TEXT, headline, "other_text_penalty_fraction"),
+        "",
+        f"Calibrated on the first table's text and evaluated on the second's ({link(RECIPE_SPARSEGPT, 'json')}, the "
+        "runs that also evaluated there): what a user gets on text unlike the calibration data.",
+        "",
+        *cross_text_table(RECIPE_SPARSEGPT),
         "",
     ]
 
