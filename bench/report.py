@@ -205,6 +205,19 @@ def recipe_section(headline: dict) -> list[str]:
     ]
 
 
+def verification(quantized: dict[int, dict]) -> str:
+    """``nmperm verify`` on each seed's quantized checkpoint: passed, or the first failed check."""
+    if all(q["verified"] for q in quantized.values()):
+        return "`nmperm verify` passed" + ("" if len(quantized) == 1 else " on every seed")
+    parts = []
+    for seed, q in sorted(quantized.items()):
+        failed = next((c for c in q["checks"] if not c["ok"]), None)
+        parts.append(
+            f"seed {seed}: " + ("passed" if failed is None else f"failed '{failed['check']}': {failed['detail'][:60]}")
+        )
+    return "`nmperm verify` " + "; ".join(parts)
+
+
 def sparsegpt_table(name: str, headline: dict, key: str, borrowed: str | None = None) -> list[str]:
     """One bench/recipes.py merged file as a table: perplexity, penalty as a share of SparseGPT 2:4's
     (on the medians; whether the row beats SparseGPT on every seed), the quantized rows; a variant the
@@ -248,7 +261,7 @@ def sparsegpt_table(name: str, headline: dict, key: str, borrowed: str | None = 
                 median(reference[s] for s in qs),
                 median(dense[s] for s in qs),
             )
-            verified = "2:4 verified" if all(q["verified"] for q in quantized.values()) else "**not 2:4**"
+            verified = verification(quantized)
             body.append([
                 f"`{scheme}.yaml`: the same, quantized ({verified})", seed_range(qs),
                 spread(q["perplexity"] for q in quantized.values()), f"{fraction:.2f}", "", "", file,
