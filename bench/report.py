@@ -41,12 +41,11 @@ RECIPE_OTHER_TEXT = "recipes-smollm2-2of4-sparsegpt-lambada.json"
 RECIPE_ROWS = {  # bench/recipes.py's variants, in its order
     "wanda": "Wanda 2:4",
     "wanda-unstructured": "Wanda unstructured 50%",
-    "wanda+learned": "learned permutation and masks, then Wanda 2:4 (`wanda-2of4-learned.yaml`)",
+    "wanda+learned": "learned, then Wanda 2:4 (`wanda-2of4-learned.yaml`)",
     "sparsegpt": "SparseGPT 2:4",
     "sparsegpt-unstructured": "SparseGPT unstructured 50%",
     "sparsegpt+learned": "learned permutation, then SparseGPT 2:4 choosing its masks",
-    "learned+reconstruct": "learned permutation and masks, kept weights reconstructed and distilled "
-    "(`sparsegpt-2of4-learned.yaml`)",
+    "learned+reconstruct": "learned, reconstructed, distilled (`sparsegpt-2of4-learned.yaml`)",
 }
 Q_DEFAULT = "quality-wanda-2of4-e2e-default-3seeds.json"
 Q_GATHER_5 = "quality-wanda-2of4-e2e-gather-default-5seeds.json"
@@ -213,7 +212,7 @@ def verification(quantized: dict[int, dict]) -> str:
     for seed, q in sorted(quantized.items()):
         failed = next((c for c in q["checks"] if not c["ok"]), None)
         parts.append(
-            f"seed {seed}: " + ("passed" if failed is None else f"failed '{failed['check']}': {failed['detail'][:60]}")
+            f"seed {seed}: " + ("passed" if failed is None else f"failed '{failed['check']}': {failed['detail'][:40]}")
         )
     return "`nmperm verify` " + "; ".join(parts)
 
@@ -302,8 +301,8 @@ def sparsegpt_section(headline: dict) -> list[str]:
         f"defaults, {first['calibration'].split(' (seed')[0]} drawn by the seed, perplexity on the "
         f"{first['evaluation']}, {first['machine']['threads']} CPU threads; median (min-max) over seeds. "
         f"**Penalty**: {PENALTY_DEFINITION}, here against SparseGPT 2:4 on the medians (1.00: SparseGPT's own "
-        "cost; 0: the dense model). A row linked to another file comes from that file's runs of the same seeds "
-        "(same protocol and host, an earlier commit: its provenance says which).",
+        "cost; 0: the dense model). A row linked to another file: its runs of these seeds (same protocol and "
+        "host, an earlier commit).",
         "",
         *sparsegpt_table(RECIPE_SPARSEGPT, headline, "sparsegpt_penalty_fraction", borrowed=RECIPE_5SEEDS),
         "",
