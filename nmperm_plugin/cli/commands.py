@@ -240,4 +240,3 @@ def _kept(args: argparse.Namespace) -> str:
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
-
