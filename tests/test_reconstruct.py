@@ -145,3 +145,26 @@ def test_distillation_keeps_the_masks_and_lowers_the_distance_to_the_dense_model
 def test_distillation_needs_apply_mask():
     with pytest.raises(ValueError, match="needs apply_mask"):
         PermuteConfig(distill_steps=4, apply_mask=False)
+
+
+def test_end_to_end_distillation_takes_its_targets_from_the_learners_dense_pass(input_ids, monkeypatch):
+    from nmperm_plugin.learn import pipeline
+    from nmperm_plugin.learn.window import EndToEnd
+
+    config = PermuteConfig(
+        block_size=16, objective="end_to_end", end_to_end_steps=2, reconstruct=True, distill_steps=3,
+        distill_lr=1e-3, sequences_per_step=2,
+    )  # fmt: skip
+    dense = tiny_model()
+    calls = []
+    counted = pipeline.dense_targets
+    monkeypatch.setattr(pipeline, "dense_targets", lambda *a: calls.append(1) or counted(*a))
+    shared = copy.deepcopy(dense)
+    permute_(shared, input_ids, config)
+    assert calls == []  # the objective's dense pass kept them: no second dense pass
+    monkeypatch.setattr(EndToEnd, "keeps_dense_outputs", False)  # the targets from a pass of their own
+    separate = copy.deepcopy(dense)
+    permute_(separate, input_ids, config)
+    assert calls == [1]
+    for (name, a), (_, b) in zip(shared.named_parameters(), separate.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

@@ -42,14 +42,20 @@ class MaskedWeights(Mapping):
         return len(self.trainable)
 
 
-def dense_targets(run: Run, inputs: torch.Tensor, kwargs: list[dict]) -> list[torch.Tensor]:
-    """Every decoder layer's dense output of the calibration sequences, kept on the CPU (the dense
-    weights are gone once the masks are applied); refuses, before any work, what cannot run."""
+def check_distillable(run: Run) -> None:
+    """Refuse, before any work, a distillation that cannot run."""
     if run.onloading or run.sharded or distributed.world_size() > 1:
         raise ValueError(
             "distill_steps trains every pruned weight at once, so it runs in one process with the model on its "
             "device: not with onloaded layers, shard_weights or several ranks; set distill_steps 0 there"
         )
+
+
+def dense_targets(run: Run, inputs: torch.Tensor, kwargs: list[dict]) -> list[torch.Tensor]:
+    """Every decoder layer's dense output of the calibration sequences, kept on the CPU (the dense
+    weights are gone once the masks are applied), for objectives that do not keep them themselves
+    (``Run.distill_targets``)."""
+    check_distillable(run)
     started = time.monotonic()
     _, outputs = run.dense_pass(inputs, kwargs, [], keep_outputs=True, on=torch.device("cpu"))
     logger.info(f"nmperm: dense targets of the distillation in {time.monotonic() - started:.1f} s")
@@ -87,7 +93,7 @@ def distill_(
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "loss": float(loss)})
+        history.append({"step": step + 1, "loss": float(loss.detach())})
     after = objective.select(weights)
     history[-1]["select"] = after
     kept = after < before

@@ -34,6 +34,7 @@ class Auto(ObjectiveStrategy):
     only, and an exhausted host kills the process instead of raising): there it is ``end_to_end``."""
 
     name = "auto"
+    keeps_dense_outputs = True  # every attempt is a Window
 
     def attempts(self, num_layers: int) -> list[Window]:
         sizes, size = [], num_layers
@@ -85,6 +86,7 @@ class Staged(ObjectiveStrategy):
 
     def __init__(self, name: str, first: ObjectiveStrategy, then: ObjectiveStrategy) -> None:
         self.name, self.first, self.then = name, first, then
+        self.keeps_dense_outputs = then.keeps_dense_outputs  # first never prunes: then's dense pass is dense
 
     def solve(self, run: Run, hidden: torch.Tensor, kwargs: list[dict], apply_masks: bool) -> None:
         self.first.solve(run, hidden, kwargs, apply_masks=False)

@@ -26,7 +26,7 @@ from ..io.checks import check_finite_parameters, check_pattern_fits
 from ..io.sidecar import Sidecar
 from ..plugins.registry import check_names, get_adapter, get_mask_generator, get_objective, get_solver
 from ..runtime.sharding import check_setting, sharded
-from .distill import dense_targets, distill_
+from .distill import check_distillable, dense_targets, distill_
 from .fold import fold_
 from .objectives import HEURISTIC, ObjectiveStrategy
 from .run import Run
@@ -99,10 +99,15 @@ def permute_and_prune_(
         )
         start = time.monotonic()
         hidden, kwargs = run.layer_inputs()
-        targets = dense_targets(run, hidden, kwargs) if config.distill_steps else None
+        targets = None
+        if config.distill_steps:
+            check_distillable(run)
+            if not strategy.keeps_dense_outputs:  # else its dense pass keeps them: Run.distill_targets
+                targets = dense_targets(run, hidden, kwargs)
         with sharded(run.layers, config.shard_weights):  # each rank keeps its part; whole again after
             strategy.solve(run, hidden, kwargs, apply_masks=config.apply_mask)
-        if targets is not None:
+        if config.distill_steps:
+            targets, run.distill_targets = (run.distill_targets if targets is None else targets), None
             run.history["distillation"] = distill_(run, hidden, kwargs, targets)
     seconds, objective = time.monotonic() - start, run.objective if config.method == "learned" else None
     return PruneResult(run.sites, run.perms, run.pruned, run.retained, run.history, seconds, objective)

@@ -111,6 +111,9 @@ class Run:
         self.perms: dict[str, torch.Tensor] = {}
         self.history: dict[str, list[dict]] = {}
         self.retained: dict[str, float] = {}
+        # every decoder layer's dense output on the CPU, kept by an objective's dense pass when
+        # distill_steps is set (the distillation's targets; one dense pass instead of two)
+        self.distill_targets: list[torch.Tensor] | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:

@@ -28,6 +28,7 @@ class ObjectiveStrategy:
     inputs ``hidden`` (``[N, T, D]``) and every decoder layer's keyword arguments ``kwargs``."""
 
     name: str = "base"
+    keeps_dense_outputs: bool = False  # whether solve sets Run.distill_targets when distill_steps is set
 
     def solve(self, run: Run, hidden: torch.Tensor, kwargs: list[dict], apply_masks: bool) -> None:
         raise NotImplementedError

@@ -39,6 +39,8 @@ class Window(ObjectiveStrategy):
     def __init__(self, layers: int | None = None) -> None:
         self.layers = layers  # the window's size; None: the configuration's window_layers
 
+    keeps_dense_outputs = True
+
     def window_layers(self, config: PermuteConfig, num_layers: int) -> int:
         return min(self.layers or config.window_layers, num_layers)
 
@@ -46,10 +48,13 @@ class Window(ObjectiveStrategy):
         config, num_layers = run.config, len(run.layers)
         size = self.window_layers(config, num_layers)
         windows = [range(start, min(start + size, num_layers)) for start in range(0, num_layers, size)]
-        keep = keeps_dense_targets(run, hidden, config.dense_targets)
+        distilling = config.distill_steps > 0  # the distillation needs the dense outputs kept
+        keep = distilling or keeps_dense_targets(run, hidden, config.dense_targets)
         first_inputs = hidden
         started = time.monotonic()
         scores, dense = run.dense_pass(hidden, kwargs, list(run.linears), keep_outputs=keep, on=torch.device("cpu"))
+        if distilling:
+            run.distill_targets = dense
         dense_inputs = None if keep else hidden.cpu()  # recompute: the dense input of the current window
         logger.info(f"nmperm: dense pass over {len(run.layers)} decoder layers in {time.monotonic() - started:.1f} s")
         started = time.monotonic()
