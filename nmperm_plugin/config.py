@@ -129,7 +129,7 @@ class PermuteConfig:
         "alpha times every layer's distance to it; 0: none); needs apply_mask",
         minimum=0,
     )
-    distill_lr: float = option(1e-4, "distill_steps: Adam's learning rate at the first step (cosine decay)", minimum=0)
+    distill_lr: float = option(3e-4, "distill_steps: Adam's learning rate at the first step (cosine decay)", minimum=0)
     unstructured: bool = option(False, "per-row mask of the same density instead of N:M (the bound; method identity)")
     ignore: tuple[str, ...] = option(
         (), "regexes of linear names left dense (still permuted)", front_ends=("cli",)
