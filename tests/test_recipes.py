@@ -323,3 +323,17 @@ def _only_learned(text: str) -> dict:
     recipe = yaml.safe_load(text)
     recipe["sparsity_stage"]["sparsity_modifiers"].pop("WandaPruningModifier")
     return recipe
+
+
+def test_the_flags_nmperm_prune_suggests_are_the_best_recipes_settings():
+    from nmperm_plugin.cli.prune import BEST_QUALITY
+
+    (best,) = [path for path in RECIPES if path.name == "sparsegpt-2of4-learned.yaml"]
+    fields = yaml.safe_load(best.read_text())["sparsity_stage"]["sparsity_modifiers"]["LearnedPermutationModifier"]
+    flags, suggested = BEST_QUALITY.split(), {}
+    for index, flag in enumerate(flags):
+        if flag.startswith("--"):
+            value = flags[index + 1] if index + 1 < len(flags) and not flags[index + 1].startswith("--") else True
+            suggested[flag.removeprefix("--").replace("-", "_")] = value if value is True else int(value)
+    beyond_the_defaults = {"reconstruct", "end_to_end_steps", "distill_steps"}
+    assert suggested == {name: fields[name] for name in beyond_the_defaults if name in fields}
