@@ -270,20 +270,35 @@ def sparsegpt_table(name: str, headline: dict, key: str, borrowed: str | None = 
 
 
 def cross_text_table(name: str) -> list[str]:
-    """The runs of ``name`` that also evaluated on another text (``--also-evaluate``): each variant's
-    perplexity there and its penalty as a share of SparseGPT 2:4's, from the same run."""
-    body = []
+    """The runs of ``name`` that also evaluated on another text (``--also-evaluate``), combined per
+    seed (a later run's variant replaces an earlier one's, as in the merge): each variant's median
+    perplexity there over the seeds that have SparseGPT 2:4's too, and its penalty as a share of
+    SparseGPT's on the medians."""
+    per_seed: dict[tuple[str, int], dict] = {}
     for run in load(name)["runs"]:
         for text, dense in (run.get("dense_other_perplexity") or {}).items():
-            values = {v["variant"]: v["other_perplexity"][text] for v in run["variants"] if v.get("other_perplexity")}
-            if "sparsegpt" not in values:
+            entry = per_seed.setdefault((text, run["seed"]), {"dense": dense, "values": {}})
+            for variant in run["variants"]:
+                if text in (variant.get("other_perplexity") or {}):
+                    entry["values"][variant["variant"]] = variant["other_perplexity"][text]
+    body = []
+    for text in sorted({text for text, _ in per_seed}):
+        entries = {seed: e for (t, seed), e in per_seed.items() if t == text and "sparsegpt" in e["values"]}
+        if entries:
+            dense = [e["dense"] for e in entries.values()]
+            body.append(["dense", seed_range(entries), spread(dense), "0", Path(text).name])
+        for variant, label in RECIPE_ROWS.items():
+            values = {seed: e["values"][variant] for seed, e in entries.items() if variant in e["values"]}
+            if not values:
                 continue
-            seed = str(run["seed"])
-            body.append(["dense", seed, num(dense), "", Path(text).name])
-            for variant, value in values.items():
-                fraction = penalty_fraction(value, values["sparsegpt"], dense)
-                body.append([RECIPE_ROWS[variant], seed, num(value), f"{fraction:.2f}", Path(text).name])
-    return table(["row", "seed", "perplexity", "penalty / SparseGPT 2:4's", "evaluated on"], body) if body else []
+            seeds = sorted(values)
+            fraction = penalty_fraction(
+                median(values.values()),
+                median(entries[s]["values"]["sparsegpt"] for s in seeds),
+                median(entries[s]["dense"] for s in seeds),
+            )
+            body.append([label, seed_range(seeds), spread(values.values()), f"{fraction:.2f}", Path(text).name])
+    return table(["row", "seeds", "perplexity", "penalty / SparseGPT 2:4's", "evaluated on"], body) if body else []
 
 
 def bare(text: str) -> str:
