@@ -1,7 +1,8 @@
 """A whole ``nmperm prune`` run on a random-weight Llama-3.2-1B-shaped model (hidden 2048, 16 layers,
-intermediate 8192, 32 / 8 heads, 128,256-token vocabulary, tied embeddings, bfloat16 on disk), timed
-by phase from its own log: load, dense pass, start, learning (and the ranking inside it), fold,
-save, verify; peak RSS and wall time from ``/usr/bin/time -v``.
+intermediate 8192, 32 / 8 heads, 128,256-token vocabulary, tied embeddings, bfloat16 on disk), or on
+``--model``, timed by phase from its own log: load, dense pass, start, learning (and the ranking
+inside it), reconstruction, distillation, fold, save, verify; peak RSS and wall time from
+``/usr/bin/time -v``.
 
 The run is interrupted (SIGKILL, as a crash or a pre-empted job would be) once its learning state
 holds ``--kill-after`` steps, then rerun with the same command: the rerun resumes, and its log shows
@@ -10,14 +11,19 @@ Every phase is measured once, in the first run up to the kill and in the resumed
 
     python bench/prune_run.py --output bench/results/prune-llama-1b-shaped-cpu2 --steps 8 --kill-after 5
 
+    python bench/prune_run.py --model SmolLM2.gguf --steps 48 --kill-after 0 \
+        --extra="--reconstruct --distill-steps 80" --output bench/results/prune-smollm2-best-cpu2
+
 ``--steps``: ``--end-to-end-steps`` (the default is 80: about 70 minutes of learning on 2 CPU
-cores, projected from the measured step time); every other setting is ``nmperm prune``'s default.
+cores for the 1B shape, projected from the measured step time); ``--extra``: more ``nmperm prune``
+options; every other setting is ``nmperm prune``'s default.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -44,6 +50,8 @@ PHASES = {  # log line -> the phase it ends, and the seconds it reports
     "learning_s": re.compile(r"model: \d+ learning steps in ([\d.]+) s"),
     "learning_steps": re.compile(r"model: (\d+) learning steps in"),
     "ranking_s": re.compile(r"learning steps in [\d.]+ s, ([\d.]+) s of it ranking"),
+    "reconstruct_s": re.compile(r"masks applied with SparseGPT's reconstruction in ([\d.]+) s"),
+    "distill_s": re.compile(r"distillation of the kept weights, \d+ steps in ([\d.]+) s"),
     "fold_s": re.compile(r"folded \(\w+\) and checked in ([\d.]+) s"),
     "save_s": re.compile(r"saved in ([\d.]+) s"),
     "verify_s": re.compile(r"checksums and verification in ([\d.]+) s"),
@@ -55,7 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/nmperm-prune-run"))
+    parser.add_argument("--model", type=Path, default=None, help="the model to prune (default: the 1B-shaped one)")
     parser.add_argument("--steps", type=int, default=None, help="--end-to-end-steps (default: nmperm's)")
+    parser.add_argument("--extra", default="", help='more nmperm prune options, as one string: --extra="--reconstruct"')
     parser.add_argument("--kill-after", type=int, default=5, help="learning steps saved before the kill (0: none)")
     parser.add_argument("--from-logs", action="store_true", help="rebuild the result from --workdir's two logs")
     parser.add_argument(
@@ -136,7 +146,8 @@ def seconds_between(a: str, b: str) -> float:
 
 
 def markdown(result: dict) -> str:
-    keys = ("wall_s", "peak_rss_gib", "load_s", "dense_pass_s", "start_s", "learning_s", "ranking_s", "fold_s")
+    keys = ("wall_s", "peak_rss_gib", "load_s", "dense_pass_s", "start_s", "learning_s", "ranking_s")
+    keys += ("reconstruct_s", "distill_s", "fold_s")
     keys += ("save_s", "verify_s")
     lines = ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name in ("interrupted", "resumed"):
@@ -150,17 +161,20 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
-    model_dir, output = args.workdir / "llama-3.2-1b-shaped", args.workdir / "pruned"
+    model_dir, output = args.model or args.workdir / "llama-3.2-1b-shaped", args.workdir / "pruned"
     state = output.parent / (output.name + ".nmperm-state")
     if not args.from_logs and not args.resume_only:
-        make_model(model_dir)
+        if args.model is None:
+            make_model(model_dir)
         shutil.rmtree(output, ignore_errors=True)  # our own scratch folder under --workdir
         shutil.rmtree(state, ignore_errors=True)
     command = [sys.executable, "-m", "nmperm_plugin.cli", "prune", str(model_dir)]
     command += ["--dataset", "builtin:wiki-calibration", "--output", str(output)]
     if args.steps is not None:
         command += ["--end-to-end-steps", str(args.steps)]
-    result: dict = {"shape": SHAPE, "command": command, "kill_after": args.kill_after}
+    command += shlex.split(args.extra)
+    model = str(args.model) if args.model else SHAPE
+    result: dict = {"model": model, "command": command, "kill_after": args.kill_after}
     logs = args.workdir / "interrupted.log", args.workdir / "resumed.log"
     if args.from_logs:  # the same result, parsed again from the runs' logs (wall time: /usr/bin/time's)
         if args.kill_after:
