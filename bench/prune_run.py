@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir, output = args.model or args.workdir / "llama-3.2-1b-shaped", args.workdir / "pruned"
     state = output.parent / (output.name + ".nmperm-state")
     if not args.from_logs and not args.resume_only:
+        args.workdir.mkdir(parents=True, exist_ok=True)
         if args.model is None:
             make_model(model_dir)
         shutil.rmtree(output, ignore_errors=True)  # our own scratch folder under --workdir
