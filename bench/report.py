@@ -44,7 +44,7 @@ RECIPE_ROWS = {  # bench/recipes.py's variants, in its order
     "wanda+learned": "learned, then Wanda 2:4 (`wanda-2of4-learned.yaml`)",
     "sparsegpt": "SparseGPT 2:4",
     "sparsegpt-unstructured": "SparseGPT unstructured 50%",
-    "sparsegpt+learned": "learned permutation, then SparseGPT 2:4 choosing its masks",
+    "sparsegpt+learned": "learned, then SparseGPT 2:4 (its own masks)",
     "learned+reconstruct": "learned, reconstructed, distilled (`sparsegpt-2of4-learned.yaml`)",
 }
 Q_DEFAULT = "quality-wanda-2of4-e2e-default-3seeds.json"
@@ -207,7 +207,7 @@ def recipe_section(headline: dict) -> list[str]:
 def verification(quantized: dict[int, dict]) -> str:
     """``nmperm verify`` on each seed's quantized checkpoint: passed, or the first failed check."""
     if all(q["verified"] for q in quantized.values()):
-        return "`nmperm verify` passed" + ("" if len(quantized) == 1 else " on every seed")
+        return "`nmperm verify` passed" + ("" if len(quantized) == 1 else " every seed")
     parts = []
     for seed, q in sorted(quantized.items()):
         failed = next((c for c in q["checks"] if not c["ok"]), None)
@@ -244,7 +244,7 @@ def sparsegpt_table(name: str, headline: dict, key: str, borrowed: str | None = 
         seconds = spread([r["oneshot_seconds"] for r in rows[variant].values()], ".0f")
         bold = variant == "learned+reconstruct"
         cells = [f"**{spread(values.values())}**" if bold else spread(values.values())]
-        cells.append(f"**{fraction:.2f}**" if bold else f"{fraction:.2f}")
+        cells.append(f"**{fraction:.3f}**" if bold else f"{fraction:.3f}")
         body.append(
             [label, seed_range(seeds), *cells, "" if beats is None else "yes" if beats else "no", seconds, file]
         )
@@ -262,8 +262,8 @@ def sparsegpt_table(name: str, headline: dict, key: str, borrowed: str | None = 
             )
             verified = verification(quantized)
             body.append([
-                f"`{scheme}.yaml`: the same, quantized ({verified})", seed_range(qs),
-                spread(q["perplexity"] for q in quantized.values()), f"{fraction:.2f}", "", "", file,
+                f"`{scheme}.yaml`, quantized ({verified})", seed_range(qs),
+                spread(q["perplexity"] for q in quantized.values()), f"{fraction:.3f}", "", "", file,
             ])  # fmt: skip
     return table(["row", "seeds", "perplexity", "penalty / SparseGPT 2:4's", "beats SparseGPT every seed",
                   "oneshot (s)", "file"], body)  # fmt: skip
@@ -286,7 +286,7 @@ def cross_text_table(name: str) -> list[str]:
         entries = {seed: e for (t, seed), e in per_seed.items() if t == text and "sparsegpt" in e["values"]}
         if entries:
             dense = [e["dense"] for e in entries.values()]
-            body.append(["dense", seed_range(entries), spread(dense), "0", Path(text).name])
+            body.append([f"dense (on `{Path(text).name}`)", seed_range(entries), spread(dense), "0"])
         for variant, label in RECIPE_ROWS.items():
             values = {seed: e["values"][variant] for seed, e in entries.items() if variant in e["values"]}
             if not values:
@@ -297,8 +297,8 @@ def cross_text_table(name: str) -> list[str]:
                 median(entries[s]["values"]["sparsegpt"] for s in seeds),
                 median(entries[s]["dense"] for s in seeds),
             )
-            body.append([label, seed_range(seeds), spread(values.values()), f"{fraction:.2f}", Path(text).name])
-    return table(["row", "seeds", "perplexity", "penalty / SparseGPT 2:4's", "evaluated on"], body) if body else []
+            body.append([label, seed_range(seeds), spread(values.values()), f"{fraction:.3f}"])
+    return table(["row", "seeds", "perplexity", "penalty / SparseGPT 2:4's"], body) if body else []
 
 
 def bare(text: str) -> str:
@@ -316,13 +316,12 @@ def sparsegpt_section(headline: dict) -> list[str]:
         f"defaults, {first['calibration'].split(' (seed')[0]} drawn by the seed, perplexity on the "
         f"{first['evaluation']}, {first['machine']['threads']} CPU threads; median (min-max) over seeds. "
         f"**Penalty**: {PENALTY_DEFINITION}, here against SparseGPT 2:4 on the medians (1.00: SparseGPT's own "
-        "cost; 0: the dense model). A row linked to another file: its runs of these seeds (same protocol and "
-        "host, an earlier commit).",
+        "cost; 0: the dense model). A row linked to another file: that file's runs of these seeds.",
         "",
         *sparsegpt_table(RECIPE_SPARSEGPT, headline, "sparsegpt_penalty_fraction", borrowed=RECIPE_5SEEDS),
         "",
         f"The same on text outside the repository's corpus: {bare(other['calibration'].split(' (seed')[0])}, "
-        f"perplexity on the {bare(other['evaluation'])} (LAMBADA's passages, narrative fiction, written by "
+        f"perplexity on the {bare(other['evaluation'])} (LAMBADA's passages, by "
         "`bench/lambada_text.py`).",
         "",
         *sparsegpt_table(RECIPE_OTHER_TEXT, headline, "other_text_penalty_fraction"),
