@@ -153,7 +153,8 @@ def markdown(result: dict) -> str:
     for name in ("interrupted", "resumed"):
         if row := result.get(name):
             cells = [f"{row[k]:.1f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            label = name if result.get("interrupted") else "run (not interrupted)"
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", *(f"- {k}: {v}" for k, v in result["summary"].items())]
     return "\n".join(lines) + "\n"
 
