@@ -121,11 +121,16 @@ def recipe_rows(name: str) -> tuple[dict[str, dict[int, dict]], dict[int, float]
     by_variant: dict[str, dict[int, dict]] = {}
     dense: dict[int, float] = {}
     for run in load(name)["runs"]:
-        seed = int(run.get("seed", run["calibration"].rsplit("seed ", 1)[1].rstrip(")")))
+        seed = run_seed(run)
         dense[seed] = run["dense_perplexity"]
         for variant in run["variants"]:
             by_variant.setdefault(variant["variant"], {})[seed] = variant
     return by_variant, dense
+
+
+def run_seed(run: dict) -> int:
+    """A bench/recipes.py run's seed (older files name it only in their calibration text)."""
+    return int(run.get("seed", run["calibration"].rsplit("seed ", 1)[1].rstrip(")")))
 
 
 def median(values) -> float:
@@ -270,34 +275,42 @@ def sparsegpt_table(name: str, headline: dict, key: str, borrowed: str | None = 
 
 
 def cross_text_table(name: str) -> list[str]:
-    """The runs of ``name`` that also evaluated on another text (``--also-evaluate``), combined per
-    seed (a later run's variant replaces an earlier one's, as in the merge): each variant's median
-    perplexity there over the seeds that have SparseGPT 2:4's too, and its penalty as a share of
-    SparseGPT's on the medians."""
-    per_seed: dict[tuple[str, int], dict] = {}
+    """The rows of ``name`` (:func:`recipe_rows`) that also evaluated on another text
+    (``--also-evaluate``): each variant's median perplexity there over the seeds where SparseGPT 2:4
+    did too, and its penalty as a share of SparseGPT's on the medians."""
+    rows, _ = recipe_rows(name)
+    dense: dict[str, dict[int, float]] = {}  # text -> seed -> the dense model's perplexity there
     for run in load(name)["runs"]:
-        for text, dense in (run.get("dense_other_perplexity") or {}).items():
-            entry = per_seed.setdefault((text, run["seed"]), {"dense": dense, "values": {}})
-            for variant in run["variants"]:
-                if text in (variant.get("other_perplexity") or {}):
-                    entry["values"][variant["variant"]] = variant["other_perplexity"][text]
+        for text, value in (run.get("dense_other_perplexity") or {}).items():
+            dense.setdefault(text, {})[run_seed(run)] = value
+
+    def there(variant: str, text: str) -> dict[int, float]:
+        return {
+            s: r["other_perplexity"][text]
+            for s, r in rows.get(variant, {}).items()
+            if text in (r.get("other_perplexity") or {})
+        }
+
     body = []
-    for text in sorted({text for text, _ in per_seed}):
-        entries = {seed: e for (t, seed), e in per_seed.items() if t == text and "sparsegpt" in e["values"]}
-        if entries:
-            dense = [e["dense"] for e in entries.values()]
-            body.append([f"dense (on `{Path(text).name}`)", seed_range(entries), spread(dense), "0"])
+    for text in sorted(dense):
+        reference = there("sparsegpt", text)
+        if reference:
+            body.append(
+                [
+                    f"dense (on `{Path(text).name}`)",
+                    seed_range(reference),
+                    spread(dense[text][s] for s in reference),
+                    "0",
+                ]
+            )
         for variant, label in RECIPE_ROWS.items():
-            values = {seed: e["values"][variant] for seed, e in entries.items() if variant in e["values"]}
+            values = {s: v for s, v in there(variant, text).items() if s in reference}
             if not values:
                 continue
-            seeds = sorted(values)
             fraction = penalty_fraction(
-                median(values.values()),
-                median(entries[s]["values"]["sparsegpt"] for s in seeds),
-                median(entries[s]["dense"] for s in seeds),
+                median(values.values()), median(reference[s] for s in values), median(dense[text][s] for s in values)
             )
-            body.append([label, seed_range(seeds), spread(values.values()), f"{fraction:.3f}"])
+            body.append([label, seed_range(values), spread(values.values()), f"{fraction:.3f}"])
     return table(["row", "seeds", "perplexity", "penalty / SparseGPT 2:4's"], body) if body else []
 
 
