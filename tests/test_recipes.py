@@ -326,14 +326,13 @@ def _only_learned(text: str) -> dict:
 
 
 def test_the_flags_nmperm_prune_suggests_are_the_best_recipes_settings():
+    from nmperm_plugin.cli.commands import build_parser
+    from nmperm_plugin.cli.options import config_from_args
     from nmperm_plugin.cli.prune import BEST_QUALITY
 
     (best,) = [path for path in RECIPES if path.name == "sparsegpt-2of4-learned.yaml"]
     fields = yaml.safe_load(best.read_text())["sparsity_stage"]["sparsity_modifiers"]["LearnedPermutationModifier"]
-    flags, suggested = BEST_QUALITY.split(), {}
-    for index, flag in enumerate(flags):
-        if flag.startswith("--"):
-            value = flags[index + 1] if index + 1 < len(flags) and not flags[index + 1].startswith("--") else True
-            suggested[flag.removeprefix("--").replace("-", "_")] = value if value is True else int(value)
-    beyond_the_defaults = {"reconstruct", "end_to_end_steps", "distill_steps"}
-    assert suggested == {name: fields[name] for name in beyond_the_defaults if name in fields}
+    args = build_parser().parse_args(["prune", "m.gguf", "--dataset", "d", "--output", "out", *BEST_QUALITY.split()])
+    config = config_from_args(args)
+    fields.pop("ignore")  # llm-compressor's syntax for what the CLI's --ignore regexes say
+    assert {name: getattr(config, name) for name in fields} == fields
