@@ -107,7 +107,8 @@ def permute_and_prune_(
         with sharded(run.layers, config.shard_weights):  # each rank keeps its part; whole again after
             strategy.solve(run, hidden, kwargs, apply_masks=config.apply_mask)
         if config.distill_steps:
-            targets, run.distill_targets = (run.distill_targets if targets is None else targets), None
+            targets = run.distill_targets if targets is None else targets
+            run.distill_targets = None  # held by the distillation alone from here
             run.history["distillation"] = distill_(run, hidden, kwargs, targets)
     seconds, objective = time.monotonic() - start, run.objective if config.method == "learned" else None
     return PruneResult(run.sites, run.perms, run.pruned, run.retained, run.history, seconds, objective)
