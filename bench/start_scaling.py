@@ -17,6 +17,7 @@ input; ``attn_out``: o's input, one permutation per KV head group):
   parts are generated one at a time and sampled (``solvers.sample_rows``), as ``stack_rows`` does.
 
     python bench/start_scaling.py --output bench/results/start-scaling-cpu2
+    python bench/start_scaling.py --exact-only llama-2-70b --output bench/results/start-exact-70b-cpu2
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden-depth-70b", type=int, default=8, help="layers of the 70B hidden site timed")
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--exact-only",
+        choices=sorted(SHAPES),
+        help="only one mlp_out of this shape against the exact solver (70B: about an hour on 2 cores)",
+    )
     return parser.parse_args(argv)
 
 
@@ -167,6 +173,29 @@ def exact(scores, pattern):
         solvers.EXACT_WORK = saved
 
 
+def mlp_out_vs_exact(name: str, shape, seed: int = 0) -> dict:
+    """Retained score of the current solver and of the allocation alone over the exact solver's, on
+    one ``mlp_out`` site of ``shape`` (the scores model_shape's first layer times)."""
+    from nmperm_plugin.core import solvers
+    from nmperm_plugin.core.nm import NMPattern
+
+    pattern = NMPattern(2, 4)
+    hidden, intermediate = shape[0], shape[1]
+    scores = linear_scores(hidden, channel_norms(intermediate, seed), seed + 100)
+    reference, exact_s = timed(lambda: exact(scores, pattern))
+    print(f"{name} mlp_out: exact solver {exact_s:.0f}s", flush=True)
+    current, current_s = timed(lambda: solvers.assignment(scores, pattern, torch.Generator().manual_seed(seed)))
+    base = retained([scores], reference, pattern)
+    row = {
+        "exact_s": exact_s,
+        "current_s": current_s,
+        "retained_current_over_exact": retained([scores], current, pattern) / base,
+        "retained_allocation_over_exact": retained([scores], solvers.allocation(scores, pattern), pattern) / base,
+    }
+    print(f"{name} mlp_out vs exact: {row}", flush=True)
+    return row
+
+
 def model_shape(name: str, shape, timed_layers: int, hidden_depth: int, exact_depth: int, seed: int = 0) -> dict:
     from nmperm_plugin.core import solvers
     from nmperm_plugin.core.nm import NMPattern
@@ -224,18 +253,7 @@ def model_shape(name: str, shape, timed_layers: int, hidden_depth: int, exact_de
     print(f"{name}: all sites {out['time']['all_sites_s']:.0f}s (hidden {hidden_s:.1f}s)", flush=True)
 
     if exact_depth:  # retained against the exact solver: one mlp_out, and a hidden site exact_depth layers deep
-        scores = linear_scores(hidden, channel_norms(intermediate, seed), seed + 100)
-        reference, exact_s = timed(lambda: exact(scores, pattern))
-        current, current_s = timed(lambda: solvers.assignment(scores, pattern, torch.Generator().manual_seed(seed)))
-        base = retained([scores], reference, pattern)
-        out["mlp_out_vs_exact"] = {
-            "exact_s": exact_s,
-            "current_s": current_s,
-            "retained_current_over_exact": retained([scores], current, pattern) / base,
-            "retained_allocation_over_exact": retained([scores], solvers.allocation(scores, pattern), pattern) / base,
-        }
-        del scores
-        print(f"{name} mlp_out vs exact: {out['mlp_out_vs_exact']}", flush=True)
+        out["mlp_out_vs_exact"] = mlp_out_vs_exact(name, shape, seed)
         parts = hidden_parts(shape, exact_depth, seed)
         whole = torch.cat([make() for _, make in parts])
         reference, exact_s = timed(lambda: exact(whole, pattern))
@@ -257,24 +275,29 @@ def model_shape(name: str, shape, timed_layers: int, hidden_depth: int, exact_de
 
 
 def markdown(result: dict) -> str:
-    lines = ["## SmolLM2-135M (real Wanda scores, every site)", ""]
-    lines += [
-        "| site | sites | previous (s) | current (s) | retained current / previous: min | mean |",
-        "|---|---|---|---|---|---|",
-    ]
-    for kind, row in result.get("smollm2", {}).items():
-        lines.append(
-            f"| {kind} | {row['sites']} | {row['previous_s']:.1f} | {row['current_s']:.1f} | "
-            f"{row['retained_vs_previous_min']:.6f} | {row['retained_vs_previous_mean']:.6f} |"
-        )
-    lines += ["", "## 7B / 70B shapes (random Wanda-like scores)", ""]
-    lines += [
-        "| shape | all sites (s) | of which measured | mlp_out median (s) | attn_out median (s) | hidden (s) "
-        "| hidden rows kept |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, row in result["shapes"].items():
-        t = row["time"]
+    lines: list[str] = []
+    if "smollm2" in result:
+        lines += ["## SmolLM2-135M (real Wanda scores, every site)", ""]
+        lines += [
+            "| site | sites | previous (s) | current (s) | retained current / previous: min | mean |",
+            "|---|---|---|---|---|---|",
+        ]
+        for kind, row in result["smollm2"].items():
+            lines.append(
+                f"| {kind} | {row['sites']} | {row['previous_s']:.1f} | {row['current_s']:.1f} | "
+                f"{row['retained_vs_previous_min']:.6f} | {row['retained_vs_previous_mean']:.6f} |"
+            )
+        lines.append("")
+    lines += ["## 7B / 70B shapes (random Wanda-like scores)"]
+    timed_shapes = {name: row["time"] for name, row in result["shapes"].items() if "time" in row}
+    if timed_shapes:
+        lines += [
+            "",
+            "| shape | all sites (s) | of which measured | mlp_out median (s) | attn_out median (s) | hidden (s) "
+            "| hidden rows kept |",
+            "|---|---|---|---|---|---|---|",
+        ]
+    for name, t in timed_shapes.items():
         measured = "all" if t["all_sites_measured"] else f"{t['timed_layers']} layers, hidden {t['hidden_depth']} deep"
         lines.append(
             f"| {name} | {t['all_sites_s']:.0f} | {measured} | {statistics.median(t['mlp_out_s_per_site']):.2f} | "
@@ -306,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     from nmperm_plugin.core import solvers
 
     result |= {"exact_work": solvers.EXACT_WORK, "block_groups": solvers.BLOCK_GROUPS, "previous": args.previous}
+    if args.exact_only:
+        name, shape = args.exact_only, SHAPES[args.exact_only]
+        result["shapes"][name] = {"mlp_out_vs_exact": mlp_out_vs_exact(name, shape)}
+        json_path, _ = write_pair(args.output, result, markdown(result), seeds=[0], started=started, train_dtype=None)
+        print(f"wrote {json_path}")
+        return 0
     if not args.skip_smollm2:
         result["smollm2"] = smollm2(previous_solvers(args.previous))
         print(result["smollm2"], flush=True)
