@@ -19,12 +19,12 @@ import json
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from result_files import write_pair
+from workers import run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -164,19 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                 shape=shape, checkpointing=checkpointing, device=args.device, dtype=args.dtype,
                 train_dtype=args.train_dtype, sequences=args.sequences, seq_len=args.seq_len, steps=args.steps,
             )  # fmt: skip
-            done = subprocess.run(
-                [sys.executable, __file__, "--worker", json.dumps(job)],
-                capture_output=True,
-                text=True,
-                cwd=ROOT,
-                timeout=WORKER_TIMEOUT_S,
-            )
-            if done.returncode:
-                print(done.stderr[-3000:], file=sys.stderr)
-                rows.append(job | {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"})
-                continue
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+            rows.append(run_worker(__file__, job, WORKER_TIMEOUT_S, cwd=ROOT, record_errors=True))
+            if "error" not in rows[-1]:
+                print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     result = {"machine": {"platform": platform.platform(), "device": args.device}, "rows": rows}
     path = args.output or RESULTS / f"e2e-scaling-{args.device}.json"
     path, _ = write_pair(

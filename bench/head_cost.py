@@ -30,12 +30,12 @@ import json
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from result_files import header_line, result_pair, write_pair
+from workers import run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -278,20 +278,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def _run(job: dict) -> dict:
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(job)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=WORKER_TIMEOUT_S,
-    )
-    if done.returncode:
-        print(done.stderr[-3000:], file=sys.stderr)
-        return job | {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     started = time.time()
     args = parse_args(argv)
@@ -325,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     rows = []
     for job in jobs:
-        rows.append(_run(job))
+        rows.append(run_worker(__file__, job, WORKER_TIMEOUT_S, cwd=ROOT, record_errors=True))
         print(json.dumps(rows[-1]), flush=True)
     result = {"machine": {"platform": platform.platform(), "device": args.device}, "vocab": VOCAB, "rows": rows}
     path = args.output or RESULTS / f"head-cost-{args.device}.json"

@@ -26,10 +26,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))  # loaded by path in tests/test_bench_co
 
 from metrics import median, recovery, share_closed  # noqa: E402
 from result_files import write_pair  # noqa: E402
+from workers import run_worker  # noqa: E402
 
 PLOTS = RESULTS / "plots"
 WORKER_TIMEOUT_S = 6 * 3600  # one method and seed; the slowest (gather end_to_end) takes about 20 minutes
@@ -155,19 +156,6 @@ def worker(job: dict) -> dict:
     if job["device"].startswith("cuda"):
         row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return row
-
-
-def run_job(job: dict) -> dict:
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(job)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=WORKER_TIMEOUT_S,
-    )
-    if done.returncode:
-        raise RuntimeError(f"{job['method']} seed {job['seed']} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def summarise(rows: list[dict]) -> dict[str, dict]:
@@ -392,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     pool = ThreadPoolExecutor(args.jobs)
-    for job, row in tqdm(zip(jobs, pool.map(run_job, jobs), strict=True), total=len(jobs), desc="benchmark"):
+    results = pool.map(partial(run_worker, __file__, timeout_s=WORKER_TIMEOUT_S), jobs)
+    for job, row in tqdm(zip(jobs, results, strict=True), total=len(jobs), desc="benchmark"):
         rows.append(row)
         tqdm.write(f"{job['method']:<28} seed {job['seed']}: ppl {rows[-1]['perplexity']:.2f}")
         summary = summarise(rows)

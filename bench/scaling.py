@@ -17,12 +17,12 @@ import json
 import math
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from result_files import write_pair
+from workers import run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -75,18 +75,6 @@ def worker(job: dict) -> dict:
     }
 
 
-def run(job: dict) -> dict:
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(job)],
-        capture_output=True,
-        text=True,
-        timeout=WORKER_TIMEOUT_S,
-    )
-    if done.returncode:
-        raise RuntimeError(done.stderr[-2000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def markdown(rows: list[dict]) -> str:
     lines = ["| method | C_in | block | seconds | peak RSS (MB) |", "|---|---|---|---|---|"]
     lines += [
@@ -110,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or RESULTS / f"scaling-{time.strftime('%Y%m%d-%H%M%S')}.json"
     rows = []
     for job in jobs:
-        rows.append(run(job))
+        rows.append(run_worker(__file__, job, WORKER_TIMEOUT_S))
         print(
             f"{job['method']:<10} C_in {job['channels']:>6} block {job['block_size']:>4}: "
             f"{rows[-1]['seconds']:8.2f} s  peak {rows[-1]['peak_rss_mb']:7.0f} MB",
