@@ -206,6 +206,11 @@ def write_pair(
     json_path, md_path = result_pair(output)
     stamp = provenance(seeds=seeds, started=started, train_dtype=train_dtype, device=device, inputs=inputs)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result | {"provenance": stamp}, indent=1, default=str) + "\n")
-    md_path.write_text(header_line(stamp) + "\n\n" + markdown)
+    for path, text in (
+        (json_path, json.dumps(result | {"provenance": stamp}, indent=1, default=str) + "\n"),
+        (md_path, header_line(stamp) + "\n\n" + markdown),
+    ):  # whole or not at all: a run killed while writing leaves the previous file, never half of one
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(text)
+        partial.replace(path)
     return json_path, md_path

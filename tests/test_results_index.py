@@ -117,6 +117,25 @@ def test_write_pair_stamps_provenance(tmp_path):
     assert stamp["seeds"] == [0, 2] and stamp["wall_seconds"] >= 2.0
     header = md_path.read_text().splitlines()[0]
     assert stamp["command"] in header and stamp["git"]["commit"][:10] in header and stamp["cpu"]["model"] in header
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.md"]  # no partial file left
+
+
+def test_write_pair_never_leaves_half_a_file(tmp_path, monkeypatch):
+    result_files = _bench("result_files")
+    json_path, md_path = result_files.write_pair(tmp_path / "run", {"rows": [1]}, "| a |\n", seeds=[0], started=0.0)
+    before = json_path.read_text()
+
+    write_text = Path.write_text
+
+    def killed(self, text, *args, **kwargs):  # the process dies halfway through a write
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        result_files.write_pair(tmp_path / "run", {"rows": [2]}, "| b |\n", seeds=[0], started=0.0)
+    monkeypatch.undo()
+    assert json_path.read_text() == before  # the previous result, whole
 
 
 def test_train_dtype_is_resolved_by_the_library_rule():
