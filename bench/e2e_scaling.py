@@ -23,24 +23,20 @@ import sys
 import time
 from pathlib import Path
 
+from models import LLAMA_SHAPES, random_llama
 from result_files import write_pair
 from workers import run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 WORKER_TIMEOUT_S = 3 * 3600  # one shape and setting: a few steps of a 1B model on 2 cores
-SHAPES = {  # hidden, layers, intermediate, heads, kv heads, vocab, tied
-    "smollm2-135m": (576, 30, 1536, 9, 3, 49152, True),
-    "smollm2-360m": (960, 32, 2560, 15, 5, 49152, True),
-    "llama-3.2-1b": (2048, 16, 8192, 32, 8, 128256, True),
-    "llama-2-7b": (4096, 32, 11008, 32, 32, 32000, False),
-    "llama-3-8b": (4096, 32, 14336, 32, 8, 128256, False),
-}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=["smollm2-135m", "smollm2-360m", "llama-3.2-1b"])
+    parser.add_argument(
+        "--shapes", nargs="+", default=["smollm2-135m", "smollm2-360m", "llama-3.2-1b"], choices=list(LLAMA_SHAPES)
+    )
     parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's weights")
@@ -53,29 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_model(shape: str, dtype, device):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hidden, layers, inter, heads, kv_heads, vocab, tied = SHAPES[shape]
-    config = LlamaConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        intermediate_size=inter,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        vocab_size=vocab,
-        tie_word_embeddings=tied,
-        max_position_embeddings=4096,
-    )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model
-
-
 def worker(job: dict) -> dict:
     import torch
 
@@ -86,7 +59,7 @@ def worker(job: dict) -> dict:
     from nmperm_plugin.learn.window import layer_stack, window_learning
 
     device = torch.device(job["device"])
-    model = build_model(job["shape"], getattr(torch, job["dtype"]), device)
+    model = random_llama(job["shape"], dtype=getattr(torch, job["dtype"]), device=device)
     ids = torch.randint(0, model.config.vocab_size, (job["sequences"] + 1, job["seq_len"]), device=device)
     config = PermuteConfig(
         method="learned", init="identity", train_dtype=job["train_dtype"],

@@ -34,15 +34,15 @@ import sys
 import time
 from pathlib import Path
 
+from models import LLAMA_SHAPES, random_llama
 from result_files import header_line, result_pair, write_pair
 from workers import run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 WORKER_TIMEOUT_S = 1800
-VOCAB = 128256
-STEP_SHAPE = dict(hidden=2048, layers=16, intermediate=8192, heads=32, kv_heads=8)  # Llama-3.2-1B
-HEAD_SHAPES = {"llama-3.2-1b": 2048, "llama-3-8b": 4096}  # hidden size before the 128k head
+VOCAB = LLAMA_SHAPES["llama-3.2-1b"]["vocab_size"]  # 128,256, as Llama 3's
+HEAD_SHAPES = {name: LLAMA_SHAPES[name]["hidden_size"] for name in ("llama-3.2-1b", "llama-3-8b")}  # before the head
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -159,7 +159,6 @@ def head_worker(job: dict) -> dict:
 def step_worker(job: dict) -> dict:
     """One end_to_end step of the 1B shape with ``layers`` decoder layers, then its head alone."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from nmperm_plugin import PermuteConfig
     from nmperm_plugin.arch.head import TokenHead
@@ -168,16 +167,7 @@ def step_worker(job: dict) -> dict:
     from nmperm_plugin.learn.window import layer_stack, window_learning
 
     device = torch.device(job["device"])
-    shape = STEP_SHAPE
-    config = LlamaConfig(
-        hidden_size=shape["hidden"], num_hidden_layers=job["layers"], intermediate_size=shape["intermediate"],
-        num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"], vocab_size=VOCAB,
-        tie_word_embeddings=True, max_position_embeddings=4096,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).eval()
-    model.requires_grad_(False)
+    model = random_llama("llama-3.2-1b", device=device, num_hidden_layers=job["layers"])
     ids = torch.randint(0, VOCAB, (job["sequences"], job["seq_len"]), device=device)
     permute = PermuteConfig(init="identity", sequences_per_step=job["sequences"], select_sequences=job["sequences"])
     run = make_run(model, ids, permute)
@@ -208,10 +198,10 @@ def step_worker(job: dict) -> dict:
     step_seconds = _timed(step, job["steps"], device)
     peak = _peak_bytes(device)  # the steps'
     head = stack.head  # the run's head (final norm, tied projection) on the step's positions, alone
-    last = torch.randn(job["sequences"], job["seq_len"], shape["hidden"], device=device)
+    last = torch.randn(job["sequences"], job["seq_len"], model.config.hidden_size, device=device)
     head_seconds = _timed(_head_work(head, last, ids, _chunks(job)), job["steps"], device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    non_head = (step_seconds - head_seconds) * shape["layers"] / job["layers"]
+    non_head = (step_seconds - head_seconds) * LLAMA_SHAPES["llama-3.2-1b"]["num_hidden_layers"] / job["layers"]
     return job | {
         "step_seconds": step_seconds,
         "head_seconds": head_seconds,

@@ -30,20 +30,11 @@ import sys
 import time
 from pathlib import Path
 
+from models import LLAMA_SHAPES, random_llama
 from result_files import write_pair
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPE = dict(
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    tie_word_embeddings=True,
-    max_position_embeddings=4096,
-    rope_theta=500000.0,
-)
+SHAPE = "llama-3.2-1b"  # models.LLAMA_SHAPES
 PHASES = {  # log line -> the phase it ends, and the seconds it reports
     "dense_pass_s": re.compile(r"dense pass over \d+ decoder layers in ([\d.]+) s"),
     "start_s": re.compile(r"start of \d+ sites in ([\d.]+) s"),
@@ -79,13 +70,10 @@ def make_model(directory: Path) -> None:
     if (directory / "config.json").exists():
         return
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from nmperm_plugin.io.models import default_model_path, load_model
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SHAPE)).to(torch.bfloat16)
-    model.save_pretrained(directory)
+    random_llama(SHAPE, dtype=torch.bfloat16).save_pretrained(directory)
     _, tokenizer = load_model(default_model_path())
     tokenizer.save_pretrained(directory)
 
@@ -175,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None:
         command += ["--end-to-end-steps", str(args.steps)]
     command += shlex.split(args.extra)
-    model = str(args.model) if args.model else SHAPE
+    model = str(args.model) if args.model else {"shape": SHAPE} | LLAMA_SHAPES[SHAPE]
     result: dict = {"model": model, "command": command, "kill_after": args.kill_after}
     logs = args.workdir / "interrupted.log", args.workdir / "resumed.log"
     if args.from_logs:  # the same result, parsed again from the runs' logs (wall time: /usr/bin/time's)

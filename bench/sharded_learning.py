@@ -40,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from models import random_llama
 from result_files import write_pair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,6 @@ def worker(args: argparse.Namespace) -> None:
     """One rank of one mode; every rank writes ``args.worker``.rank<r>.json."""
     import torch
     import torch.distributed as dist
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(1)
     device = None  # gloo: compute where the weights are, the CPU
@@ -116,8 +116,7 @@ def worker(args: argparse.Namespace) -> None:
             torch.cuda.reset_peak_memory_stats(device)
 
     rss_before_model = _rss()
-    torch.manual_seed(0)  # the same random model on every rank
-    model = LlamaForCausalLM(LlamaConfig(**(SHAPE | {"num_hidden_layers": args.layers}))).eval()
+    model = random_llama(SHAPE, num_hidden_layers=args.layers)  # seeded: the same random model on every rank
     ids = torch.randint(
         0, SHAPE["vocab_size"], (args.num_samples, args.seq_len), generator=torch.Generator().manual_seed(0)
     )

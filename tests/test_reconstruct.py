@@ -168,3 +168,39 @@ def test_end_to_end_distillation_takes_its_targets_from_the_learners_dense_pass(
     assert calls == [1]
     for (name, a), (_, b) in zip(shared.named_parameters(), separate.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_linears_fed_one_input_share_their_statistics_accumulated_once(input_ids):
+    """q/k/v and gate/up see the very same tensor: one ChannelStats each group, equal to what each
+    linear collects alone; a tensor changed in place between two linears is not shared."""
+    from nmperm_plugin.learn.layers import capture_layer_inputs, collect_stats
+
+    model = tiny_model()
+    layers = model.model.layers
+    hidden, kwargs = capture_layer_inputs(model, layers, input_ids)
+    names = {n: m for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    stats, output = collect_stats(layers[0], names, hidden, kwargs[0], hessian=True)
+    assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]
+    assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]
+    assert len({id(s) for s in stats.values()}) == 4  # qkv, o, gate/up, down
+    for name, linear in names.items():
+        alone, alone_output = collect_stats(layers[0], {name: linear}, hidden, kwargs[0], hessian=True)
+        assert torch.equal(alone[name].hessian, stats[name].hessian), name
+        assert torch.equal(alone[name].sq_norm, stats[name].sq_norm) and alone[name].tokens == stats[name].tokens
+        assert torch.equal(alone_output, output)
+
+    class InPlace(torch.nn.Module):  # the second linear's input is the first's, scaled in place
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            x = x.clone()
+            y = self.a(x)
+            x.mul_(2)
+            return y + self.b(x)
+
+    module = InPlace()
+    stats, _ = collect_stats(module, {"a": module.a, "b": module.b}, torch.randn(2, 3, 8), {}, hessian=True)
+    assert stats["a"] is not stats["b"]
+    assert torch.allclose(stats["b"].hessian, 4 * stats["a"].hessian)

@@ -77,16 +77,39 @@ def collect_stats(
     layer: nn.Module, names: dict[str, nn.Linear], hidden: torch.Tensor, kwargs: dict, hessian: bool
 ) -> tuple[dict[str, ChannelStats], torch.Tensor]:
     """Input statistics of the named linears of ``layer`` over ``hidden``, and the layer's output
-    (the same forward: a dense pass runs each layer once)."""
-    stats = {name: ChannelStats.empty(lin.in_features, hessian, hidden.device) for name, lin in names.items()}
+    (the same forward: a dense pass runs each layer once). Linears fed the very same input tensor
+    (q/k/v, gate/up) share one ChannelStats, accumulated once: the Hessian is most of the cost."""
+    stats: dict[str, ChannelStats] = {}
+    shared: set[str] = set()  # linears whose stats are an earlier linear's
+    last: list = [None, None, None]  # the latest input a named linear saw, its version, that linear
+
+    def same_as_last(x: torch.Tensor) -> bool:  # the very tensor, not changed in place since
+        return x is last[0] and x._version == last[1]
+
+    def record(name: str, x: torch.Tensor) -> None:
+        if name in shared:
+            if not same_as_last(x):
+                raise RuntimeError(f"{name} shared its input with the linear before it on the first batch only")
+            return
+        if name not in stats:
+            if same_as_last(x):  # the same statistics as the linear before it
+                stats[name] = stats[last[2]]
+                shared.add(name)
+                return
+            stats[name] = ChannelStats.empty(names[name].in_features, hessian, hidden.device)
+        stats[name].update(x)
+        last[:] = [x, x._version, name]
+
     handles = [
-        lin.register_forward_hook(lambda mod, args, out, s=stats[name]: s.update(args[0]))
-        for name, lin in names.items()
+        lin.register_forward_hook(lambda mod, args, out, n=name: record(n, args[0])) for name, lin in names.items()
     ]
     try:
         output = run_layer(layer, hidden, kwargs)
     finally:
         for handle in handles:
             handle.remove()
+        last[:] = [None, None, None]
+    for name, lin in names.items():  # a linear the forward never called (an expert no token chose)
+        stats.setdefault(name, ChannelStats.empty(lin.in_features, hessian, hidden.device))
     check_finite_stats(stats)  # NaN/inf inputs: an error naming the linear, before any solver sees them
     return stats, output
