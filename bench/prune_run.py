@@ -143,7 +143,7 @@ def markdown(result: dict) -> str:
             cells = [f"{row[k]:.1f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
             label = name if result.get("interrupted") else "run (not interrupted)"
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", *(f"- {k}: {v}" for k, v in result["summary"].items())]
+    lines += ["", *(f"- {k}: {f'{v:.1f}' if isinstance(v, float) else v}" for k, v in result["summary"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -188,11 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         "finished": resumed["returncode"] == 0,
         "step_s_without_ranking": per_step,
         "steps_at_80_without_ranking_s": per_step * 80 if per_step else None,
-        "resume_skipped_steps": skipped,
-        "resume_skipped_step_s": per_step * skipped if per_step else None,
-        "resume_redid_load_dense_start_s": redone,
-        "interrupted_wall_s": first.get("wall_s"),
     }
+    if first:  # what resuming saved and what it did again
+        result["summary"] |= {
+            "resume_skipped_steps": skipped,
+            "resume_skipped_step_s": per_step * skipped if per_step else None,
+            "resume_redid_load_dense_start_s": redone,
+            "interrupted_wall_s": first.get("wall_s"),
+        }
     write_pair(args.output, result, markdown(result), seeds=[0], started=started)
     print(markdown(result))
     return 0 if resumed["returncode"] == 0 else 1
