@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from models import LLAMA_SHAPES, random_llama
-from result_files import write_pair
+from result_files import result_pair, write_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = "llama-3.2-1b"  # models.LLAMA_SHAPES
@@ -196,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
             "resume_redid_load_dense_start_s": redone,
             "interrupted_wall_s": first.get("wall_s"),
         }
-    write_pair(args.output, result, markdown(result), seeds=[0], started=started)
+    # rebuilt from the logs: the stamp of the run's own result file, where there is one, is kept
+    previous = result_pair(args.output)[0]
+    inputs = [previous] if args.from_logs and previous.exists() else None
+    write_pair(args.output, result, markdown(result), seeds=[0], started=started, inputs=inputs)
     print(markdown(result))
     return 0 if resumed["returncode"] == 0 else 1
 
