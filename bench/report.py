@@ -63,6 +63,7 @@ GPU_TESTS = "gpu-h200/pytest-export-after-fix.txt"
 LEARN_SPEED = "learn-speed-cpu2-buffered.json"
 SCALING = "scaling-cpu2.json"
 START = "start-scaling-cpu2.json"
+START_EXACT = "start-exact-70b-cpu2.json"  # the 70B sites against the exact solver
 HARDENING = "hardening-cpu.json"
 E2E_SCALING = ("e2e-scaling-cpu.json", "e2e-scaling-cpu-bf16.json")
 DISTRIBUTED = ("distributed-cpu2-smollm2.json", "distributed-cpu2-smollm2-4x512.json")
@@ -622,7 +623,12 @@ def cost_section() -> list[str]:
         for method, fit in fits["fits"].items()
         if method not in ("ria", "swap")  # the start's solver as it scales: the START table
     ]
-    start = load(START)
+    start, exact = load(START), load(START_EXACT)["shapes"]
+
+    def vs_exact(name: str, row: dict, site: str) -> str:
+        found = row.get(site) or exact.get(name, {}).get(site)
+        return f"{found['retained_current_over_exact']:.5f}" if found else "-"
+
     starts = [
         [
             name,
@@ -630,21 +636,23 @@ def cost_section() -> list[str]:
             "all" if row["time"]["all_sites_measured"] else f"{row['time']['timed_layers']} layers, rest counted",
             f"{statistics.median(row['time']['mlp_out_s_per_site']):.1f}",
             f"{row['time']['hidden_s']:.1f}",
-            f"{row['mlp_out_vs_exact']['retained_current_over_exact']:.5f}" if "mlp_out_vs_exact" in row else "-",
-            f"{row['hidden_vs_exact']['retained_current_over_exact']:.5f}" if "hidden_vs_exact" in row else "-",
-            link(START, "json"),
+            vs_exact(name, row, "mlp_out_vs_exact"),
+            vs_exact(name, row, "hidden_vs_exact"),
+            link(START, "json") + (", " + link(START_EXACT, "json") if name in exact else ""),
         ]
         for name, row in start["shapes"].items()
     ]
+    depths = {r["hidden_vs_exact"]["depth"] for r in exact.values() if "hidden_vs_exact" in r}
+    hidden_70b = f" (70B: {', '.join(map(str, sorted(depths)))})" if depths else ""
     smol = start["smollm2"]
     smol_line = (
-        "SmolLM2-135M's real scores (every site small enough to solve exactly): "
+        "SmolLM2-135M's real scores, every site solved exactly: "
         + ", ".join(
-            f"{kind} {row['sites']} sites {row['previous_s']:.1f} s -> {row['current_s']:.1f} s "
-            f"(retained {row['retained_vs_previous_min']:.6f}-{row['retained_vs_previous_mean']:.6f} of before)"
+            f"{kind} {row['sites']} site{'s' * (row['sites'] != 1)} {row['previous_s']:.1f} -> {row['current_s']:.1f} s"
             for kind, row in smol.items()
         )
-        + f" ({link(START, 'json')})."
+        + f"; retained at least {min(row['retained_vs_previous_min'] for row in smol.values()):.6f} of before "
+        + f"({link(START, 'json')})."
     )
     hungarian = ", ".join(f"{r['shape']} {r['seconds']:.2f} s ({r['blocks']} blocks)" for r in load(HARDENING)["rows"])
     steps = [
@@ -682,7 +690,7 @@ def cost_section() -> list[str]:
         "",
         "The RIA-style start (`--init ria`, the default) on every site of a model, random Wanda-like scores of "
         "LLaMA-2 shapes (exact fold); retained score against the exact solver on one `mlp_out` and on a `hidden` "
-        "site two layers deep:",
+        f"site two layers deep{hidden_70b}:",
         "",
         *table(
             [
