@@ -643,7 +643,7 @@ def cost_section() -> list[str]:
         for name, row in start["shapes"].items()
     ]
     depths = {r["hidden_vs_exact"]["depth"] for r in exact.values() if "hidden_vs_exact" in r}
-    hidden_70b = f" (70B: {', '.join(map(str, sorted(depths)))})" if depths else ""
+    hidden_70b = f" (70B: {', '.join(map(str, sorted(depths)))} deep)" if depths else ""
     smol = start["smollm2"]
     smol_line = (
         "SmolLM2-135M's real scores, every site solved exactly: "
