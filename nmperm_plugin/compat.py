@@ -23,6 +23,7 @@ Wrapped names (package, version checked against, user):
   (``llmcompressor.modifiers.pruning.sparsegpt.sgpt_base``) (llmcompressor 0.14.0.1; compress);
 - ``nn.Module._parameters``, where llm-compressor's offloading puts its ``OffloadCache`` (torch 2.13.0,
   compressed-tensors 0.19; runtime.onload);
+- ``torch.Tensor._version``, the in-place counter (torch 2.13.0; learn.layers);
 - argparse's ``_SubParsersAction``, ``_HelpAction``, ``ArgumentParser._actions`` and ``_defaults``
   (Python 3.10-3.13; cli, export.cli);
 - torchao's FP8 2:4 names, ``Float8PackingFormat.SPARSE_2D_DATA_2D_METADATA`` (``SPARSE_CUTLASS``) and the
@@ -361,6 +362,12 @@ def parameter_store(module: torch.nn.Module) -> Any:
     """``module._parameters``: the mapping a module keeps its own parameters in (llm-compressor's
     offloading replaces it with an ``OffloadCache``)."""
     return module._parameters
+
+
+def tensor_version(tensor: torch.Tensor) -> int:
+    """``tensor._version``: the counter every in-place operation on the tensor increments (torch 2.13.0),
+    how learn.layers tells an input changed in place from the one a linear saw before."""
+    return _torch_attr(tensor, "_version", "torch.Tensor._version", PIN_TORCH)
 
 
 # -- argparse internals (Python 3.10-3.13) ----------------------------------------------------------------

@@ -165,6 +165,15 @@ def test_vanished_torch_names_raise_an_error_naming_the_versions(monkeypatch):
         compat.cslt_compress(torch.zeros(16, 16))
 
 
+def test_tensor_version_counts_in_place_changes_and_names_torch_when_gone():
+    x = torch.zeros(3)
+    before = compat.tensor_version(x)
+    x.add_(1)
+    assert compat.tensor_version(x) == before + 1 and compat.tensor_version(x + 1) == 0
+    with pytest.raises(compat.PrivateAPIMissing, match=r"torch.Tensor._version is missing from torch 2\.\d+"):
+        compat.tensor_version(object())
+
+
 def test_amx_probe_answers_false_with_a_warning_when_torch_drops_it(monkeypatch):
     assert isinstance(compat.amx_tile_supported(), bool)
     messages = []

@@ -10,6 +10,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from ..compat import tensor_version
 from ..core.scores import ChannelStats, check_finite_stats
 from ..data.calibration import samples_of
 from ..runtime.onload import call_on
@@ -84,7 +85,7 @@ def collect_stats(
     last: list = [None, None, None]  # the latest input a named linear saw, its version, that linear
 
     def same_as_last(x: torch.Tensor) -> bool:  # the very tensor, not changed in place since
-        return x is last[0] and x._version == last[1]
+        return x is last[0] and tensor_version(x) == last[1]
 
     def record(name: str, x: torch.Tensor) -> None:
         if name in shared:
@@ -98,7 +99,7 @@ def collect_stats(
                 return
             stats[name] = ChannelStats.empty(names[name].in_features, hessian, hidden.device)
         stats[name].update(x)
-        last[:] = [x, x._version, name]
+        last[:] = [x, tensor_version(x), name]
 
     handles = [
         lin.register_forward_hook(lambda mod, args, out, n=name: record(n, args[0])) for name, lin in names.items()
