@@ -182,14 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     done = resumed.get("learning_steps")
     # a step's own time: the learner's time less its rankings of hard permutations, over its steps
     per_step = (resumed["learning_s"] - resumed.get("ranking_s", 0.0)) / done if done else None
-    skipped = (args.steps or 80) - done if done else None
-    redone = sum(resumed.get(k, 0.0) for k in ("load_s", "dense_pass_s", "start_s"))
     result["summary"] = {
         "finished": resumed["returncode"] == 0,
         "step_s_without_ranking": per_step,
         "steps_at_80_without_ranking_s": per_step * 80 if per_step else None,
     }
     if first:  # what resuming saved and what it did again
+        skipped = (args.steps or 80) - done if done else None
+        redone = sum(resumed.get(k, 0.0) for k in ("load_s", "dense_pass_s", "start_s"))
         result["summary"] |= {
             "resume_skipped_steps": skipped,
             "resume_skipped_step_s": per_step * skipped if per_step else None,

@@ -177,27 +177,34 @@ def exact(scores, pattern):
         solvers.EXACT_WORK = saved
 
 
-def mlp_out_vs_exact(name: str, shape, seed: int = 0) -> dict:
-    """Retained score of the current solver and of the allocation alone over the exact solver's, on
-    one ``mlp_out`` site of ``shape`` (the scores model_shape's first layer times)."""
+def versus_exact(label: str, scores: torch.Tensor, current, pattern) -> dict:
+    """Time the exact solver on ``scores`` and ``current()`` (the current solver's permutation), and
+    the retained score of that and of the allocation alone over the exact solver's."""
     from nmperm_plugin.core import solvers
-    from nmperm_plugin.core.nm import NMPattern
 
-    pattern = NMPattern(2, 4)
-    hidden, intermediate = shape[0], shape[1]
-    scores = linear_scores(hidden, channel_norms(intermediate, seed), seed + 100)
     reference, exact_s = timed(lambda: exact(scores, pattern))
-    print(f"{name} mlp_out: exact solver {exact_s:.0f}s", flush=True)
-    current, current_s = timed(lambda: solvers.assignment(scores, pattern, torch.Generator().manual_seed(seed)))
+    print(f"{label}: exact solver {exact_s:.0f}s", flush=True)
+    permutation, current_s = timed(current)
     base = retained([scores], reference, pattern)
     row = {
         "exact_s": exact_s,
         "current_s": current_s,
-        "retained_current_over_exact": retained([scores], current, pattern) / base,
+        "retained_current_over_exact": retained([scores], permutation, pattern) / base,
         "retained_allocation_over_exact": retained([scores], solvers.allocation(scores, pattern), pattern) / base,
     }
-    print(f"{name} mlp_out vs exact: {row}", flush=True)
+    print(f"{label} vs exact: {row}", flush=True)
     return row
+
+
+def mlp_out_vs_exact(name: str, shape, seed: int = 0) -> dict:
+    """:func:`versus_exact` on one ``mlp_out`` site of ``shape`` (the scores model_shape's first layer times)."""
+    from nmperm_plugin.core import solvers
+    from nmperm_plugin.core.nm import NMPattern
+
+    pattern = NMPattern(2, 4)
+    scores = linear_scores(shape[0], channel_norms(shape[1], seed), seed + 100)
+    rng = torch.Generator().manual_seed(seed)
+    return versus_exact(f"{name} mlp_out", scores, lambda: solvers.assignment(scores, pattern, rng), pattern)
 
 
 def hidden_vs_exact(name: str, shape, depth: int, seed: int = 0) -> dict:
@@ -209,23 +216,14 @@ def hidden_vs_exact(name: str, shape, depth: int, seed: int = 0) -> dict:
     pattern, hidden = NMPattern(2, 4), shape[0]
     parts = hidden_parts(shape, depth, seed)
     whole = torch.cat([make() for _, make in parts])
-    reference, exact_s = timed(lambda: exact(whole, pattern))
-    print(f"{name} hidden ({depth} layers): exact solver {exact_s:.0f}s", flush=True)
-    current, current_s = timed(
-        lambda: solve_hidden(parts, hidden, pattern, solvers.assignment, torch.Generator().manual_seed(seed))
+    rng = torch.Generator().manual_seed(seed)
+    kept = solvers.solve_shape(whole.shape[0], hidden, pattern)[0]
+    return {"depth": depth, "rows": whole.shape[0], "rows_kept": kept} | versus_exact(
+        f"{name} hidden ({depth} layers)",
+        whole,
+        lambda: solve_hidden(parts, hidden, pattern, solvers.assignment, rng),
+        pattern,
     )
-    base = retained([whole], reference, pattern)
-    row = {
-        "depth": depth,
-        "rows": whole.shape[0],
-        "rows_kept": solvers.solve_shape(whole.shape[0], hidden, pattern)[0],
-        "exact_s": exact_s,
-        "current_s": current_s,
-        "retained_current_over_exact": retained([whole], current, pattern) / base,
-        "retained_allocation_over_exact": retained([whole], solvers.allocation(whole, pattern), pattern) / base,
-    }
-    print(f"{name} hidden vs exact: {row}", flush=True)
-    return row
 
 
 def model_shape(name: str, shape, timed_layers: int, hidden_depth: int, exact_depth: int, seed: int = 0) -> dict:
